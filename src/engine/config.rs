@@ -1,0 +1,51 @@
+//! Tunables of the allocation engine, each with its default beside it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Configuration of an [`Engine`](super::Engine).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory of the sled database. Default: `./idallocd-data`.
+    pub data_dir: PathBuf,
+    /// Ids per object-store lease. Bounds the gap left when the data directory is
+    /// lost. Default: 1,000,000.
+    pub lease_size: u64,
+    /// Largest `count` one reservation may ask for. Default: 1,000,000.
+    pub max_count: u64,
+    /// Fraction of a lease used before the next lease is taken in the background.
+    /// Default: 0.5.
+    pub prefetch_at: f64,
+    /// Time-out of one object-store call. Default: 5 s.
+    pub store_timeout: Duration,
+    /// Retries of a transient object-store error (with exponential backoff).
+    /// Default: 3.
+    pub store_retries: u32,
+    /// First backoff between retries; doubles each time. Default: 100 ms.
+    pub store_backoff: Duration,
+    /// After a failed lease, reservations that need a new lease fail fast with
+    /// `Unavailable` for this long instead of queueing on a dead store. Default: 1 s.
+    pub unavailable_cooldown: Duration,
+    /// Where the kernel's boot id is read (tests point it elsewhere to fake a reboot).
+    /// Default: `/proc/sys/kernel/random/boot_id`.
+    pub boot_id_path: PathBuf,
+    /// sled's page cache. A few keys per namespace need little. Default: 16 MiB.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            data_dir: PathBuf::from("./idallocd-data"),
+            lease_size: 1_000_000,
+            max_count: 1_000_000,
+            prefetch_at: 0.5,
+            store_timeout: Duration::from_secs(5),
+            store_retries: 3,
+            store_backoff: Duration::from_millis(100),
+            unavailable_cooldown: Duration::from_secs(1),
+            boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            sled_cache_bytes: 16 << 20,
+        }
+    }
+}

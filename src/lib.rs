@@ -1,0 +1,37 @@
+//! # idalloc
+//!
+//! Dense `u64` id allocation (vertex ids and edge ids) for a graph database and its
+//! forks, served by a local daemon (`idallocd`) to writers that link this crate.
+//!
+//! A tour of the modules:
+//!
+//! - [`fork_id`], [`namespace`]: what a counter is addressed by — the primary or a
+//!   fork (128-bit id, UUID or ULID text) and a kind (vid, eid).
+//! - [`protocol`], [`error`]: the tarpc service and the types on the wire, shared by
+//!   server and client; one typed error enum a client can act on.
+//! - [`endpoint`]: `unix:PATH` / `tcp:HOST:PORT` addresses.
+//! - `engine` (feature `server`): the allocator itself — sled grants with group
+//!   commit, object-store leases, forks, recovery. It holds the invariants of
+//!   `DESIGN.md`.
+//! - `faults` (feature `server`): a fault-injecting `ObjectStore` wrapper for tests.
+//!
+//! The client library and the daemon's service layer build on these.
+
+#![warn(missing_docs)]
+
+pub mod endpoint;
+pub mod error;
+pub mod fork_id;
+pub mod namespace;
+pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod engine;
+#[cfg(feature = "server")]
+pub mod faults;
+
+pub use endpoint::Endpoint;
+pub use error::ServiceError;
+pub use fork_id::{ForkId, IdForm};
+pub use namespace::{Kind, Namespace};
+pub use protocol::IdRange;

@@ -1,0 +1,181 @@
+//! The wire contract between `idallocd` and its clients: the tarpc service trait and
+//! the types it carries (bincode 1.x frames, through tarpc's serde transport).
+//!
+//! Both the server and the client library import this module, so a change here is
+//! a protocol change. Fork ids travel as text and are parsed by the daemon, so a
+//! malformed id gets its own `InvalidArgument` error rather than a decode failure.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServiceError;
+use crate::namespace::Kind;
+
+/// A half-open range of ids, `[start, end)`, granted to exactly one caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IdRange {
+    /// First id of the range.
+    pub start: u64,
+    /// One past the last id of the range.
+    pub end: u64,
+}
+
+impl IdRange {
+    /// Number of ids in the range.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the range holds no id.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// The high-water marks of one namespace: the next id each counter would hand out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hwm {
+    /// `None` for the primary, else the fork id's text.
+    pub fork: Option<String>,
+    /// The next vertex id this daemon would grant.
+    pub next_vid: u64,
+    /// The next edge id this daemon would grant.
+    pub next_eid: u64,
+}
+
+/// Arguments of `bootstrap_fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapRequest {
+    /// The fork to create (UUID or ULID text).
+    pub fork: String,
+    /// The parent fork; `None` means the primary.
+    pub parent: Option<String>,
+    /// The caller's floor for vertex ids (the fork starts at or above it).
+    pub vid_floor: u64,
+    /// The caller's floor for edge ids.
+    pub eid_floor: u64,
+}
+
+/// What the daemon knows of one fork.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkInfo {
+    /// The fork id, in the text form it was first bootstrapped with.
+    pub fork: String,
+    /// The parent fork's id text, `None` for the primary (or unknown when adopted).
+    pub parent: Option<String>,
+    /// The next vertex id this daemon would grant in the fork.
+    pub next_vid: u64,
+    /// The next edge id this daemon would grant in the fork.
+    pub next_eid: u64,
+    /// The vertex-id floor the fork was created with.
+    pub floor_vid: u64,
+    /// The edge-id floor the fork was created with.
+    pub floor_eid: u64,
+    /// True only in the reply to the bootstrap call that created the fork.
+    pub created: bool,
+    /// True once the fork has been dropped (a tombstone).
+    pub dropped: bool,
+}
+
+/// One page of `list_forks`, ordered by fork id value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkPage {
+    /// The forks on this page.
+    pub forks: Vec<ForkInfo>,
+    /// Pass this as `after` to get the next page; `None` on the last page.
+    pub next_after: Option<String>,
+}
+
+/// Whether other daemons may share the object-store root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriterMode {
+    /// The store has no conditional update (`file://`): one daemon per root.
+    SingleWriter,
+    /// Leases are taken by conditional update: several daemons may share the root.
+    MultiWriter,
+}
+
+impl std::fmt::Display for WriterMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriterMode::SingleWriter => "single-writer",
+            WriterMode::MultiWriter => "multi-writer",
+        })
+    }
+}
+
+/// One counter's state in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterStatus {
+    /// Which counter.
+    pub kind: Kind,
+    /// The next id this daemon would grant.
+    pub granted: u64,
+    /// Start of the lease this daemon owns.
+    pub lease_start: u64,
+    /// End (exclusive) of the lease this daemon owns, including a prefetched one.
+    pub lease_end: u64,
+    /// Ids left in the lease before the object store must be written again.
+    pub headroom: u64,
+}
+
+/// One namespace's state in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceStatus {
+    /// `None` for the primary, else the fork id's text.
+    pub fork: Option<String>,
+    /// Whether the fork was dropped.
+    pub dropped: bool,
+    /// The vid and eid counters.
+    pub counters: Vec<CounterStatus>,
+}
+
+/// Health of the object-store mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorHealth {
+    /// False while the last object-store call failed.
+    pub healthy: bool,
+    /// The last object-store error, if any since start.
+    pub last_error: Option<String>,
+    /// Milliseconds since that error.
+    pub last_error_age_ms: Option<u64>,
+    /// Milliseconds since the last successful object-store call.
+    pub last_success_age_ms: Option<u64>,
+}
+
+/// The reply to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Single- or multi-writer mode.
+    pub mode: WriterMode,
+    /// The object-store URL, with credentials removed.
+    pub object_store: String,
+    /// Health of the object-store mirror.
+    pub mirror: MirrorHealth,
+    /// Number of namespaces (primary + forks, dropped included).
+    pub namespaces_total: u64,
+    /// The primary and up to the first 100 forks.
+    pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// The allocation service. Every method returns a typed [`ServiceError`].
+#[tarpc::service]
+pub trait IdAlloc {
+    /// Reserve `count` consecutive ids of `kind` in the primary (`fork = None`) or a fork.
+    async fn reserve(fork: Option<String>, kind: Kind, count: u64) -> Result<IdRange, ServiceError>;
+    /// The next ids this daemon would grant in a namespace.
+    async fn hwm(fork: Option<String>) -> Result<Hwm, ServiceError>;
+    /// Create a fork above its parent's high-water mark, or return the existing one.
+    async fn bootstrap_fork(req: BootstrapRequest) -> Result<ForkInfo, ServiceError>;
+    /// List forks in id order, `limit` at a time, starting after `after`.
+    async fn list_forks(after: Option<String>, limit: u32) -> Result<ForkPage, ServiceError>;
+    /// Drop a fork: a tombstone; its ids are never handed out again.
+    async fn drop_fork(fork: String) -> Result<ForkInfo, ServiceError>;
+    /// Release the unused part of the lease, lowering the manifest to what was granted.
+    async fn checkpoint(fork: Option<String>) -> Result<Hwm, ServiceError>;
+    /// Version, mode, mirror health and per-namespace counters.
+    async fn status() -> Result<Status, ServiceError>;
+}
