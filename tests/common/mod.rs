@@ -1,0 +1,118 @@
+//! Shared helpers for the engine tests: temp directories, small leases, short
+//! store time-outs, a boot-id file the test can rewrite to fake a reboot.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idalloc::engine::{Engine, EngineConfig, OpenError, StoreHandle};
+use idalloc::protocol::{IdRange, WriterMode};
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Env { dir };
+        env.set_boot_id("boot-1");
+        env
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn boot_file(&self) -> PathBuf {
+        self.dir.path().join("boot_id")
+    }
+
+    /// Pretend the machine rebooted.
+    pub fn set_boot_id(&self, id: &str) {
+        std::fs::write(self.boot_file(), format!("{id}\n")).unwrap();
+    }
+
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn config(&self, data: &str, lease: u64) -> EngineConfig {
+        EngineConfig {
+            data_dir: self.data_dir(data),
+            lease_size: lease,
+            max_count: 1 << 20,
+            prefetch_at: 0.5,
+            store_timeout: Duration::from_millis(500),
+            store_retries: 1,
+            store_backoff: Duration::from_millis(10),
+            unavailable_cooldown: Duration::from_millis(200),
+            boot_id_path: self.boot_file(),
+            sled_cache_bytes: 1 << 20,
+        }
+    }
+}
+
+pub fn memory_store() -> (Arc<dyn ObjectStore>, StoreHandle) {
+    let s: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let h = StoreHandle::custom(s.clone(), WriterMode::MultiWriter, "memory://test");
+    (s, h)
+}
+
+/// Open, waiting out the data-directory lock of an engine that is still being
+/// dropped (its background tasks may hold it for a moment).
+pub async fn open(cfg: EngineConfig, store: &StoreHandle) -> Result<Arc<Engine>, OpenError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Engine::open(cfg.clone(), store.clone()).await {
+            Err(OpenError::Locked(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Drop an engine without shutdown (a crash, as far as sled's clean flag knows) and
+/// wait until its data directory lock is released.
+pub async fn crash(engine: Arc<Engine>) {
+    let weak = Arc::downgrade(&engine);
+    drop(engine);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while weak.strong_count() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The commit thread exits once the engine is gone; give it a moment to close sled.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Check that no id is in two ranges.
+pub fn assert_disjoint(ranges: &[IdRange], what: &str) {
+    let mut v: Vec<IdRange> = ranges.to_vec();
+    v.sort();
+    for w in v.windows(2) {
+        assert!(
+            w[0].end <= w[1].start,
+            "{what}: ranges {:?} and {:?} overlap",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+/// Read a manifest's two ceilings straight from the store.
+pub async fn ceilings(store: &Arc<dyn ObjectStore>, path: &str) -> Option<(u64, u64)> {
+    use object_store::ObjectStoreExt;
+    let r = store
+        .get(&object_store::path::Path::from(path))
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    Some((
+        v["next_vid_batch"].as_u64().unwrap(),
+        v["next_eid_batch"].as_u64().unwrap(),
+    ))
+}
