@@ -42,7 +42,11 @@ async fn a_wiped_data_directory_resumes_above_the_ceiling_within_one_lease() {
     let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
     assert!(r.start >= last);
     let ceiling = ceilings(&store, "id_allocator.json").await.unwrap().0;
-    assert!(r.start - last <= 2 * 1000, "gap {} larger than the leases held", r.start - last);
+    assert!(
+        r.start - last <= 2 * 1000,
+        "gap {} larger than the leases held",
+        r.start - last
+    );
     assert!(ceiling >= r.end);
     got.push(r);
     assert_disjoint(&got, "wiped data dir");
@@ -62,7 +66,11 @@ async fn an_old_copy_after_a_reboot_is_not_trusted() {
     // Same boot, crash: trusted, dense.
     let e = open(env.config("d", 100), &h).await.unwrap();
     let r = e.reserve(Namespace::Primary, Kind::Vid, 30).await.unwrap();
-    assert_eq!(r.start, got.last().unwrap().end, "same boot: resumes exactly");
+    assert_eq!(
+        r.start,
+        got.last().unwrap().end,
+        "same boot: resumes exactly"
+    );
     got.push(r);
     for _ in 0..10 {
         got.push(e.reserve(Namespace::Primary, Kind::Vid, 30).await.unwrap());
@@ -126,7 +134,16 @@ async fn a_corrupt_local_database_is_moved_aside_not_crash_looped() {
     assert_disjoint(&got, "corrupt sled");
     let moved = std::fs::read_dir(env.data_dir("d"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("sled.corrupt-"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("sled.corrupt-")
+        })
         .count();
-    assert_eq!(moved, 1, "the corrupt database is kept aside for inspection");
+    assert_eq!(
+        moved, 1,
+        "the corrupt database is kept aside for inspection"
+    );
 }

@@ -103,37 +103,44 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         Some(m) => m.clean || (!boot_id.is_empty() && m.boot_id == boot_id),
     };
     let fresh = loaded.meta.is_none() && primary.is_none() && forks.is_empty();
-    let mut adopted_from_store = Vec::new();
+    // Namespaces whose state comes from the store rather than sled: persisted
+    // before serving.
+    let mut from_store: Vec<Arc<NsEntry>> = Vec::new();
     if fresh {
         tracing::info!(dir = %cfg.data_dir.display(), "no local state: adopting every manifest from the object store");
         let (p, f) = adopt_all(&mirror).await?;
+        from_store.push(p.clone());
+        from_store.extend(f.values().cloned());
         primary = Some(p);
         forks = f;
-        adopted_from_store = forks.values().cloned().collect();
-    } else if !trusted {
-        let previous = loaded
-            .meta
-            .as_ref()
-            .map(|m| m.boot_id.clone())
-            .unwrap_or_default();
-        tracing::warn!(
-            previous_boot = %previous, current_boot = %boot_id,
-            "the last run stopped uncleanly in an earlier boot (or its state is incomplete): local counters may have lost writes; every namespace resumes above its object-store ceiling"
-        );
-        let primary_entry = primary.get_or_insert_with(|| new_primary(Counter::default()));
-        let all: Vec<Arc<NsEntry>> = std::iter::once(primary_entry.clone())
-            .chain(forks.values().cloned())
-            .collect();
-        futures::stream::iter(all.clone())
+    } else {
+        let mut resume: Vec<Arc<NsEntry>> = Vec::new();
+        if !trusted {
+            let previous = loaded
+                .meta
+                .as_ref()
+                .map(|m| m.boot_id.clone())
+                .unwrap_or_default();
+            tracing::warn!(
+                previous_boot = %previous, current_boot = %boot_id,
+                "the last run stopped uncleanly in an earlier boot (or its state is incomplete): local counters may have lost writes; every namespace resumes above its object-store ceiling"
+            );
+            resume.extend(primary.iter().cloned());
+            resume.extend(forks.values().cloned());
+        }
+        if primary.is_none() {
+            // No primary record (a run that stopped before its first write): the
+            // primary resumes at its ceiling like an adopted namespace.
+            let p = new_primary(Counter::default());
+            resume.push(p.clone());
+            primary = Some(p);
+        }
+        futures::stream::iter(resume.clone())
             .map(|e| resume_above_ceiling(&mirror, e))
             .buffer_unordered(RECOVERY_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
-        adopted_from_store = all;
-    } else if primary.is_none() {
-        // Meta without a primary record: a start that stopped before its first
-        // reservation. The primary is verified before it serves, like any namespace.
-        primary = Some(new_primary(Counter::default()));
+        from_store = resume;
     }
     let primary = primary.expect("primary set above");
 
@@ -154,7 +161,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
 
     // Everything recovered is made durable, and the state marked unclean (with this
     // boot's id), before anything is served.
-    let persisted = futures::stream::iter(adopted_from_store)
+    let persisted = futures::stream::iter(from_store)
         .map(|e| {
             let engine = engine.clone();
             async move { engine.persist(&e).await }
