@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
@@ -74,6 +75,7 @@ pub struct Loaded {
 pub struct Local {
     db: sled::Db,
     jobs: mpsc::Sender<Job>,
+    flushes: Arc<AtomicU64>,
 }
 
 impl Local {
@@ -123,14 +125,23 @@ impl Local {
         })?;
         let (tx, rx) = mpsc::channel();
         let db2 = db.clone();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let counter = flushes.clone();
         std::thread::Builder::new()
             .name("idalloc-commit".into())
-            .spawn(move || committer(db2, rx))
+            .spawn(move || committer(db2, rx, counter))
             .map_err(|e| OpenError::DataDir {
                 path: dir.display().to_string(),
                 reason: format!("cannot start the commit thread: {e}"),
             })?;
-        Ok((Local { db, jobs: tx }, loaded))
+        Ok((
+            Local {
+                db,
+                jobs: tx,
+                flushes,
+            },
+            loaded,
+        ))
     }
 
     /// Write the latest state under `key` and return once it is flushed.
@@ -152,6 +163,11 @@ impl Local {
         let bytes = serde_json::to_vec(meta).expect("meta serialises");
         self.commit(META_KEY.to_vec(), Arc::new(move || bytes.clone()))
             .await
+    }
+
+    /// sled flushes since open (one per group of commits).
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     /// The underlying database size on disk, for logs.
@@ -192,7 +208,7 @@ fn load(db: &sled::Db, moved_aside: Option<PathBuf>) -> Result<Loaded, String> {
     })
 }
 
-fn committer(db: sled::Db, rx: mpsc::Receiver<Job>) {
+fn committer(db: sled::Db, rx: mpsc::Receiver<Job>, flushes: Arc<AtomicU64>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -220,6 +236,7 @@ fn committer(db: sled::Db, rx: mpsc::Receiver<Job>) {
                 result = Err(format!("local flush failed: {e}"));
             }
         }
+        flushes.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("idalloc_flushes_total").increment(1);
         metrics::histogram!("idalloc_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("idalloc_flush_batch_size").record(batch.len() as f64);

@@ -260,6 +260,11 @@ impl Engine {
         }
     }
 
+    /// sled flushes since open: each one made a group of reservations durable.
+    pub fn flushes(&self) -> u64 {
+        self.local.flushes()
+    }
+
     /// Single- or multi-writer.
     pub fn mode(&self) -> WriterMode {
         self.mirror.mode()
