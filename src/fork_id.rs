@@ -53,6 +53,11 @@ impl ForkId {
             text: text.chars().take(64).collect(),
         };
         if text.len() == 26 && !text.contains('-') {
+            // 26 base32 characters hold 130 bits; a first character above 7 would
+            // not fit in 128 and must not silently wrap to another fork's value.
+            if !matches!(text.as_bytes()[0], b'0'..=b'7') {
+                return Err(err());
+            }
             let ulid = ulid::Ulid::from_string(text).map_err(|_| err())?;
             return Ok(ForkId {
                 value: ulid.0,

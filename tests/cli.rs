@@ -2,9 +2,9 @@
 //! `check-config`, start-up refusals that happen before recovery, `--help`, and the
 //! systemd units.
 
-mod common;
+mod daemon_support;
 
-use common::*;
+use daemon_support::*;
 
 #[test]
 fn check_config_accepts_the_shipped_file_and_prints_effective_config() {

@@ -1,11 +1,34 @@
 //! The allocation engine: sled grants, object-store leases, forks and recovery.
 //!
-//! SKELETON: the bodies are being written; signatures are the contract.
+//! This is where the invariants of `DESIGN.md` live:
+//!
+//! - [`counter`]: taking ids out of a lease (unique, ordered, no overflow).
+//! - [`local`]: sled and the group committer (durable before reply).
+//! - [`store`]: the object store with time-outs, retries and conditional writes
+//!   (never guess; leases owned only once written).
+//! - [`manifest`]: the reference-compatible `id_allocator.json`.
+//! - [`ns`]: one namespace in memory.
+//! - `lease`, `forks`, `recovery` (private): taking leases, fork bootstrap and drop,
+//!   start-up reconciliation and clean shutdown.
+//!
+//! A reservation takes ids from the lease under a short lock, then waits for the
+//! group commit; only when the lease is short does it wait on the object store, and
+//! a background task usually takes the next lease before that happens.
 
 mod config;
+pub mod counter;
+mod forks;
+mod lease;
+pub mod local;
+pub mod manifest;
+pub mod ns;
+mod recovery;
 pub mod store;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Instant;
 
 pub use config::EngineConfig;
 pub use store::StoreHandle;
@@ -14,6 +37,11 @@ use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
 use crate::protocol::{ForkInfo, ForkPage, Hwm, IdRange, Status, WriterMode};
+
+use counter::TakeError;
+use local::Local;
+use ns::NsEntry;
+use store::{Mirror, StoreError};
 
 /// Why the engine could not start. Each message names the object or value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -42,79 +70,237 @@ pub enum OpenError {
         reason: String,
     },
     /// Another daemon holds the data directory.
-    #[error("data directory {0} is locked by another idallocd process")]
+    #[error(
+        "data directory {0} is locked by another idallocd process (one daemon per data directory)"
+    )]
     Locked(String),
 }
 
-/// The allocator. Cheap to share behind an `Arc`; every method is safe to call
-/// concurrently.
+impl From<StoreError> for OpenError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt { path, reason } => OpenError::CorruptManifest { path, reason },
+            StoreError::Unavailable(m) => OpenError::StoreUnreachable(m),
+            e @ StoreError::Refused { .. } => OpenError::StoreUnreachable(e.to_string()),
+        }
+    }
+}
+
+/// The allocator. Share it behind the `Arc` that [`Engine::open`] returns; every
+/// method is safe to call concurrently.
 pub struct Engine {
-    _private: (),
+    cfg: EngineConfig,
+    local: Local,
+    mirror: Mirror,
+    primary: Arc<NsEntry>,
+    forks: RwLock<BTreeMap<ForkId, Arc<NsEntry>>>,
+    /// Serialises fork creation and discovery, so one daemon never creates or adopts
+    /// one fork twice.
+    bootstrap_lock: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: tokio::sync::Notify,
+    started: Instant,
+    boot_id: String,
+    me: Weak<Engine>,
+}
+
+/// Counts a call in flight, so that shutdown can wait for it.
+struct InFlight<'a>(&'a Engine);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn store_err(e: StoreError, retry_after_ms: u64) -> ServiceError {
+    match e {
+        StoreError::Unavailable(m) => ServiceError::unavailable(m, retry_after_ms),
+        other => ServiceError::Internal(other.to_string()),
+    }
 }
 
 impl Engine {
-    /// Recover local state, reconcile it with the object store, and get ready to serve.
+    /// Recover local state, reconcile it with the object store, and get ready to
+    /// serve. See `recovery` for the rules.
     pub async fn open(config: EngineConfig, store: StoreHandle) -> Result<Arc<Engine>, OpenError> {
-        let _ = (config, store);
-        todo!("engine open")
+        recovery::open(config, store).await
     }
 
-    /// Reserve `count` consecutive ids; durable (sled flushed, below the ceiling) on return.
-    pub async fn reserve(&self, ns: Namespace, kind: Kind, count: u64) -> Result<IdRange, ServiceError> {
-        let _ = (ns, kind, count);
-        todo!()
+    fn enter(&self) -> Result<InFlight<'_>, ServiceError> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self);
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ServiceError::ShuttingDown);
+        }
+        Ok(guard)
+    }
+
+    fn retry_hint_ms(&self) -> u64 {
+        self.cfg.unavailable_cooldown.as_millis().max(100) as u64
+    }
+
+    /// Make the namespace's latest state durable.
+    async fn persist(&self, entry: &Arc<NsEntry>) -> Result<(), ServiceError> {
+        self.local
+            .commit(entry.key.clone(), entry.persist_fn())
+            .await
+            .map_err(ServiceError::Internal)
+    }
+
+    /// Reserve `count` consecutive ids; durable (sled flushed, below the ceiling) on
+    /// return. Successive reservations in one namespace and kind are increasing.
+    pub async fn reserve(
+        &self,
+        ns: Namespace,
+        kind: Kind,
+        count: u64,
+    ) -> Result<IdRange, ServiceError> {
+        if count == 0 {
+            return Err(ServiceError::InvalidArgument(
+                "count must be at least 1".to_string(),
+            ));
+        }
+        if count > self.cfg.max_count {
+            return Err(ServiceError::InvalidArgument(format!(
+                "count {count} is above the maximum of {} per reservation; split it or raise allocation.max_count",
+                self.cfg.max_count
+            )));
+        }
+        let _guard = self.enter()?;
+        let entry = self.entry(ns).await?;
+        self.ensure_verified(&entry).await?;
+        let k = kind.index();
+        let range = loop {
+            let taken = {
+                let mut st = entry.state.lock().unwrap();
+                if st.meta.dropped {
+                    return Err(ServiceError::DroppedFork(
+                        entry.fork().map(|f| f.text()).unwrap_or_default(),
+                    ));
+                }
+                st.counters[k].take(count)
+            };
+            match taken {
+                Ok(r) => break r,
+                Err(TakeError::Overflow) => {
+                    let granted = entry.snapshot().counters[k].granted;
+                    return Err(ServiceError::Exhausted(format!(
+                        "{kind} counter of {} is at {granted}; {count} more would overflow u64",
+                        entry.ns
+                    )));
+                }
+                Err(TakeError::NeedLease) => self.lease(&entry, kind, count).await?,
+            }
+        };
+        self.maybe_prefetch(&entry, kind);
+        self.persist(&entry).await?;
+        let label = if entry.fork().is_some() {
+            "fork"
+        } else {
+            "primary"
+        };
+        metrics::counter!("idalloc_reservations_total", "namespace" => label, "kind" => kind.as_str())
+            .increment(1);
+        metrics::counter!("idalloc_ids_granted_total", "namespace" => label, "kind" => kind.as_str())
+            .increment(count);
+        Ok(range)
     }
 
     /// The next ids this daemon would grant in `ns`.
     pub async fn hwm(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
-        let _ = ns;
-        todo!()
-    }
-
-    /// Create `fork` above `max(floor, parent's HWM)`, or return the existing fork.
-    pub async fn bootstrap_fork(
-        &self,
-        fork: ForkId,
-        parent: Option<ForkId>,
-        vid_floor: u64,
-        eid_floor: u64,
-    ) -> Result<ForkInfo, ServiceError> {
-        let _ = (fork, parent, vid_floor, eid_floor);
-        todo!()
+        let entry = self.entry(ns).await?;
+        Ok(entry.hwm())
     }
 
     /// Forks known to this daemon, in id order, after `after`, at most `limit`.
     pub fn list_forks(&self, after: Option<ForkId>, limit: usize) -> ForkPage {
-        let _ = (after, limit);
-        todo!()
+        use std::ops::Bound;
+        let forks = self.forks.read().unwrap();
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut page: Vec<ForkInfo> = Vec::new();
+        let mut more = false;
+        for (_, e) in forks.range((lower, Bound::Unbounded)) {
+            if page.len() == limit.max(1) {
+                more = true;
+                break;
+            }
+            page.push(e.info(false));
+        }
+        let next_after = if more {
+            page.last().map(|f| f.fork.clone())
+        } else {
+            None
+        };
+        ForkPage {
+            forks: page,
+            next_after,
+        }
     }
 
-    /// Tombstone a fork: later reservations in it fail with `DroppedFork`.
-    pub async fn drop_fork(&self, fork: ForkId) -> Result<ForkInfo, ServiceError> {
-        let _ = fork;
-        todo!()
-    }
-
-    /// Release the unused lease of `ns` and lower its manifest to what was granted,
-    /// where the conditional write proves nobody else moved it.
-    pub async fn checkpoint(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
-        let _ = ns;
-        todo!()
-    }
-
-    /// Version, mode, mirror health, per-namespace counters.
+    /// Version, mode, mirror health, the primary's and the first forks' counters.
     pub fn status(&self) -> Status {
-        todo!()
+        let forks = self.forks.read().unwrap();
+        let mut namespaces = vec![self.primary.status()];
+        namespaces.extend(forks.values().take(100).map(|e| e.status()));
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            mode: self.mirror.mode(),
+            object_store: self.mirror.display_url().to_string(),
+            mirror: self.mirror.health(),
+            namespaces_total: 1 + forks.len() as u64,
+            namespaces,
+        }
     }
 
     /// Single- or multi-writer.
     pub fn mode(&self) -> WriterMode {
-        todo!()
+        self.mirror.mode()
     }
 
-    /// Clean shutdown: refuse new reservations (`ShuttingDown`), wait for those in
-    /// flight, checkpoint every namespace, mark the shutdown clean and flush.
-    pub async fn shutdown(&self) -> Result<(), ServiceError> {
-        todo!()
+    /// The object-store URL without secrets.
+    pub fn store_url(&self) -> &str {
+        self.mirror.display_url()
+    }
+
+    /// Every namespace, primary first.
+    fn all_entries(&self) -> Vec<Arc<NsEntry>> {
+        let forks = self.forks.read().unwrap();
+        std::iter::once(self.primary.clone())
+            .chain(forks.values().cloned())
+            .collect()
+    }
+
+    /// The entry of a namespace; a fork this daemon has not seen is looked up in the
+    /// object store (another daemon, or an earlier life, may have created it).
+    async fn entry(&self, ns: Namespace) -> Result<Arc<NsEntry>, ServiceError> {
+        match ns {
+            Namespace::Primary => Ok(self.primary.clone()),
+            Namespace::Fork(id) => {
+                if let Some(e) = self.forks.read().unwrap().get(&id) {
+                    return Ok(e.clone());
+                }
+                let _b = self.bootstrap_lock.lock().await;
+                self.entry_locked(id).await
+            }
+        }
+    }
+
+    /// [`Engine::entry`] for a fork, with `bootstrap_lock` held by the caller.
+    async fn entry_locked(&self, id: ForkId) -> Result<Arc<NsEntry>, ServiceError> {
+        if let Some(e) = self.forks.read().unwrap().get(&id) {
+            return Ok(e.clone());
+        }
+        match self.find_in_store(id).await? {
+            Some((fid, v)) => self.adopt(fid, v).await,
+            None => Err(ServiceError::UnknownFork(id.text())),
+        }
     }
 }

@@ -1,11 +1,24 @@
-//! SKELETON
+//! The object-store tier: building a store from a URL, and the `Mirror` through
+//! which the engine reads and conditionally writes manifests.
+//!
+//! Invariants protected: *never guess* (8) — "not found" is recognised by the
+//! error's type (`object_store::Error::NotFound`), never by its text, and any other
+//! failure is retried and then reported as unavailable, never read as "no manifest";
+//! *unique* (1) — a lease is owned only once its conditional write succeeded, and an
+//! ambiguous write (a time-out) is retried with the same precondition, so it either
+//! fails the precondition (and the caller re-reads) or wins cleanly.
+
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use object_store::ObjectStore;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-use crate::protocol::WriterMode;
+use crate::protocol::{MirrorHealth, WriterMode};
 
+use super::manifest::{Manifest, FORKS_DIR};
 use super::OpenError;
 
 /// An object store ready for the engine: the store (already rooted at the
@@ -22,13 +35,70 @@ pub struct StoreHandle {
     pub local_root: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle")
+            .field("url", &self.display_url)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
 impl StoreHandle {
-    /// Build from a URL (`file:///p`, `memory://`, `s3://b/p`, `gs://`, `az://`) and
-    /// builder options (`aws_endpoint`, `aws_access_key_id`, ...). Also reads the
-    /// usual `AWS_*`/`GOOGLE_*`/`AZURE_*` environment.
+    /// Build from a URL (`file:///p`, `memory://`, `s3://b/p`, `gs://b/p`, `az://c/p`)
+    /// and builder options (`aws_endpoint`, `aws_access_key_id`, ...). Cloud
+    /// builders start from the usual `AWS_*`/`GOOGLE_*`/`AZURE_*` environment; an
+    /// option the builder does not know is an error naming it.
     pub fn from_url(url: &str, options: &[(String, String)]) -> Result<StoreHandle, OpenError> {
-        let _ = (url, options);
-        todo!()
+        let bad = |m: String| OpenError::StoreConfig(m);
+        let parsed =
+            url::Url::parse(url).map_err(|e| bad(format!("object store URL {url:?}: {e}")))?;
+        let display_url = redact(&parsed);
+        let prefix = Path::parse(parsed.path().trim_start_matches('/'))
+            .map_err(|e| bad(format!("object store URL {display_url}: bad path: {e}")))?;
+        match parsed.scheme() {
+            "memory" => {
+                reject_options("memory://", options)?;
+                Ok(StoreHandle::custom(
+                    Arc::new(object_store::memory::InMemory::new()),
+                    WriterMode::MultiWriter,
+                    &display_url,
+                ))
+            }
+            "file" => {
+                reject_options("file://", options)?;
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|_| bad(format!("object store URL {url:?} is not an absolute file path")))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| bad(format!("cannot create object store directory {}: {e}", dir.display())))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(format!("object store directory {}: {e}", dir.display())))?;
+                Ok(StoreHandle {
+                    store: Arc::new(fs),
+                    mode: WriterMode::SingleWriter,
+                    display_url,
+                    local_root: Some(dir),
+                })
+            }
+            "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => {
+                let store = cloud_store(&parsed, options).map_err(|e| bad(format!("{display_url}: {e}")))?;
+                let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+                    Arc::from(store)
+                } else {
+                    Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+                };
+                Ok(StoreHandle {
+                    store,
+                    mode: WriterMode::MultiWriter,
+                    display_url,
+                    local_root: None,
+                })
+            }
+            other => Err(bad(format!(
+                "object store URL {display_url}: unsupported scheme {other:?} (use file://, memory://, s3://, gs:// or az://)"
+            ))),
+        }
     }
 
     /// Wrap any store (for tests: `InMemory`, a fault-injecting wrapper).
@@ -39,5 +109,380 @@ impl StoreHandle {
             display_url: display_url.to_string(),
             local_root: None,
         }
+    }
+}
+
+fn reject_options(scheme: &str, options: &[(String, String)]) -> Result<(), OpenError> {
+    match options.first() {
+        None => Ok(()),
+        Some((k, _)) => Err(OpenError::StoreConfig(format!(
+            "option {k:?} does not apply to {scheme} object stores"
+        ))),
+    }
+}
+
+fn cloud_store(
+    url: &url::Url,
+    options: &[(String, String)],
+) -> Result<Box<dyn ObjectStore>, String> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+    use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+    let unknown = |k: &str| format!("unknown object store option {k:?}");
+    // The bucket (or container) comes from the URL; the rest of the path is our prefix,
+    // applied with a PrefixStore by the caller.
+    let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+    Ok(match url.scheme() {
+        "s3" | "s3a" => {
+            let mut b = AmazonS3Builder::from_env().with_url(root);
+            for (k, v) in options {
+                let key: AmazonS3ConfigKey =
+                    k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
+                b = b.with_config(key, v);
+            }
+            Box::new(b.build().map_err(|e| e.to_string())?)
+        }
+        "gs" => {
+            let mut b = GoogleCloudStorageBuilder::from_env().with_url(root);
+            for (k, v) in options {
+                let key: GoogleConfigKey =
+                    k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
+                b = b.with_config(key, v);
+            }
+            Box::new(b.build().map_err(|e| e.to_string())?)
+        }
+        _ => {
+            let mut b = MicrosoftAzureBuilder::from_env().with_url(root);
+            for (k, v) in options {
+                let key: AzureConfigKey = k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
+                b = b.with_config(key, v);
+            }
+            Box::new(b.build().map_err(|e| e.to_string())?)
+        }
+    })
+}
+
+/// A URL without user info, password or query string (which may carry SAS tokens).
+fn redact(url: &url::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}
+
+/// A manifest with the version that conditional updates must match.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The manifest's content.
+    pub manifest: Manifest,
+    /// ETag and version of the object as read or written; GCS matches on version.
+    pub version: UpdateVersion,
+}
+
+/// The outcome of a conditional write that reached the store.
+#[derive(Debug)]
+pub enum Written {
+    /// The write won; here is the new version.
+    Won(UpdateVersion),
+    /// Someone else wrote first (precondition failed, or the object already exists).
+    Lost,
+}
+
+/// Why a store call failed after its retries.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Time-outs or transient errors, retries exhausted.
+    #[error("object store unavailable: {0}")]
+    Unavailable(String),
+    /// A manifest exists but does not parse.
+    #[error("manifest {path} cannot be parsed: {reason}")]
+    Corrupt {
+        /// Object path.
+        path: String,
+        /// Parser message.
+        reason: String,
+    },
+    /// The store refuses the operation for good (unsupported, permission denied).
+    #[error("object store refused {op} on {path}: {reason}")]
+    Refused {
+        /// Operation.
+        op: &'static str,
+        /// Object path.
+        path: String,
+        /// The store's message.
+        reason: String,
+    },
+}
+
+/// Retry and time-out policy of store calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Time-out of one attempt.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// First backoff; doubles per retry.
+    pub backoff: Duration,
+}
+
+#[derive(Default)]
+struct Health {
+    last_error: Option<(Instant, String)>,
+    last_success: Option<Instant>,
+    healthy: bool,
+}
+
+/// The engine's view of the object store.
+pub struct Mirror {
+    handle: StoreHandle,
+    policy: RetryPolicy,
+    health: Mutex<Health>,
+}
+
+enum Attempt<T> {
+    Done(T),
+    Transient(String),
+    Fatal(StoreError),
+}
+
+impl Mirror {
+    /// Wrap a store handle with a retry policy.
+    pub fn new(handle: StoreHandle, policy: RetryPolicy) -> Self {
+        Mirror {
+            handle,
+            policy,
+            health: Mutex::new(Health {
+                healthy: true,
+                ..Health::default()
+            }),
+        }
+    }
+
+    /// Single- or multi-writer.
+    pub fn mode(&self) -> WriterMode {
+        self.handle.mode
+    }
+
+    /// The URL without secrets.
+    pub fn display_url(&self) -> &str {
+        &self.handle.display_url
+    }
+
+    /// Health as `status` reports it.
+    pub fn health(&self) -> MirrorHealth {
+        let h = self.health.lock().unwrap();
+        MirrorHealth {
+            healthy: h.healthy,
+            last_error: h.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_age_ms: h
+                .last_error
+                .as_ref()
+                .map(|(t, _)| t.elapsed().as_millis() as u64),
+            last_success_age_ms: h.last_success.map(|t| t.elapsed().as_millis() as u64),
+        }
+    }
+
+    fn note(&self, op: &'static str, started: Instant, err: Option<&str>) {
+        metrics::histogram!("idalloc_store_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        let mut h = self.health.lock().unwrap();
+        match err {
+            None => {
+                h.healthy = true;
+                h.last_success = Some(Instant::now());
+            }
+            Some(e) => {
+                metrics::counter!("idalloc_store_errors_total", "op" => op).increment(1);
+                h.healthy = false;
+                h.last_error = Some((Instant::now(), format!("{op}: {e}")));
+            }
+        }
+    }
+
+    /// Run `f` with a time-out per attempt and backoff between transient failures.
+    async fn retry<T, F, Fut>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        mut f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
+        let mut backoff = self.policy.backoff;
+        let mut last = String::new();
+        for attempt in 0..=self.policy.retries {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+            let started = Instant::now();
+            match tokio::time::timeout(self.policy.timeout, f()).await {
+                Ok(Attempt::Done(v)) => {
+                    self.note(op, started, None);
+                    return Ok(v);
+                }
+                Ok(Attempt::Fatal(e)) => {
+                    self.note(op, started, Some(&e.to_string()));
+                    return Err(e);
+                }
+                Ok(Attempt::Transient(e)) => {
+                    last = format!("{op} {path}: {e}");
+                    self.note(op, started, Some(&last));
+                }
+                Err(_) => {
+                    last = format!("{op} {path}: timed out after {:?}", self.policy.timeout);
+                    self.note(op, started, Some(&last));
+                }
+            }
+            tracing::debug!(attempt, error = %last, "object store call failed");
+        }
+        Err(StoreError::Unavailable(last))
+    }
+
+    /// Read a manifest. `Ok(None)` only when the store says the object is not there.
+    pub async fn read(&self, path: &Path) -> Result<Option<Versioned>, StoreError> {
+        let store = &self.handle.store;
+        self.retry("get", path, || async {
+            let res = match store.get(path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Attempt::Done(None),
+                Err(e) => return classify("get", path, e),
+            };
+            let version = UpdateVersion {
+                e_tag: res.meta.e_tag.clone(),
+                version: res.meta.version.clone(),
+            };
+            let bytes = match res.bytes().await {
+                Ok(b) => b,
+                Err(e) => return classify("get", path, e),
+            };
+            match Manifest::parse(path, &bytes) {
+                Ok(manifest) => Attempt::Done(Some(Versioned { manifest, version })),
+                Err(reason) => Attempt::Fatal(StoreError::Corrupt {
+                    path: path.to_string(),
+                    reason,
+                }),
+            }
+        })
+        .await
+    }
+
+    /// Write `manifest` at `path`: create it when `expected` is `None`, else replace
+    /// the version read. In single-writer mode (no conditional update) the replace is
+    /// an overwrite, which sled's directory lock makes safe.
+    pub async fn write(
+        &self,
+        path: &Path,
+        manifest: &Manifest,
+        expected: Option<&UpdateVersion>,
+    ) -> Result<Written, StoreError> {
+        let mode = match (expected, self.handle.mode) {
+            (None, _) => PutMode::Create,
+            (Some(_), WriterMode::SingleWriter) => PutMode::Overwrite,
+            (Some(v), WriterMode::MultiWriter) => PutMode::Update(v.clone()),
+        };
+        let bytes = bytes::Bytes::from(manifest.to_bytes());
+        let store = &self.handle.store;
+        let op = if expected.is_none() {
+            "create"
+        } else {
+            "update"
+        };
+        let won = self
+            .retry(op, path, || {
+                let opts = PutOptions::from(mode.clone());
+                let payload = PutPayload::from(bytes.clone());
+                async move {
+                    match store.put_opts(path, payload, opts).await {
+                        Ok(r) => Attempt::Done(Written::Won(UpdateVersion {
+                            e_tag: r.e_tag,
+                            version: r.version,
+                        })),
+                        Err(object_store::Error::Precondition { .. })
+                        | Err(object_store::Error::AlreadyExists { .. }) => {
+                            Attempt::Done(Written::Lost)
+                        }
+                        Err(e) => classify(op, path, e),
+                    }
+                }
+            })
+            .await?;
+        if let (Written::Won(_), Some(root)) = (&won, &self.handle.local_root) {
+            self.fsync_local(root, path).await?;
+        }
+        Ok(won)
+    }
+
+    /// `LocalFileSystem` renames a temporary file into place without fsync; make the
+    /// new ceiling survive a power cut by syncing the file and its directory.
+    async fn fsync_local(&self, root: &std::path::Path, path: &Path) -> Result<(), StoreError> {
+        let file = root.join(path.as_ref());
+        let started = Instant::now();
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(dir) = file.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let msg = format!("fsync of {path} failed: {e}");
+                self.note("fsync", started, Some(&msg));
+                Err(StoreError::Unavailable(msg))
+            }
+        }
+    }
+
+    /// Directory names under `catalog/forks/` (one per fork manifest spelling).
+    pub async fn list_fork_dirs(&self) -> Result<Vec<String>, StoreError> {
+        let store = &self.handle.store;
+        let prefix = Path::from(FORKS_DIR);
+        self.retry("list", &prefix, || async {
+            let metas: Result<Vec<_>, _> = store.list(Some(&prefix)).try_collect().await;
+            match metas {
+                Ok(metas) => {
+                    let mut dirs: Vec<String> = metas
+                        .into_iter()
+                        .filter_map(|m| {
+                            let parts: Vec<_> = m.location.parts().collect();
+                            // catalog / forks / {id} / id_allocator.json
+                            (parts.len() == 4 && parts[3].as_ref() == "id_allocator.json")
+                                .then(|| parts[2].as_ref().to_string())
+                        })
+                        .collect();
+                    dirs.sort();
+                    dirs.dedup();
+                    Attempt::Done(dirs)
+                }
+                Err(object_store::Error::NotFound { .. }) => Attempt::Done(Vec::new()),
+                Err(e) => classify("list", &prefix, e),
+            }
+        })
+        .await
+    }
+}
+
+fn classify<T>(op: &'static str, path: &Path, e: object_store::Error) -> Attempt<T> {
+    match e {
+        object_store::Error::NotImplemented { .. }
+        | object_store::Error::NotSupported { .. }
+        | object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. }
+        | object_store::Error::UnknownConfigurationKey { .. } => {
+            Attempt::Fatal(StoreError::Refused {
+                op,
+                path: path.to_string(),
+                reason: e.to_string(),
+            })
+        }
+        other => Attempt::Transient(other.to_string()),
     }
 }

@@ -1,0 +1,397 @@
+//! Taking leases from the object store, verifying a manifest against local state,
+//! and giving unused leases back (checkpoint).
+//!
+//! Invariants protected: *unique* (1) — a lease is `[max(ceiling, what we own),
+//! new ceiling)` and is ours only once the conditional write raising the ceiling
+//! won; a lost or failed write leaves every counter as it was. *Durable before
+//! reply* (2) — ids are taken only from leases already written. *Bounded gap* (7) —
+//! checkpoint releases a lease locally (durably) *before* lowering the manifest, so a
+//! crash in between leaves a gap, never a lease two owners believe in.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::ServiceError;
+use crate::namespace::{Kind, Namespace};
+use crate::protocol::{Hwm, WriterMode};
+
+use super::manifest::Manifest;
+use super::ns::{MirrorState, NsEntry};
+use super::store::{Versioned, Written};
+use super::{store_err, Engine};
+
+/// Conditional-write conflicts tolerated in one call before giving up for now.
+const MAX_CONFLICTS: usize = 32;
+
+impl Engine {
+    /// Make sure `count` ids of `kind` can be taken, taking a lease if needed.
+    pub(super) async fn lease(
+        &self,
+        entry: &Arc<NsEntry>,
+        kind: Kind,
+        count: u64,
+    ) -> Result<(), ServiceError> {
+        let mut ms = entry.mirror.lock().await;
+        if entry.state.lock().unwrap().counters[kind.index()].can_take(count) {
+            return Ok(());
+        }
+        if let Some((at, msg)) = &ms.last_failure {
+            let cooldown = self.cfg.unavailable_cooldown;
+            if at.elapsed() < cooldown {
+                let left = (cooldown - at.elapsed()).as_millis().max(1) as u64;
+                return Err(ServiceError::unavailable(
+                    format!("no lease for {kind} ids in {}: {msg}", entry.ns),
+                    left,
+                ));
+            }
+        }
+        match self.take_lease(entry, &mut ms, kind, count).await {
+            Ok(()) => {
+                ms.last_failure = None;
+                Ok(())
+            }
+            Err(e) => {
+                ms.last_failure = Some((Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Raise the ceiling of `kind` by at least `need` with a conditional write and
+    /// install the lease won. The caller holds the namespace's mirror lock.
+    pub(super) async fn take_lease(
+        &self,
+        entry: &Arc<NsEntry>,
+        ms: &mut MirrorState,
+        kind: Kind,
+        need: u64,
+    ) -> Result<(), ServiceError> {
+        let path = entry.path();
+        let hint = self.retry_hint_ms();
+        let other = match kind {
+            Kind::Vid => Kind::Eid,
+            Kind::Eid => Kind::Vid,
+        };
+        for _ in 0..MAX_CONFLICTS {
+            let cur = match &ms.cached {
+                Some(v) => Some(v.clone()),
+                None => self
+                    .mirror
+                    .read(&path)
+                    .await
+                    .map_err(|e| store_err(e, hint))?,
+            };
+            if let Some(meta) = cur.as_ref().and_then(|v| v.manifest.fork_meta()) {
+                if meta.dropped {
+                    // Another daemon dropped this fork: honour the tombstone.
+                    entry.state.lock().unwrap().meta.dropped = true;
+                    ms.cached = cur;
+                    self.persist(entry).await?;
+                    return Err(ServiceError::DroppedFork(
+                        entry.fork().map(|f| f.text()).unwrap_or_default(),
+                    ));
+                }
+            }
+            let (owned, other_owned, meta) = {
+                let st = entry.state.lock().unwrap();
+                (
+                    st.counters[kind.index()].owned_end(),
+                    st.counters[other.index()].owned_end(),
+                    st.meta.clone(),
+                )
+            };
+            let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
+            // Never below the ceiling (others' ids) nor below what we own (ours).
+            let start = ceiling.max(owned);
+            let size = self.cfg.lease_size.max(need);
+            let end = match start.checked_add(size) {
+                Some(e) => e,
+                None if start.checked_add(need).is_some() => u64::MAX,
+                None => {
+                    return Err(ServiceError::Exhausted(format!(
+                        "{kind} ceiling of {} is at {start}; a lease of {need} would overflow u64",
+                        entry.ns
+                    )))
+                }
+            };
+            let mut m = match &cur {
+                Some(v) => v.manifest.clone(),
+                None => {
+                    let mut m = Manifest::new(0, 0);
+                    if entry.fork().is_some() {
+                        m.set_fork_meta(&meta);
+                    }
+                    m
+                }
+            };
+            m.set_ceiling(kind, end);
+            m.set_ceiling(other, m.ceiling(other).max(other_owned));
+            let written = self
+                .mirror
+                .write(&path, &m, cur.as_ref().map(|v| &v.version))
+                .await;
+            match written {
+                Ok(Written::Won(version)) => {
+                    ms.cached = Some(Versioned {
+                        manifest: m,
+                        version,
+                    });
+                    entry.state.lock().unwrap().counters[kind.index()].install(start, end);
+                    let shape = if start == owned { "dense" } else { "jump" };
+                    metrics::counter!("idalloc_leases_total", "kind" => kind.as_str(), "shape" => shape)
+                        .increment(1);
+                    if start != owned {
+                        tracing::info!(
+                            namespace = %entry.ns, %kind, from = owned, to = start,
+                            "the ceiling was moved by another writer; the next lease starts above it"
+                        );
+                    }
+                    tracing::debug!(namespace = %entry.ns, %kind, start, end, "lease taken");
+                    // Record the lease so that a restart resumes inside it (no gap).
+                    // The lease is ours whether or not this lands.
+                    if let Err(e) = self.persist(entry).await {
+                        tracing::warn!(error = %e, "could not record a new lease locally");
+                    }
+                    return Ok(());
+                }
+                Ok(Written::Lost) => {
+                    ms.cached = None;
+                    continue;
+                }
+                Err(e) => {
+                    // The write may or may not have landed: forget the version, so the
+                    // next attempt re-reads and, if it did land, starts above it.
+                    ms.cached = None;
+                    return Err(store_err(e, hint));
+                }
+            }
+        }
+        Err(ServiceError::unavailable(
+            format!(
+                "lost {MAX_CONFLICTS} conditional writes in a row on {path}; too many writers contending"
+            ),
+            hint,
+        ))
+    }
+
+    /// Take the next lease in the background once the current one is running low.
+    pub(super) fn maybe_prefetch(&self, entry: &Arc<NsEntry>, kind: Kind) {
+        let k = kind.index();
+        let low = {
+            let st = entry.state.lock().unwrap();
+            let c = &st.counters[k];
+            let threshold = (self.cfg.lease_size as f64 * (1.0 - self.cfg.prefetch_at)) as u64;
+            c.next.is_none() && c.headroom() <= threshold
+        };
+        if !low || entry.prefetching[k].swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(engine) = self.me.upgrade() else {
+            entry.prefetching[k].store(false, Ordering::SeqCst);
+            return;
+        };
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            let mut ms = entry.mirror.lock().await;
+            let still_low = {
+                let st = entry.state.lock().unwrap();
+                let c = &st.counters[k];
+                let threshold =
+                    (engine.cfg.lease_size as f64 * (1.0 - engine.cfg.prefetch_at)) as u64;
+                c.next.is_none() && c.headroom() <= threshold
+            };
+            if still_low && !engine.shutting_down.load(Ordering::SeqCst) {
+                match engine.take_lease(&entry, &mut ms, kind, 1).await {
+                    Ok(()) => ms.last_failure = None,
+                    Err(e) => {
+                        tracing::warn!(
+                            namespace = %entry.ns, %kind, error = %e,
+                            "could not take the next lease ahead of need; reservations continue inside the current one"
+                        );
+                        ms.last_failure = Some((Instant::now(), e.to_string()));
+                    }
+                }
+            }
+            drop(ms);
+            entry.prefetching[k].store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Check the manifest against local state once per namespace before serving it.
+    pub(super) async fn ensure_verified(&self, entry: &Arc<NsEntry>) -> Result<(), ServiceError> {
+        if entry.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut ms = entry.mirror.lock().await;
+        if entry.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.verify(entry, &mut ms).await
+    }
+
+    /// Reconcile local state (trusted) with the manifest:
+    /// - a ceiling below what we own is raised to it (a rolled-back file, or one
+    ///   lowered by hand), so nobody else can lease our ids;
+    /// - in single-writer mode a ceiling above what we own means sled is stale or
+    ///   someone else wrote: resume above the ceiling.
+    pub(super) async fn verify(
+        &self,
+        entry: &Arc<NsEntry>,
+        ms: &mut MirrorState,
+    ) -> Result<(), ServiceError> {
+        let path = entry.path();
+        let hint = self.retry_hint_ms();
+        for _ in 0..MAX_CONFLICTS {
+            let cur = self
+                .mirror
+                .read(&path)
+                .await
+                .map_err(|e| store_err(e, hint))?;
+            let mut raise = false;
+            {
+                let mut st = entry.state.lock().unwrap();
+                if let Some(meta) = cur.as_ref().and_then(|v| v.manifest.fork_meta()) {
+                    if meta.dropped {
+                        st.meta.dropped = true;
+                    }
+                }
+                for kind in Kind::ALL {
+                    let c = &mut st.counters[kind.index()];
+                    let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
+                    let owned = c.owned_end();
+                    if ceiling < owned {
+                        raise = true;
+                    } else if ceiling > owned && self.mirror.mode() == WriterMode::SingleWriter {
+                        tracing::warn!(
+                            namespace = %entry.ns, %kind, local = owned, manifest = ceiling,
+                            "manifest ceiling is above the lease recorded locally: local state is stale or another writer used this root; resuming above the ceiling"
+                        );
+                        c.jump_to(ceiling);
+                    }
+                }
+            }
+            if raise {
+                let st = entry.snapshot();
+                let mut m = match &cur {
+                    Some(v) => v.manifest.clone(),
+                    None => {
+                        let mut m = Manifest::new(0, 0);
+                        if entry.fork().is_some() {
+                            m.set_fork_meta(&st.meta);
+                        }
+                        m
+                    }
+                };
+                for kind in Kind::ALL {
+                    let owned = st.counters[kind.index()].owned_end();
+                    if m.ceiling(kind) < owned {
+                        tracing::warn!(
+                            manifest = %path, %kind, ceiling = m.ceiling(kind), lease_end = owned,
+                            "manifest is below this daemon's lease; raising it before serving"
+                        );
+                        m.set_ceiling(kind, owned);
+                    }
+                }
+                match self
+                    .mirror
+                    .write(&path, &m, cur.as_ref().map(|v| &v.version))
+                    .await
+                    .map_err(|e| store_err(e, hint))?
+                {
+                    Written::Won(version) => {
+                        ms.cached = Some(Versioned {
+                            manifest: m,
+                            version,
+                        })
+                    }
+                    Written::Lost => continue,
+                }
+            } else {
+                ms.cached = cur;
+            }
+            self.persist(entry).await?;
+            entry.verified.store(true, Ordering::Release);
+            return Ok(());
+        }
+        Err(ServiceError::unavailable(
+            format!("could not verify {path}: too many writers contending"),
+            hint,
+        ))
+    }
+
+    /// Release the unused part of the lease of `ns` and lower its manifest to what
+    /// was granted, where the conditional write proves nobody else moved it.
+    pub async fn checkpoint(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
+        let entry = self.entry(ns).await?;
+        self.ensure_verified(&entry).await?;
+        let mut ms = entry.mirror.lock().await;
+        self.checkpoint_locked(&entry, &mut ms).await?;
+        Ok(entry.hwm())
+    }
+
+    /// [`Engine::checkpoint`] with the mirror lock held.
+    pub(super) async fn checkpoint_locked(
+        &self,
+        entry: &Arc<NsEntry>,
+        ms: &mut MirrorState,
+    ) -> Result<(), ServiceError> {
+        let hint = self.retry_hint_ms();
+        let before = entry.snapshot();
+        if Kind::ALL
+            .iter()
+            .all(|k| before.counters[k.index()].owned_end() == before.counters[k.index()].granted)
+        {
+            return Ok(());
+        }
+        let path = entry.path();
+        let Some(cur) = self
+            .mirror
+            .read(&path)
+            .await
+            .map_err(|e| store_err(e, hint))?
+        else {
+            // No manifest at all: nothing to lower.
+            return Ok(());
+        };
+        let lowerable: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| {
+                let c = before.counters[k.index()];
+                c.owned_end() > c.granted && cur.manifest.ceiling(*k) == c.owned_end()
+            })
+            .collect();
+        if lowerable.is_empty() {
+            tracing::debug!(manifest = %path, "ceiling moved by another writer; leaving the manifest as it is");
+            return Ok(());
+        }
+        // Local release first, durably: a crash after this point leaves a gap.
+        let mut m = cur.manifest.clone();
+        {
+            let mut st = entry.state.lock().unwrap();
+            for k in &lowerable {
+                let c = &mut st.counters[k.index()];
+                c.release();
+                m.set_ceiling(*k, c.granted);
+            }
+        }
+        self.persist(entry).await?;
+        match self.mirror.write(&path, &m, Some(&cur.version)).await {
+            Ok(Written::Won(version)) => {
+                ms.cached = Some(Versioned {
+                    manifest: m,
+                    version,
+                });
+            }
+            Ok(Written::Lost) => {
+                ms.cached = None;
+                tracing::debug!(manifest = %path, "ceiling moved while lowering; left as it is");
+            }
+            Err(e) => {
+                ms.cached = None;
+                return Err(store_err(e, hint));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! One namespace (the primary or a fork) as the engine holds it in memory.
+//!
+//! Invariant protected: *unique* (1). Both counters of a namespace sit behind one
+//! short std mutex (never held across an await), and every object-store operation
+//! on the namespace's manifest is serialised by one async mutex, so at most one
+//! lease write per namespace is in flight from this daemon and leases are installed
+//! in the order they were won.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::fork_id::ForkId;
+use crate::namespace::{Kind, Namespace};
+use crate::protocol::{CounterStatus, ForkInfo, Hwm, NamespaceStatus};
+
+use super::counter::Counter;
+use super::local::{ns_key, NsRecord, Snapshot};
+use super::manifest::{path_for, ForkMeta};
+use super::store::Versioned;
+
+/// The mutable part of a namespace.
+#[derive(Debug, Clone)]
+pub struct NsState {
+    /// Parent, floors, tombstone.
+    pub meta: ForkMeta,
+    /// vid and eid counters, indexed by [`Kind::index`].
+    pub counters: [Counter; 2],
+}
+
+/// What this daemon last knew of the namespace's manifest.
+#[derive(Default)]
+pub struct MirrorState {
+    /// The manifest and version from our last read or winning write; `None` when
+    /// unknown (never read, or a write's outcome was ambiguous).
+    pub cached: Option<Versioned>,
+    /// The last failed lease attempt, to fail fast for a while during an outage.
+    pub last_failure: Option<(Instant, String)>,
+}
+
+/// A namespace.
+pub struct NsEntry {
+    /// The namespace; a fork's id carries the text form used in its path.
+    pub ns: Namespace,
+    /// sled key of its record.
+    pub key: Vec<u8>,
+    /// Counters and fork metadata.
+    pub state: Mutex<NsState>,
+    /// Serialises manifest reads and writes for this namespace.
+    pub mirror: tokio::sync::Mutex<MirrorState>,
+    /// Whether the manifest has been checked against local state since start.
+    pub verified: AtomicBool,
+    /// Whether a background lease is being taken, per kind.
+    pub prefetching: [AtomicBool; 2],
+}
+
+impl NsEntry {
+    /// A namespace entry with the given state.
+    pub fn new(ns: Namespace, state: NsState, verified: bool) -> Arc<NsEntry> {
+        Arc::new(NsEntry {
+            ns,
+            key: ns_key(ns.fork().map(|f| f.value())),
+            state: Mutex::new(state),
+            mirror: tokio::sync::Mutex::new(MirrorState::default()),
+            verified: AtomicBool::new(verified),
+            prefetching: [AtomicBool::new(false), AtomicBool::new(false)],
+        })
+    }
+
+    /// Rebuild from a sled record.
+    pub fn from_record(rec: NsRecord) -> Result<Arc<NsEntry>, String> {
+        let ns = match &rec.fork {
+            None => Namespace::Primary,
+            Some(text) => Namespace::Fork(ForkId::parse(text).map_err(|e| e.to_string())?),
+        };
+        Ok(NsEntry::new(
+            ns,
+            NsState {
+                meta: rec.meta,
+                counters: rec.counters,
+            },
+            false,
+        ))
+    }
+
+    /// The fork id, if a fork.
+    pub fn fork(&self) -> Option<ForkId> {
+        self.ns.fork()
+    }
+
+    /// Object-store path of the manifest.
+    pub fn path(&self) -> object_store::path::Path {
+        path_for(&self.ns)
+    }
+
+    /// A copy of the current state.
+    pub fn snapshot(&self) -> NsState {
+        self.state.lock().unwrap().clone()
+    }
+
+    /// A closure the committer calls to serialise the latest state.
+    pub fn persist_fn(self: &Arc<Self>) -> Snapshot {
+        let me = self.clone();
+        Arc::new(move || {
+            let st = me.snapshot();
+            let rec = NsRecord {
+                fork: me.fork().map(|f| f.text()),
+                meta: st.meta,
+                counters: st.counters,
+            };
+            serde_json::to_vec(&rec).expect("record serialises")
+        })
+    }
+
+    /// High-water marks.
+    pub fn hwm(&self) -> Hwm {
+        let st = self.snapshot();
+        Hwm {
+            fork: self.fork().map(|f| f.text()),
+            next_vid: st.counters[Kind::Vid.index()].granted,
+            next_eid: st.counters[Kind::Eid.index()].granted,
+        }
+    }
+
+    /// Fork info (`created` is set by the caller).
+    pub fn info(&self, created: bool) -> ForkInfo {
+        let st = self.snapshot();
+        ForkInfo {
+            fork: self.fork().map(|f| f.text()).unwrap_or_default(),
+            parent: st.meta.parent.clone(),
+            next_vid: st.counters[0].granted,
+            next_eid: st.counters[1].granted,
+            floor_vid: st.meta.floor_vid,
+            floor_eid: st.meta.floor_eid,
+            created,
+            dropped: st.meta.dropped,
+        }
+    }
+
+    /// Status line of this namespace.
+    pub fn status(&self) -> NamespaceStatus {
+        let st = self.snapshot();
+        NamespaceStatus {
+            fork: self.fork().map(|f| f.text()),
+            dropped: st.meta.dropped,
+            counters: Kind::ALL
+                .iter()
+                .map(|k| {
+                    let c = st.counters[k.index()];
+                    CounterStatus {
+                        kind: *k,
+                        granted: c.granted,
+                        lease_start: c.lease_start,
+                        lease_end: c.owned_end(),
+                        headroom: c.headroom(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
