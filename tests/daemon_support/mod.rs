@@ -107,20 +107,31 @@ impl Daemon {
     /// Block until a status call over the unix socket succeeds.
     pub fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 panic!("idallocd exited early ({st}):\n{}", self.stderr());
             }
-            let ok = rt.block_on(async {
-                match tokio::time::timeout(Duration::from_secs(2), unix_client(&self.socket)).await
-                {
-                    Ok(Ok(c)) => c.status(tarpc::context::current()).await.is_ok(),
-                    _ => false,
-                }
+            // On a thread of its own: the caller may itself be inside a runtime.
+            let ok = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        match tokio::time::timeout(
+                            Duration::from_secs(2),
+                            unix_client(&self.socket),
+                        )
+                        .await
+                        {
+                            Ok(Ok(c)) => c.status(tarpc::context::current()).await.is_ok(),
+                            _ => false,
+                        }
+                    })
+                })
+                .join()
+                .unwrap()
             });
             if ok {
                 return;
