@@ -240,7 +240,11 @@ fn ready_is_sent_only_once_the_socket_answers() {
     let mut d = Daemon::start_with(
         dir.path(),
         Opts {
-            env: vec![("NOTIFY_SOCKET", notify_path.display().to_string())],
+            env: vec![
+                ("NOTIFY_SOCKET", notify_path.display().to_string()),
+                // 200 ms: pings every 100 ms.
+                ("WATCHDOG_USEC", "200000".to_string()),
+            ],
             wait: false,
             ..Opts::default()
         },
@@ -268,9 +272,16 @@ fn ready_is_sent_only_once_the_socket_answers() {
         messages.last().unwrap().contains("STATUS=serving on"),
         "{messages:?}"
     );
-    d.signal(libc::SIGTERM);
+    // Watchdog pings follow while it serves.
     let n = notify.recv(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "WATCHDOG=1");
+    d.signal(libc::SIGTERM);
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
     assert!(d.wait_exit(30).success());
 }
 
@@ -408,4 +419,63 @@ fn metrics_endpoint_counts_the_work_done() {
         "{body}"
     );
     assert!(body.contains("idalloc_flushes_total"), "{body}");
+}
+
+/// Socket activation: `systemd-socket-activate` binds the socket and passes it as
+/// fd 3 with `LISTEN_FDS`; the daemon serves on it and leaves the file (systemd's)
+/// in place when it stops.
+#[test]
+fn serves_on_a_socket_passed_by_systemd() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists()) else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let mut child = std::process::Command::new(activate)
+        .arg("-l")
+        .arg(&socket)
+        .arg(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        // Ignored under activation; proves the passed socket wins.
+        .arg("--listen")
+        .arg(format!(
+            "unix:{}",
+            dir.path().join("configured.sock").display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // systemd-socket-activate starts the daemon on the first connection.
+    let range = loop {
+        let r = rt.block_on(async {
+            let c = unix_client(&socket).await.ok()?;
+            c.reserve(ctx(), None, Kind::Vid, 4).await.ok()?.ok()
+        });
+        if let Some(r) = r {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply on the activated socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(range.len(), 4);
+    assert!(!dir.path().join("configured.sock").exists());
+    // SAFETY: kill(2) on our child (systemd-socket-activate execs the daemon in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(
+        socket.exists(),
+        "the activated socket belongs to systemd and is left in place"
+    );
 }
