@@ -14,6 +14,8 @@
 //!   commit, object-store leases, forks, recovery. It holds the invariants of
 //!   `DESIGN.md`.
 //! - `faults` (feature `server`): a fault-injecting `ObjectStore` wrapper for tests.
+//! - `server` (feature `server`): the daemon around the engine — config, listeners,
+//!   the tarpc service, systemd notifications, metrics, graceful shutdown.
 //!
 //! The client library and the daemon's service layer build on these.
 
@@ -29,6 +31,8 @@ pub mod protocol;
 pub mod engine;
 #[cfg(feature = "server")]
 pub mod faults;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use endpoint::Endpoint;
 pub use error::ServiceError;

@@ -1,0 +1,239 @@
+//! Serving one accepted connection: tarpc channel over [`ServerTransport`], with the
+//! per-connection in-flight limit, until the client leaves, sends a bad frame, or
+//! shutdown closes the read half and the last reply is written.
+
+use futures::StreamExt;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::transport::ServerTransport;
+use crate::protocol::IdAlloc;
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Largest request frame, in bytes.
+    pub max_frame_bytes: usize,
+    /// Most requests in flight; more get an error reply (not a closed connection).
+    pub max_in_flight: usize,
+}
+
+/// Serve `svc` on `io` until the connection ends. All of this connection's requests
+/// run inside this one future, so awaiting it means "every reply is written".
+pub async fn serve_connection<S, Svc>(
+    io: S,
+    svc: Svc,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: IdAlloc + Clone,
+{
+    let transport = ServerTransport::new(io, limits.max_frame_bytes, shutdown);
+    BaseChannel::with_defaults(transport)
+        .max_concurrent_requests(limits.max_in_flight)
+        .execute(svc.serve())
+        .for_each_concurrent(None, |request| request)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ServiceError;
+    use crate::namespace::Kind;
+    use crate::protocol::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tarpc::context::Context;
+    use tarpc::tokio_serde::formats::Bincode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{UnixListener, UnixStream};
+
+    /// A stand-in for the engine: hands out consecutive ranges from a counter, and a
+    /// large `status` to exercise reply frames above the request limit.
+    #[derive(Clone, Default)]
+    struct Fake {
+        next: Arc<AtomicU64>,
+    }
+
+    impl IdAlloc for Fake {
+        async fn reserve(
+            self,
+            _: Context,
+            _: Option<String>,
+            _: Kind,
+            count: u64,
+        ) -> Result<IdRange, ServiceError> {
+            if count == 0 {
+                return Err(ServiceError::InvalidArgument(
+                    "count must be at least 1".into(),
+                ));
+            }
+            let start = self.next.fetch_add(count, Ordering::SeqCst);
+            Ok(IdRange {
+                start,
+                end: start + count,
+            })
+        }
+        async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
+            // Slow on purpose: lets a test hold requests in flight across shutdown.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Hwm {
+                fork,
+                next_vid: self.next.load(Ordering::SeqCst),
+                next_eid: 0,
+            })
+        }
+        async fn bootstrap_fork(
+            self,
+            _: Context,
+            _: BootstrapRequest,
+        ) -> Result<ForkInfo, ServiceError> {
+            Err(ServiceError::Internal("not in the fake".into()))
+        }
+        async fn list_forks(
+            self,
+            _: Context,
+            _: Option<String>,
+            _: u32,
+        ) -> Result<ForkPage, ServiceError> {
+            Ok(ForkPage {
+                forks: vec![],
+                next_after: None,
+            })
+        }
+        async fn drop_fork(self, _: Context, f: String) -> Result<ForkInfo, ServiceError> {
+            Err(ServiceError::UnknownFork(f))
+        }
+        async fn checkpoint(self, _: Context, _: Option<String>) -> Result<Hwm, ServiceError> {
+            Err(ServiceError::ShuttingDown)
+        }
+        async fn status(self, _: Context) -> Result<Status, ServiceError> {
+            Ok(Status {
+                version: "x".repeat(200_000),
+                uptime_secs: 0,
+                mode: WriterMode::SingleWriter,
+                object_store: "memory://".into(),
+                mirror: MirrorHealth {
+                    healthy: true,
+                    last_error: None,
+                    last_error_age_ms: None,
+                    last_success_age_ms: None,
+                },
+                namespaces_total: 1,
+                namespaces: vec![],
+            })
+        }
+    }
+
+    const LIMITS: ConnLimits = ConnLimits {
+        max_frame_bytes: 1024,
+        max_in_flight: 4,
+    };
+
+    fn start(dir: &std::path::Path, shutdown: CancellationToken) -> std::path::PathBuf {
+        let path = dir.join("t.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let fake = Fake::default();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve_connection(s, fake.clone(), LIMITS, shutdown.clone()));
+            }
+        });
+        path
+    }
+
+    async fn client(path: &std::path::Path) -> IdAllocClient {
+        let t = tarpc::serde_transport::unix::connect(path, Bincode::default)
+            .await
+            .unwrap();
+        IdAllocClient::new(tarpc::client::Config::default(), t).spawn()
+    }
+
+    /// Write `bytes`, then expect the server to close the connection (EOF).
+    async fn assert_closed_after(path: &std::path::Path, bytes: &[u8]) {
+        let mut raw = UnixStream::connect(path).await.unwrap();
+        raw.write_all(bytes).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+            .await
+            .expect("the server must close a connection that sent a bad frame")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no reply to a bad frame, only EOF");
+    }
+
+    #[tokio::test]
+    async fn bad_frames_close_only_their_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = start(dir.path(), CancellationToken::new());
+        let good = client(&path).await;
+        let r = good
+            .reserve(tarpc::context::current(), None, Kind::Vid, 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.len(), 10);
+
+        // A length prefix far above max_frame_bytes.
+        assert_closed_after(&path, &(u32::MAX).to_be_bytes()).await;
+        // A frame of the right size whose body is not a bincode ClientMessage.
+        let mut garbage = 16u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 16]);
+        assert_closed_after(&path, &garbage).await;
+
+        // The first client carries on, and a reply bigger than the request limit
+        // still goes out.
+        let r2 = good
+            .reserve(tarpc::context::current(), None, Kind::Vid, 5)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r2.start, r.end);
+        let s = good
+            .status(tarpc::context::current())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.version.len(), 200_000);
+        let e = good
+            .reserve(tarpc::context::current(), None, Kind::Vid, 0)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, ServiceError::InvalidArgument(_)));
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_in_flight_requests_then_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let path = start(dir.path(), shutdown.clone());
+        let c = client(&path).await;
+        // Prove the connection is established and served before shutting down.
+        c.reserve(tarpc::context::current(), None, Kind::Vid, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        let slow = {
+            let c = c.clone();
+            tokio::spawn(async move { c.hwm(tarpc::context::current(), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        let hwm = slow
+            .await
+            .unwrap()
+            .expect("the in-flight request is answered")
+            .unwrap();
+        assert_eq!(hwm.next_vid, 1);
+        // Afterwards the connection is closed: new calls fail rather than hang.
+        let after = c
+            .reserve(tarpc::context::current(), None, Kind::Vid, 1)
+            .await;
+        assert!(after.is_err(), "{after:?}");
+    }
+}

@@ -1,0 +1,409 @@
+//! Listening sockets: binding the configured endpoints safely, taking them over from
+//! systemd (socket activation), and the accept loop with its connection limit.
+//!
+//! Safety rules enforced here, because each is a way to lose uniqueness or expose the
+//! daemon by accident:
+//! - a unix socket path with a live daemon behind it is never taken over (two daemons
+//!   answering on one path would split clients); a stale file left by a crash is;
+//! - a path that is not a socket is never deleted;
+//! - TCP has no authentication, so only loopback addresses are accepted unless the
+//!   operator opts in with `allow_remote = true`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoint::Endpoint;
+
+/// One accepted connection, of either family.
+pub type Conn = Either<UnixStream, TcpStream>;
+
+/// Why a listener could not be set up. Each message says which endpoint and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// A daemon already answers on this unix socket.
+    #[error("another idallocd is serving on {0}: stop it first or configure another socket path")]
+    InUse(String),
+    /// A non-loopback TCP address without `allow_remote`.
+    #[error("refusing to listen on {endpoint}: {addr} is not a loopback address and TCP is unauthenticated; use a unix socket, a loopback address, or set allow_remote = true")]
+    NotLoopback {
+        /// The endpoint as configured.
+        endpoint: String,
+        /// The offending resolved address.
+        addr: SocketAddr,
+    },
+    /// Something that is not a socket is in the way.
+    #[error("cannot listen on unix:{0}: the path exists and is not a socket; idallocd will not delete it")]
+    NotASocket(PathBuf),
+    /// The operating system refused.
+    #[error("cannot listen on {endpoint}: {source}")]
+    Io {
+        /// The endpoint.
+        endpoint: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// systemd passed descriptors that cannot be used.
+    #[error("socket activation: {0}")]
+    Activation(String),
+}
+
+/// A bound listening socket.
+pub enum Listener {
+    /// A unix socket. `owned` is set when this process created the path, so that it is
+    /// removed at exit (an activated socket belongs to systemd and stays).
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// Its path.
+        path: PathBuf,
+        /// `(dev, ino)` of the socket file this process created.
+        owned: Option<(u64, u64)>,
+    },
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// The address in the `unix:` / `tcp:` form, for logs and tests.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => Endpoint::Unix(path.clone()).to_string(),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp:<unknown>".into(),
+            },
+        }
+    }
+
+    /// Accept one connection.
+    pub async fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix { listener, .. } => {
+                listener.accept().await.map(|(s, _)| Either::Left(s))
+            }
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                // Replies are small and latency-bound: do not let Nagle hold them back.
+                s.set_nodelay(true)?;
+                Ok(Either::Right(s))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix {
+            path,
+            owned: Some((dev, ino)),
+            ..
+        } = self
+        {
+            // Only remove the file if it is still the socket we created: a successor
+            // may already have replaced it.
+            if let Ok(meta) = std::fs::symlink_metadata(&*path) {
+                if meta.dev() == *dev && meta.ino() == *ino {
+                    let _ = std::fs::remove_file(&*path);
+                }
+            }
+        }
+    }
+}
+
+/// How to bind.
+#[derive(Debug, Clone, Copy)]
+pub struct BindOptions {
+    /// Mode bits of created unix sockets.
+    pub socket_mode: u32,
+    /// Whether non-loopback TCP addresses are allowed.
+    pub allow_remote: bool,
+}
+
+/// Bind one endpoint.
+pub async fn bind(endpoint: &Endpoint, opts: BindOptions) -> Result<Listener, ListenError> {
+    match endpoint {
+        Endpoint::Unix(path) => bind_unix(path, opts.socket_mode),
+        Endpoint::Tcp(hp) => bind_tcp(hp, opts.allow_remote).await,
+    }
+}
+
+fn bind_unix(path: &Path, mode: u32) -> Result<Listener, ListenError> {
+    let io_err = |source| ListenError::Io {
+        endpoint: Endpoint::Unix(path.to_path_buf()).to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ListenError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ListenError::InUse(format!("unix:{}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                // Nobody accepts on it: the file was left by a process that died.
+                tracing::warn!(path = %path.display(), "replacing stale unix socket left by an earlier process");
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
+    Ok(Listener::Unix {
+        listener,
+        path: path.to_path_buf(),
+        owned: Some((meta.dev(), meta.ino())),
+    })
+}
+
+async fn bind_tcp(host_port: &str, allow_remote: bool) -> Result<Listener, ListenError> {
+    let endpoint = format!("tcp:{host_port}");
+    let io_err = |source| ListenError::Io {
+        endpoint: endpoint.clone(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
+        .await
+        .map_err(io_err)?
+        .collect();
+    // Every address a name resolves to is checked, not only the one bound: a name
+    // that maps to a public address is not "loopback" by intent.
+    let first = *addrs.first().ok_or_else(|| {
+        io_err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the host name resolves to no address",
+        ))
+    })?;
+    check_loopback(&endpoint, &addrs, allow_remote)?;
+    let listener = TcpListener::bind(first).await.map_err(io_err)?;
+    Ok(Listener::Tcp(listener))
+}
+
+fn check_loopback(
+    endpoint: &str,
+    addrs: &[SocketAddr],
+    allow_remote: bool,
+) -> Result<(), ListenError> {
+    if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        if !allow_remote {
+            return Err(ListenError::NotLoopback {
+                endpoint: endpoint.to_string(),
+                addr: *addr,
+            });
+        }
+        tracing::warn!(
+            endpoint,
+            "TCP listener on a non-loopback address: TCP is unauthenticated, anyone who can reach {addr} can allocate ids and drop forks"
+        );
+    }
+    Ok(())
+}
+
+/// The sockets systemd passed (`LISTEN_FDS`), or `None` when not socket-activated.
+pub fn activated(allow_remote: bool) -> Result<Option<Vec<Listener>>, ListenError> {
+    let fds = sd_notify::listen_fds().map_err(|e| ListenError::Activation(e.to_string()))?;
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for fd in fds {
+        out.push(adopt_fd(fd, allow_remote)?);
+    }
+    Ok(Some(out))
+}
+
+fn adopt_fd(fd: RawFd, allow_remote: bool) -> Result<Listener, ListenError> {
+    let act = |m: String| ListenError::Activation(format!("descriptor {fd}: {m}"));
+    // SAFETY: getsockname writes at most `len` bytes into the zeroed storage.
+    let family = unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
+            return Err(act(io::Error::last_os_error().to_string()));
+        }
+        storage.ss_family as libc::c_int
+    };
+    match family {
+        libc::AF_UNIX => {
+            // SAFETY: systemd hands this process ownership of the descriptors it lists.
+            let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            std_listener.set_nonblocking(true).map_err(|e| act(e.to_string()))?;
+            let path = std_listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("<unnamed>"));
+            let listener = UnixListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
+            Ok(Listener::Unix {
+                listener,
+                path,
+                owned: None,
+            })
+        }
+        libc::AF_INET | libc::AF_INET6 => {
+            // SAFETY: as above.
+            let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            std_listener.set_nonblocking(true).map_err(|e| act(e.to_string()))?;
+            let addr = std_listener.local_addr().map_err(|e| act(e.to_string()))?;
+            check_loopback(&format!("tcp:{addr}"), &[addr], allow_remote)?;
+            let listener = TcpListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
+            Ok(Listener::Tcp(listener))
+        }
+        other => Err(act(format!(
+            "address family {other} is neither unix nor TCP; configure ListenStream= with a path or a port"
+        ))),
+    }
+}
+
+/// Accept connections until `shutdown`, handing each to `serve` with the connection
+/// permit it holds. A permit is taken *before* accepting, so at the limit new clients
+/// wait in the kernel backlog instead of being accepted and starved.
+pub async fn accept_loop<F>(
+    listener: Listener,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    mut serve: F,
+) where
+    F: FnMut(Conn, OwnedSemaphorePermit),
+{
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // semaphore closed: shutting down
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok(conn) => {
+                backoff = Duration::from_millis(10);
+                serve(conn, permit);
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS and friends: retrying at once would spin. Back
+                // off (up to 1 s) and let connections close.
+                tracing::warn!(listener = %listener.describe(), error = %e, "accept failed; backing off {backoff:?}");
+                drop(permit);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> BindOptions {
+        BindOptions {
+            socket_mode: 0o660,
+            allow_remote: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn unix_socket_gets_configured_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/a.sock");
+        let l = bind(
+            &Endpoint::Unix(path.clone()),
+            BindOptions {
+                socket_mode: 0o600,
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        assert!(
+            !path.exists(),
+            "the socket file is removed when the listener goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_replaced_live_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // A stale socket: bound, then its owner gone without unlinking.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = bind(&Endpoint::Unix(path.clone()), opts()).await.unwrap();
+        let err = bind(&Endpoint::Unix(path.clone()), opts())
+            .await
+            .err()
+            .expect("second bind on a live socket must fail");
+        assert!(matches!(err, ListenError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("another idallocd is serving on"));
+        drop(live);
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_is_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "keep me").unwrap();
+        let err = bind(&Endpoint::Unix(path.clone()), opts())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ListenError::NotASocket(_)), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn tcp_is_loopback_only_unless_allowed() {
+        let l = bind(&Endpoint::Tcp("127.0.0.1:0".into()), opts())
+            .await
+            .unwrap();
+        assert!(l.describe().starts_with("tcp:127.0.0.1:"));
+        let l6 = bind(&Endpoint::Tcp("localhost:0".into()), opts()).await;
+        assert!(l6.is_ok(), "localhost resolves to loopback only");
+        let err = bind(&Endpoint::Tcp("0.0.0.0:0".into()), opts())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ListenError::NotLoopback { .. }), "{err}");
+        assert!(err.to_string().contains("allow_remote"));
+        let ok = bind(
+            &Endpoint::Tcp("0.0.0.0:0".into()),
+            BindOptions {
+                allow_remote: true,
+                ..opts()
+            },
+        )
+        .await;
+        assert!(ok.is_ok());
+    }
+}

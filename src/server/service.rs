@@ -1,0 +1,143 @@
+//! The tarpc service: [`IdAlloc`] over the engine.
+//!
+//! This layer only translates: fork ids arrive as text (so that a malformed one is
+//! an `InvalidArgument` naming it, not a frame decode failure that would close the
+//! connection) and are parsed here; everything else is the engine's business.
+
+use std::sync::Arc;
+
+use tarpc::context::Context;
+
+use crate::engine::Engine;
+use crate::error::ServiceError;
+use crate::fork_id::ForkId;
+use crate::namespace::{Kind, Namespace};
+use crate::protocol::{BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, Status};
+
+/// Largest `list_forks` page served, whatever the client asks: bounds one reply's
+/// size (~150 bytes a fork) well under the reply frame limit.
+pub const MAX_PAGE: u32 = 1000;
+
+/// The service handed to every connection. Cloned per request (an `Arc` copy).
+#[derive(Clone)]
+pub struct Service {
+    engine: Arc<Engine>,
+}
+
+impl Service {
+    /// Serve `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Service { engine }
+    }
+}
+
+/// Parse a namespace, turning a malformed id into the client's error.
+pub fn namespace(fork: Option<&str>) -> Result<Namespace, ServiceError> {
+    Namespace::from_wire(fork).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+}
+
+/// Parse a required fork id; `what` names the argument in the error.
+pub fn fork_id(text: &str, what: &str) -> Result<ForkId, ServiceError> {
+    ForkId::parse(text).map_err(|e| ServiceError::InvalidArgument(format!("{what}: {e}")))
+}
+
+/// The page size actually served for a requested `limit` (0 means "the default").
+pub fn page_limit(limit: u32) -> usize {
+    if limit == 0 {
+        MAX_PAGE as usize
+    } else {
+        limit.min(MAX_PAGE) as usize
+    }
+}
+
+impl IdAlloc for Service {
+    async fn reserve(
+        self,
+        _: Context,
+        fork: Option<String>,
+        kind: Kind,
+        count: u64,
+    ) -> Result<IdRange, ServiceError> {
+        let ns = namespace(fork.as_deref())?;
+        self.engine.reserve(ns, kind, count).await
+    }
+
+    async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
+        let ns = namespace(fork.as_deref())?;
+        self.engine.hwm(ns).await
+    }
+
+    async fn bootstrap_fork(
+        self,
+        _: Context,
+        req: BootstrapRequest,
+    ) -> Result<ForkInfo, ServiceError> {
+        let fork = fork_id(&req.fork, "fork")?;
+        let parent = match req.parent.as_deref() {
+            None | Some("") => None,
+            Some(p) => Some(fork_id(p, "parent")?),
+        };
+        if parent.is_some_and(|p| p == fork) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "fork {} cannot be its own parent",
+                req.fork
+            )));
+        }
+        self.engine
+            .bootstrap_fork(fork, parent, req.vid_floor, req.eid_floor)
+            .await
+    }
+
+    async fn list_forks(
+        self,
+        _: Context,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<ForkPage, ServiceError> {
+        let after = match after.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(fork_id(a, "after")?),
+        };
+        Ok(self.engine.list_forks(after, page_limit(limit)))
+    }
+
+    async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
+        let fork = fork_id(&fork, "fork")?;
+        self.engine.drop_fork(fork).await
+    }
+
+    async fn checkpoint(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
+        let ns = namespace(fork.as_deref())?;
+        self.engine.checkpoint(ns).await
+    }
+
+    async fn status(self, _: Context) -> Result<Status, ServiceError> {
+        Ok(self.engine.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_fork_ids_are_invalid_arguments_naming_the_text() {
+        match namespace(Some("not-a-fork")) {
+            Err(ServiceError::InvalidArgument(m)) => assert!(m.contains("not-a-fork"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(namespace(None).unwrap(), Namespace::Primary);
+        assert_eq!(namespace(Some("")).unwrap(), Namespace::Primary);
+        match fork_id("x", "parent") {
+            Err(ServiceError::InvalidArgument(m)) => assert!(m.starts_with("parent: "), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pages_are_capped() {
+        assert_eq!(page_limit(0), 1000);
+        assert_eq!(page_limit(5), 5);
+        assert_eq!(page_limit(u32::MAX), 1000);
+    }
+}

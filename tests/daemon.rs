@@ -1,0 +1,481 @@
+//! End-to-end tests of the real `idallocd` binary: every RPC over the unix socket and
+//! TCP, bad frames, typed errors, socket takeover rules, readiness, graceful shutdown
+//! under load, and the metrics endpoint.
+
+mod daemon_support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use daemon_support::*;
+use idalloc::error::ServiceError;
+use idalloc::protocol::{BootstrapRequest, IdAllocClient};
+use idalloc::{IdRange, Kind};
+
+const FORK: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
+const FORK_ULID: &str = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";
+
+async fn exercise_every_rpc(c: &IdAllocClient) {
+    let a = c
+        .reserve(ctx(), None, Kind::Vid, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = c.reserve(ctx(), None, Kind::Vid, 5).await.unwrap().unwrap();
+    assert_eq!(a.len(), 10);
+    assert!(b.start >= a.end, "{a:?} then {b:?}");
+    let e = c.reserve(ctx(), None, Kind::Eid, 3).await.unwrap().unwrap();
+    let hwm = c.hwm(ctx(), None).await.unwrap().unwrap();
+    assert!(hwm.next_vid >= b.end && hwm.next_eid >= e.end, "{hwm:?}");
+
+    let info = c
+        .bootstrap_fork(
+            ctx(),
+            BootstrapRequest {
+                fork: FORK.into(),
+                parent: None,
+                vid_floor: 0,
+                eid_floor: 500,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        info.next_vid >= b.end,
+        "fork floor above the primary's hwm: {info:?}"
+    );
+    assert!(info.next_eid >= 500);
+    let f = c
+        .reserve(ctx(), Some(FORK.into()), Kind::Vid, 7)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(f.start >= info.next_vid);
+    let page = c.list_forks(ctx(), None, 10).await.unwrap().unwrap();
+    assert!(page.forks.iter().any(|x| x.fork == FORK), "{page:?}");
+    let cp = c
+        .checkpoint(ctx(), Some(FORK.into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cp.next_vid >= f.end);
+    let st = c.status(ctx()).await.unwrap().unwrap();
+    assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        st.object_store.starts_with("file://"),
+        "{}",
+        st.object_store
+    );
+    let dropped = c.drop_fork(ctx(), FORK.into()).await.unwrap().unwrap();
+    assert!(dropped.dropped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_over_unix_and_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    exercise_every_rpc(&unix_client(&d.socket).await.unwrap()).await;
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = Daemon::start(dir2.path());
+    exercise_every_rpc(&tcp_client(&d2.tcp).await.unwrap()).await;
+    // Both transports reach the same counters.
+    let u = unix_client(&d2.socket).await.unwrap();
+    let t = tcp_client(&d2.tcp).await.unwrap();
+    let mut ranges = vec![];
+    for _ in 0..20 {
+        ranges.push(u.reserve(ctx(), None, Kind::Vid, 3).await.unwrap().unwrap());
+        ranges.push(t.reserve(ctx(), None, Kind::Vid, 3).await.unwrap().unwrap());
+    }
+    assert_disjoint(&mut ranges);
+    drop((d, d2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_request_gets_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = unix_client(&d.socket).await.unwrap();
+    let err = |r: Result<Result<IdRange, ServiceError>, _>| r.unwrap().unwrap_err();
+
+    let e = err(c.reserve(ctx(), None, Kind::Vid, 0).await);
+    assert!(
+        matches!(e, ServiceError::InvalidArgument(ref m) if m.contains("count")),
+        "{e}"
+    );
+    let e = err(c.reserve(ctx(), None, Kind::Vid, 1001).await);
+    assert!(
+        matches!(e, ServiceError::InvalidArgument(ref m) if m.contains("1000")),
+        "{e}"
+    );
+    let e = err(c
+        .reserve(ctx(), Some("not-a-fork".into()), Kind::Vid, 1)
+        .await);
+    assert!(
+        matches!(e, ServiceError::InvalidArgument(ref m) if m.contains("not-a-fork")),
+        "{e}"
+    );
+    let e = err(c.reserve(ctx(), Some(FORK_ULID.into()), Kind::Vid, 1).await);
+    assert!(matches!(e, ServiceError::UnknownFork(_)), "{e}");
+    let req = BootstrapRequest {
+        fork: FORK_ULID.into(),
+        parent: None,
+        vid_floor: 0,
+        eid_floor: 0,
+    };
+    c.bootstrap_fork(ctx(), req).await.unwrap().unwrap();
+    c.drop_fork(ctx(), FORK_ULID.into()).await.unwrap().unwrap();
+    let e = err(c.reserve(ctx(), Some(FORK_ULID.into()), Kind::Vid, 1).await);
+    assert!(matches!(e, ServiceError::DroppedFork(_)), "{e}");
+    let e = c.drop_fork(ctx(), "zzz".into()).await.unwrap().unwrap_err();
+    assert!(matches!(e, ServiceError::InvalidArgument(_)), "{e}");
+    let e = c
+        .list_forks(ctx(), Some("zzz".into()), 5)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(e, ServiceError::InvalidArgument(ref m) if m.contains("after")),
+        "{e}"
+    );
+    // Still serving after all that.
+    c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap();
+}
+
+/// Send `bytes` on a fresh raw connection and expect the daemon to close it.
+fn expect_closed(mut s: impl Read + Write, bytes: &[u8]) {
+    s.write_all(bytes).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the daemon answered a bad frame with {n} bytes"),
+        // A reset is a close too.
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let unix = unix_client(&d.socket).await.unwrap();
+    let tcp = tcp_client(&d.tcp).await.unwrap();
+    unix.reserve(ctx(), None, Kind::Vid, 1)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let mut garbage = 64u32.to_be_bytes().to_vec();
+    garbage.extend((0..64u8).map(|i| i.wrapping_mul(37) ^ 0xa5));
+    let oversized = (10u32 << 20).to_be_bytes();
+    let (socket, tcp_addr) = (d.socket.clone(), d.tcp.clone());
+    tokio::task::spawn_blocking(move || {
+        let timeout = Some(Duration::from_secs(10));
+        for bytes in [&garbage[..], &oversized[..]] {
+            let u = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            u.set_read_timeout(timeout).unwrap();
+            expect_closed(u, bytes);
+            let t = std::net::TcpStream::connect(&tcp_addr).unwrap();
+            t.set_read_timeout(timeout).unwrap();
+            expect_closed(t, bytes);
+        }
+    })
+    .await
+    .unwrap();
+
+    // The well-behaved clients on both transports are still served.
+    let a = unix
+        .reserve(ctx(), None, Kind::Vid, 2)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = tcp
+        .reserve(ctx(), None, Kind::Vid, 2)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.end <= b.start);
+    assert!(d.stderr().contains("idallocd") || d.stderr().contains("idalloc"));
+}
+
+#[test]
+fn stale_socket_is_replaced_and_live_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A crash leaves the socket file behind with nobody accepting on it.
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("d.sock")).unwrap());
+    let mut first = Daemon::start(dir.path());
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--data-dir", dir2.path().join("data").to_str().unwrap()])
+        .arg("--listen")
+        .arg(format!("unix:{}", first.socket.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("idallocd: error:"))
+        .unwrap();
+    assert!(line.contains("another idallocd is serving on"), "{line}");
+    // The refused daemon did not remove the live socket.
+    first.wait_serving();
+    first.stop();
+    assert!(
+        !first.socket.exists(),
+        "a clean stop removes the socket file"
+    );
+}
+
+#[test]
+fn ready_is_sent_only_once_the_socket_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            env: vec![
+                ("NOTIFY_SOCKET", notify_path.display().to_string()),
+                // 200 ms: pings every 100 ms.
+                ("WATCHDOG_USEC", "200000".to_string()),
+            ],
+            wait: false,
+            ..Opts::default()
+        },
+    );
+    let mut messages = vec![];
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("no READY=1 within 30 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let ready = msg.lines().any(|l| l == "READY=1");
+        messages.push(msg);
+        if ready {
+            break;
+        }
+    }
+    // At the moment READY=1 arrives the socket must already answer.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = unix_client(&d.socket)
+            .await
+            .expect("connect right after READY=1");
+        c.status(ctx()).await.unwrap().unwrap();
+    });
+    assert!(
+        messages.last().unwrap().contains("STATUS=serving on"),
+        "{messages:?}"
+    );
+    // Watchdog pings follow while it serves.
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "WATCHDOG=1");
+    d.signal(libc::SIGTERM);
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(d.wait_exit(30).success());
+}
+
+#[test]
+fn sigterm_under_load_exits_zero_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = d.socket.clone();
+    let tcp = d.tcp.clone();
+    let workers: Vec<_> = (0..6)
+        .map(|i| {
+            let (socket, tcp) = (socket.clone(), tcp.clone());
+            rt.spawn(async move {
+                let c = if i % 2 == 0 {
+                    unix_client(&socket).await.unwrap()
+                } else {
+                    tcp_client(&tcp).await.unwrap()
+                };
+                let mut got = vec![];
+                // Until the daemon goes away: ShuttingDown, or the connection closes.
+                while let Ok(Ok(r)) = c.reserve(ctx(), None, Kind::Vid, 1 + i as u64).await {
+                    got.push(r);
+                }
+                got
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(30);
+    assert!(status.success(), "exit {status}:\n{}", d.stderr());
+    let mut ranges: Vec<IdRange> = rt.block_on(async {
+        let mut all = vec![];
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    });
+    assert!(
+        ranges.len() > 50,
+        "load was applied: {} ranges",
+        ranges.len()
+    );
+    assert_disjoint(&mut ranges);
+    let max_end = ranges.iter().map(|r| r.end).max().unwrap();
+    // Clean shutdown lowers the manifest to what was granted: every granted id was
+    // delivered, none beyond.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("data/mirror/id_allocator.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["next_vid_batch"], max_end, "{manifest}");
+
+    // The next life carries on exactly after the last id delivered.
+    let d2 = Daemon::start(dir.path());
+    let next = rt.block_on(async {
+        let c = unix_client(&d2.socket).await.unwrap();
+        c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap()
+    });
+    assert_eq!(next.start, max_end);
+}
+
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of the series whose line starts with `prefix` (name plus labels).
+fn series(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_endpoint_counts_the_work_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: &format!("[metrics]\nlisten = {metrics_addr:?}\n"),
+            ..Opts::default()
+        },
+    );
+    // wait_serving made one connection per attempt; count from a baseline.
+    let before = series(&scrape(&metrics_addr), "idalloc_connections_total", &[]).unwrap_or(0.0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let c = unix_client(&d.socket).await.unwrap();
+            for _ in 0..7 {
+                c.reserve(ctx(), None, Kind::Eid, 13)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        // Let the server notice the closed connections.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    let body = scrape(&metrics_addr);
+    assert_eq!(
+        series(&body, "idalloc_connections_total", &[]),
+        Some(before + 3.0),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "idalloc_connections_open", &[]),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "idalloc_reservations_total", &["kind=\"eid\""]),
+        Some(21.0),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "idalloc_ids_granted_total", &["kind=\"eid\""]),
+        Some(21.0 * 13.0),
+        "{body}"
+    );
+    assert!(body.contains("idalloc_flushes_total"), "{body}");
+}
+
+/// Socket activation: `systemd-socket-activate` binds the socket and passes it as
+/// fd 3 with `LISTEN_FDS`; the daemon serves on it and leaves the file (systemd's)
+/// in place when it stops.
+#[test]
+fn serves_on_a_socket_passed_by_systemd() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists()) else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let mut child = std::process::Command::new(activate)
+        .arg("-l")
+        .arg(&socket)
+        .arg(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        // Ignored under activation; proves the passed socket wins.
+        .arg("--listen")
+        .arg(format!(
+            "unix:{}",
+            dir.path().join("configured.sock").display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // systemd-socket-activate starts the daemon on the first connection.
+    let range = loop {
+        let r = rt.block_on(async {
+            let c = unix_client(&socket).await.ok()?;
+            c.reserve(ctx(), None, Kind::Vid, 4).await.ok()?.ok()
+        });
+        if let Some(r) = r {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply on the activated socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(range.len(), 4);
+    assert!(!dir.path().join("configured.sock").exists());
+    // SAFETY: kill(2) on our child (systemd-socket-activate execs the daemon in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(
+        socket.exists(),
+        "the activated socket belongs to systemd and is left in place"
+    );
+}

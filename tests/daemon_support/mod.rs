@@ -1,0 +1,234 @@
+//! Shared helpers of the daemon tests: start the real `idallocd` binary in a temp
+//! directory and talk to it with the generated tarpc client.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use idalloc::protocol::IdAllocClient;
+use tarpc::tokio_serde::formats::Bincode;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running daemon; killed on drop if the test did not stop it.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: String,
+    pub stderr_path: PathBuf,
+}
+
+pub struct Opts<'a> {
+    /// Extra TOML appended to the generated config.
+    pub extra_toml: &'a str,
+    /// Extra environment.
+    pub env: Vec<(&'a str, String)>,
+    /// Wait until it serves.
+    pub wait: bool,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            extra_toml: "",
+            env: vec![],
+            wait: true,
+        }
+    }
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, Opts::default())
+    }
+
+    /// Start with a config in `dir`: data in `dir/data`, a unix socket `dir/d.sock`
+    /// and a loopback TCP port, `max_count = 1000`.
+    pub fn start_with(dir: &Path, opts: Opts<'_>) -> Daemon {
+        let socket = dir.join("d.sock");
+        let tcp = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("idallocd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nlisten = [{:?}, {:?}]\nshutdown_timeout = \"5s\"\n{}\n[allocation]\nmax_count = 1000\nlease_size = 10000\n",
+                dir.join("data").display().to_string(),
+                format!("unix:{}", socket.display()),
+                format!("tcp:{tcp}"),
+                opts.extra_toml,
+            ),
+        )
+        .unwrap();
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let stderr_path = dir.join(format!("stderr-{run}.log"));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            socket,
+            tcp,
+            stderr_path,
+        };
+        if opts.wait {
+            d.wait_serving();
+        }
+        d
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Block until a status call over the unix socket succeeds.
+    pub fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("idallocd exited early ({st}):\n{}", self.stderr());
+            }
+            // On a thread of its own: the caller may itself be inside a runtime.
+            let ok = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        match tokio::time::timeout(
+                            Duration::from_secs(2),
+                            unix_client(&self.socket),
+                        )
+                        .await
+                        {
+                            Ok(Ok(c)) => c.status(tarpc::context::current()).await.is_ok(),
+                            _ => false,
+                        }
+                    })
+                })
+                .join()
+                .unwrap()
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "idallocd did not serve in 30 s:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Wait for exit, at most `secs`.
+    pub fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "idallocd did not exit in {secs} s:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(30);
+        assert!(
+            st.success(),
+            "idallocd exited with {st}:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub async fn unix_client(path: &Path) -> std::io::Result<IdAllocClient> {
+    let t = tarpc::serde_transport::unix::connect(path, Bincode::default).await?;
+    Ok(IdAllocClient::new(tarpc::client::Config::default(), t).spawn())
+}
+
+pub async fn tcp_client(addr: &str) -> std::io::Result<IdAllocClient> {
+    let t = tarpc::serde_transport::tcp::connect(addr, Bincode::default).await?;
+    Ok(IdAllocClient::new(tarpc::client::Config::default(), t).spawn())
+}
+
+pub fn ctx() -> tarpc::context::Context {
+    tarpc::context::current()
+}
+
+/// Run `idallocd` with `args` to completion: (success, stdout, stderr).
+pub fn run_to_end(args: &[&str], cwd: &Path) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Assert that no two ranges overlap.
+pub fn assert_disjoint(ranges: &mut [idalloc::IdRange]) {
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(
+            w[0].end <= w[1].start,
+            "overlapping ranges {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+}
