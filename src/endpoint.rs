@@ -39,7 +39,8 @@ impl FromStr for Endpoint {
             if host.is_empty() {
                 return Err(err("empty host"));
             }
-            port.parse::<u16>().map_err(|_| err("port is not a number in 0..=65535"))?;
+            port.parse::<u16>()
+                .map_err(|_| err("port is not a number in 0..=65535"))?;
             return Ok(Endpoint::Tcp(hp.to_string()));
         }
         Err(err("unknown scheme"))

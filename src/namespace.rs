@@ -51,7 +51,9 @@ impl std::str::FromStr for Kind {
         match s {
             "vid" => Ok(Kind::Vid),
             "eid" => Ok(Kind::Eid),
-            other => Err(format!("unknown id kind {other:?}: expected \"vid\" or \"eid\"")),
+            other => Err(format!(
+                "unknown id kind {other:?}: expected \"vid\" or \"eid\""
+            )),
         }
     }
 }

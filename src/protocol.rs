@@ -165,7 +165,8 @@ pub struct Status {
 #[tarpc::service]
 pub trait IdAlloc {
     /// Reserve `count` consecutive ids of `kind` in the primary (`fork = None`) or a fork.
-    async fn reserve(fork: Option<String>, kind: Kind, count: u64) -> Result<IdRange, ServiceError>;
+    async fn reserve(fork: Option<String>, kind: Kind, count: u64)
+        -> Result<IdRange, ServiceError>;
     /// The next ids this daemon would grant in a namespace.
     async fn hwm(fork: Option<String>) -> Result<Hwm, ServiceError>;
     /// Create a fork above its parent's high-water mark, or return the existing one.

@@ -60,7 +60,12 @@ impl Engine {
     }
 
     /// Reserve `count` consecutive ids; durable (sled flushed, below the ceiling) on return.
-    pub async fn reserve(&self, ns: Namespace, kind: Kind, count: u64) -> Result<IdRange, ServiceError> {
+    pub async fn reserve(
+        &self,
+        ns: Namespace,
+        kind: Kind,
+        count: u64,
+    ) -> Result<IdRange, ServiceError> {
         let _ = (ns, kind, count);
         todo!()
     }
