@@ -239,18 +239,19 @@ impl KindCache {
         if n == 0 {
             return Err(ServiceError::InvalidArgument("count must be at least 1".into()).into());
         }
+        if n > 1 && n > self.batch.load(Relaxed) / 4 {
+            self.direct.fetch_add(1, Relaxed);
+            return Ok(self.source.reserve(self.kind, n).await?.start);
+        }
         if let Some(id) = self.try_take(n) {
             return Ok(id);
         }
         self.take_slow(n).await
     }
 
+    /// Refill until `n` ids (at most a quarter of the batch, or 1) can be taken.
     #[cold]
     pub(crate) async fn take_slow(&self, n: u64) -> Result<u64, ClientError> {
-        if n > 1 && n > self.batch.load(Relaxed) / 4 {
-            self.direct.fetch_add(1, Relaxed);
-            return Ok(self.source.reserve(self.kind, n).await?.start);
-        }
         loop {
             if let Some(id) = self.try_take(n) {
                 return Ok(id);
@@ -348,5 +349,248 @@ impl KindCache {
     /// Whether a range is parked, waiting to be installed.
     pub(crate) async fn has_parked(&self) -> bool {
         self.slow.lock().await.parked.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::client::{Allocator, LocalSource};
+
+    fn fixed(batch: u64) -> AllocatorConfig {
+        AllocatorConfig {
+            initial_batch: batch,
+            min_batch: batch,
+            max_batch: batch,
+            ..AllocatorConfig::default()
+        }
+    }
+
+    fn assert_unique(all: impl IntoIterator<Item = u64>, expect: usize) {
+        let mut seen = HashSet::with_capacity(expect);
+        for id in all {
+            assert!(seen.insert(id), "id {id} handed out twice");
+        }
+        assert_eq!(seen.len(), expect);
+    }
+
+    /// Many tokio tasks on several worker threads, tiny ranges so that refills race
+    /// with takes constantly, single and multi-id takes mixed.
+    #[test]
+    fn no_id_twice_from_many_tasks_across_many_refills() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(8)
+            .build()
+            .unwrap();
+        let source = LocalSource::new();
+        let ids: Vec<u64> = rt.block_on(async {
+            let alloc = Allocator::new(source.clone(), fixed(7));
+            let tasks: Vec<_> = (0..32)
+                .map(|t| {
+                    let alloc = alloc.clone();
+                    tokio::spawn(async move {
+                        let mut mine = Vec::new();
+                        for i in 0..5_000u64 {
+                            if (i + t) % 5 == 0 {
+                                mine.extend(alloc.allocate_vids(1 + i % 2).await.unwrap());
+                            } else {
+                                mine.push(alloc.allocate_vid().await.unwrap());
+                            }
+                            if i % 64 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        let n = ids.len();
+        assert_unique(ids, n);
+        // With 7-id ranges this took thousands of refills.
+        assert!(source.calls() > 1000, "only {} ranges", source.calls());
+    }
+
+    /// Plain OS threads hammering the fast path, each driving the slow path with its
+    /// own executor: refills happen on whichever thread runs dry.
+    #[test]
+    fn no_id_twice_from_os_threads() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let source = LocalSource::new();
+        let alloc = rt.block_on(async { Allocator::new(source.clone(), fixed(3)) });
+        let per_thread = 20_000;
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let alloc = alloc.clone();
+                std::thread::spawn(move || {
+                    (0..per_thread)
+                        .map(|_| futures::executor::block_on(alloc.allocate_eid()).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_unique(all, 8 * per_thread);
+        assert!(source.calls() > 10_000);
+    }
+
+    /// The seqlock alone, without the allocator around it: threads take while one
+    /// thread installs ranges as fast as it can. Ranges are spaced apart so a stale
+    /// read would show up as an id outside every installed range, or as a duplicate.
+    #[test]
+    fn seqlock_install_racing_takes() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cache = rt.block_on(async { KindCache::new(Kind::Vid, LocalSource::new(), fixed(10)) });
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while !stop.load(SeqCst) {
+                        if let Some(id) = cache.try_take(1) {
+                            got.push(id);
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        let ranges = 20_000u64;
+        rt.block_on(async {
+            for k in 0..ranges {
+                let mut slow = cache.slow.lock().await;
+                cache.install(
+                    IdRange {
+                        start: k * 100,
+                        end: k * 100 + 10,
+                    },
+                    &mut slow,
+                );
+            }
+        });
+        stop.store(true, SeqCst);
+        let all: Vec<u64> = takers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        for &id in &all {
+            assert!(
+                id % 100 < 10 && id / 100 < ranges,
+                "id {id} outside every installed range"
+            );
+        }
+        let n = all.len();
+        assert!(n > 0);
+        assert_unique(all, n);
+    }
+
+    /// The next range is reserved and parked when half the current one is used, so a
+    /// writer running through it does not wait.
+    #[tokio::test]
+    async fn prefetch_happens_before_exhaustion() {
+        let source = LocalSource::new();
+        let alloc = Allocator::new(source.clone(), fixed(100));
+        for _ in 0..51 {
+            alloc.allocate_vid().await.unwrap();
+        }
+        // Let the prefetch task run.
+        for _ in 0..100 {
+            if alloc.has_prefetched(Kind::Vid).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            alloc.has_prefetched(Kind::Vid).await,
+            "nothing prefetched at offset 51 of 100"
+        );
+        assert_eq!(
+            alloc.cached(Kind::Vid),
+            49,
+            "the current range must not be exhausted yet"
+        );
+        assert_eq!(source.calls(), 2);
+        // Run through the rest and into the next range: installed from the parked
+        // range, without a synchronous wait.
+        for _ in 0..60 {
+            alloc.allocate_vid().await.unwrap();
+        }
+        let stats = alloc.stats(Kind::Vid);
+        assert_eq!(stats.waited, 0, "{stats:?}");
+        assert_eq!(stats.prefetched, 1, "{stats:?}");
+        // Kinds are independent.
+        assert_eq!(alloc.stats(Kind::Eid).ranges, 0);
+    }
+
+    /// A fast writer grows the batch up to `max_batch` and no further.
+    #[tokio::test]
+    async fn batch_grows_to_its_bound_under_a_fast_writer() {
+        let config = AllocatorConfig {
+            initial_batch: 16,
+            min_batch: 8,
+            max_batch: 1024,
+            ..AllocatorConfig::default()
+        };
+        let alloc = Allocator::new(LocalSource::new(), config);
+        for i in 0..50_000u64 {
+            alloc.allocate_vid().await.unwrap();
+            if i % 8 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(alloc.stats(Kind::Vid).batch, 1024);
+    }
+
+    /// A slow writer (one id a second, on paused time) shrinks the batch down to
+    /// `min_batch` and no further.
+    #[tokio::test(start_paused = true)]
+    async fn batch_shrinks_to_its_bound_under_a_slow_writer() {
+        let config = AllocatorConfig {
+            initial_batch: 64,
+            min_batch: 8,
+            max_batch: 1024,
+            ..AllocatorConfig::default()
+        };
+        let alloc = Allocator::new(LocalSource::new(), config);
+        for _ in 0..300 {
+            alloc.allocate_eid().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let stats = alloc.stats(Kind::Eid);
+        assert_eq!(stats.batch, 8, "{stats:?}");
+        assert!(stats.prefetched >= 3, "{stats:?}");
+    }
+
+    /// Large multi-id requests bypass the cache; small ones come from it; all are
+    /// disjoint from single ids; a count of 0 is refused with a typed error.
+    #[tokio::test]
+    async fn ranges_and_single_ids_are_disjoint() {
+        let source = LocalSource::new();
+        let alloc = Allocator::new(source.clone(), fixed(1000));
+        let mut all = Vec::new();
+        for i in 0..2_000u64 {
+            match i % 4 {
+                0 => all.extend(alloc.allocate_vids(5).await.unwrap()),
+                1 => all.extend(alloc.allocate_vids(600).await.unwrap()),
+                _ => all.push(alloc.allocate_vid().await.unwrap()),
+            }
+        }
+        let n = all.len();
+        assert_unique(all, n);
+        assert_eq!(alloc.stats(Kind::Vid).direct, 500);
+        let err = alloc.allocate_vids(0).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::Service(ServiceError::InvalidArgument(_))),
+            "{err}"
+        );
     }
 }
