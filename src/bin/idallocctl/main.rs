@@ -165,10 +165,17 @@ fn main() -> ExitCode {
                 e.exit();
             }
             // clap's own message spans several lines; the contract is one.
+            // Keep what comes before the usage block, joined on one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid usage");
-            let first = first.trim_start_matches("error: ");
-            eprintln!("idallocctl: {first} (see idallocctl --help)");
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let what = what.join(" ");
+            let what = what.trim_start_matches("error: ");
+            eprintln!("idallocctl: {what} (see idallocctl --help)");
             return ExitCode::from(2);
         }
     };
