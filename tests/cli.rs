@@ -43,8 +43,8 @@ fn one_line_error(out: &Output) -> String {
 async fn commands_print_the_documented_json() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
-    let ep = daemon.endpoint();
-    let ep = Some(ep.as_str());
+    let endpoint = daemon.endpoint();
+    let ep = Some(endpoint.as_str());
 
     let a = json(&ctl(ep, &["alloc", "vid", "--count", "10", "--json"]).await);
     assert_eq!(
@@ -97,7 +97,7 @@ async fn commands_print_the_documented_json() {
 
     // --endpoint beats the environment.
     let wrong = format!("unix:{}", dir.path().join("nothing.sock").display());
-    let out = ctl(Some(&wrong), &["--endpoint", ep.unwrap(), "hwm", "--json"]).await;
+    let out = ctl(Some(&wrong), &["--endpoint", &endpoint, "hwm", "--json"]).await;
     assert!(out.status.success());
 }
 
