@@ -17,10 +17,15 @@
 //! - `server` (feature `server`): the daemon around the engine — config, listeners,
 //!   the tarpc service, systemd notifications, metrics, graceful shutdown.
 //!
-//! The client library and the daemon's service layer build on these.
+//! - [`client`]: the client library — [`client::Client`] (reconnects, deadlines,
+//!   retries) and [`client::Allocator`] (lock-free cached, prefetched ranges). It
+//!   builds without the `server` feature.
+//!
+//! The daemon's service layer builds on these.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod endpoint;
 pub mod error;
 pub mod fork_id;

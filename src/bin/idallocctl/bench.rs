@@ -1,0 +1,292 @@
+//! `idallocctl bench`: load a running daemon with durable reservations and report
+//! throughput and latency.
+//!
+//! Invariant checked: every range received is disjoint from every other (per the
+//! one namespace and kind benchmarked). The run fails, non-zero, if two overlap.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use idalloc::client::{Client, ClientConfig};
+use idalloc::{Endpoint, IdRange, Kind};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::KindArg;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  idallocctl bench                                   16 reservations in flight for 10 s
+  idallocctl bench --clients 1 --concurrency 1 --requests 10000
+  idallocctl --endpoint tcp:127.0.0.1:7420 bench --size 1000 --kind eid --json
+
+Each client is its own connection; each runs --concurrency tasks that reserve one
+range after another. Latency is per reservation, as the caller sees it.")]
+pub struct BenchArgs {
+    /// Connections to open
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Tasks per connection, each with one reservation in flight
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Ids per reservation
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    size: u64,
+    /// Which counter
+    #[arg(long, value_enum, default_value = "vid")]
+    kind: KindArg,
+    /// Namespace: a fork id [default: the primary]
+    #[arg(long, value_name = "ID")]
+    fork: Option<String>,
+    /// How long to run (ignored with --requests)
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    duration: humantime::Duration,
+    /// Stop after this many reservations in total instead of after --duration
+    #[arg(long, value_name = "N")]
+    requests: Option<u64>,
+    /// Print the results as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+struct TaskResult {
+    ranges: Vec<IdRange>,
+    latencies_ns: Vec<u64>,
+}
+
+pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.concurrency == 0 {
+        bail!("--clients and --concurrency must be at least 1");
+    }
+    if args.size == 0 {
+        bail!("--size must be at least 1");
+    }
+    let kind = Kind::from(args.kind);
+    let mut clients = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        clients.push(Client::connect_with(&endpoint, config.clone()).await?);
+    }
+    let duration = Duration::from(args.duration);
+    let done = Arc::new(AtomicU64::new(0));
+    // With --requests, tasks claim request slots from this budget; without, they stop
+    // at the time limit.
+    let budget = Arc::new(AtomicU64::new(args.requests.unwrap_or(u64::MAX)));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let bar = match args.requests {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} reservations {per_sec} eta {eta}")
+                .expect("static template"),
+        ),
+        None => ProgressBar::new(duration.as_secs().max(1)).with_style(
+            ProgressStyle::with_template("{bar:40} {elapsed}/{len}s {msg}")
+                .expect("static template"),
+        ),
+    };
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in &clients {
+        for _ in 0..args.concurrency {
+            let (client, done, budget, stop, fork) = (
+                client.clone(),
+                done.clone(),
+                budget.clone(),
+                stop.clone(),
+                args.fork.clone(),
+            );
+            let size = args.size;
+            tasks.spawn(async move {
+                let mut out = TaskResult {
+                    ranges: Vec::new(),
+                    latencies_ns: Vec::new(),
+                };
+                loop {
+                    if stop.load(Ordering::Relaxed)
+                        || budget
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                                b.checked_sub(1)
+                            })
+                            .is_err()
+                    {
+                        return Ok::<_, anyhow::Error>(out);
+                    }
+                    let t = Instant::now();
+                    let r = client.reserve(fork.as_deref(), kind, size).await?;
+                    out.latencies_ns.push(t.elapsed().as_nanos() as u64);
+                    if r.len() != size {
+                        bail!(
+                            "asked for {size} ids, got [{}, {}) ({} ids)",
+                            r.start,
+                            r.end,
+                            r.len()
+                        );
+                    }
+                    out.ranges.push(r);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+
+    let ticker = {
+        let (bar, done, stop) = (bar.clone(), done.clone(), stop.clone());
+        let by_count = args.requests.is_some();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let elapsed = started.elapsed();
+                let n = done.load(Ordering::Relaxed);
+                if by_count {
+                    bar.set_position(n);
+                } else {
+                    bar.set_position(elapsed.as_secs());
+                    bar.set_message(format!(
+                        "{n} reservations, {:.0}/s",
+                        n as f64 / elapsed.as_secs_f64()
+                    ));
+                    if elapsed >= duration {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+
+    let mut ranges = Vec::new();
+    let mut latencies = Vec::new();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("a bench task panicked")? {
+            Ok(r) => {
+                ranges.extend(r.ranges);
+                latencies.extend(r.latencies_ns);
+            }
+            Err(e) => {
+                // Stop the others; report the first failure.
+                stop.store(true, Ordering::Relaxed);
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e.context(format!("bench stopped after {} reservations", ranges.len())));
+    }
+    if ranges.is_empty() {
+        bail!("no reservation completed");
+    }
+
+    let overlap = find_overlap(&mut ranges);
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    let reservations = ranges.len() as u64;
+    let ids = reservations * args.size;
+    let secs = elapsed.as_secs_f64();
+    let in_flight = args.clients * args.concurrency;
+    let namespace = args.fork.clone().unwrap_or_else(|| "primary".into());
+
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "endpoint": endpoint.to_string(),
+                "clients": args.clients,
+                "concurrency": args.concurrency,
+                "size": args.size,
+                "kind": kind.as_str(),
+                "fork": args.fork,
+                "duration_secs": secs,
+                "reservations": reservations,
+                "ids": ids,
+                "reservations_per_sec": reservations as f64 / secs,
+                "ids_per_sec": ids as f64 / secs,
+                "latency_us": {
+                    "p50": pct(0.50) as f64 / 1e3,
+                    "p99": pct(0.99) as f64 / 1e3,
+                    "p999": pct(0.999) as f64 / 1e3,
+                    "max": *latencies.last().unwrap() as f64 / 1e3,
+                },
+                "disjoint": overlap.is_none(),
+            })
+        );
+    } else {
+        let ms = |ns: u64| format!("{:.3} ms", ns as f64 / 1e6);
+        println!("endpoint         {endpoint}");
+        println!(
+            "in flight        {} clients x {} tasks = {in_flight}",
+            args.clients, args.concurrency
+        );
+        println!(
+            "reservation      {} {}(s) in {namespace}",
+            args.size,
+            kind.as_str()
+        );
+        println!("elapsed          {secs:.2} s");
+        println!();
+        println!("{:<16} {:>14} {:>14}", "", "total", "per second");
+        println!(
+            "{:<16} {:>14} {:>14.0}",
+            "reservations",
+            reservations,
+            reservations as f64 / secs
+        );
+        println!("{:<16} {:>14} {:>14.0}", "ids", ids, ids as f64 / secs);
+        println!();
+        println!(
+            "latency          p50 {}   p99 {}   p999 {}   max {}",
+            ms(pct(0.5)),
+            ms(pct(0.99)),
+            ms(pct(0.999)),
+            ms(*latencies.last().unwrap())
+        );
+        if overlap.is_none() {
+            println!("ranges           {reservations} received, all disjoint");
+        }
+    }
+    if let Some((a, b)) = overlap {
+        bail!(
+            "ranges [{}, {}) and [{}, {}) overlap: the daemon handed out an id twice (report this with the daemon's log)",
+            a.start, a.end, b.start, b.end
+        );
+    }
+    Ok(())
+}
+
+/// Sort the ranges and return the first two that share an id, if any.
+fn find_overlap(ranges: &mut [IdRange]) -> Option<(IdRange, IdRange)> {
+    ranges.sort_unstable();
+    ranges
+        .windows(2)
+        .find(|w| w[1].start < w[0].end)
+        .map(|w| (w[0], w[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_is_found_in_any_order() {
+        let r = |start, end| IdRange { start, end };
+        assert_eq!(find_overlap(&mut [r(10, 20), r(0, 10), r(20, 30)]), None);
+        assert_eq!(
+            find_overlap(&mut [r(20, 30), r(0, 10), r(29, 31)]),
+            Some((r(20, 30), r(29, 31)))
+        );
+        assert_eq!(
+            find_overlap(&mut [r(5, 6), r(5, 6)]),
+            Some((r(5, 6), r(5, 6)))
+        );
+    }
+}

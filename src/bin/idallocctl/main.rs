@@ -1,0 +1,399 @@
+//! `idallocctl`: the operator's and scripts' command line for `idallocd`.
+//!
+//! Every command of DESIGN.md's "Interface that scripts rely on", with `--json`
+//! where listed, plus `bench`. Contract kept here: on failure, exit non-zero and
+//! print exactly one line on stderr saying what was wrong and what to do.
+
+mod bench;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use idalloc::client::{self, Client, ClientConfig, ClientError};
+use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, Status};
+use idalloc::{Kind, ServiceError};
+use serde_json::json;
+
+const EXAMPLES: &str = "\
+Examples:
+  idallocctl alloc vid                      one vertex id from the primary
+  idallocctl alloc eid --count 1000 --json  1000 edge ids: {\"start\":..,\"end\":..,...}
+  idallocctl hwm --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z
+  idallocctl fork bootstrap 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203 --vid-hwm 5000
+  idallocctl fork list --json
+  idallocctl fork drop 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203
+  idallocctl checkpoint
+  idallocctl --endpoint tcp:127.0.0.1:7420 status
+  idallocctl bench --clients 4 --concurrency 4 --duration 10s
+
+Ranges are half-open: [start, end). Fork ids are UUIDs or ULIDs (26 characters);
+the two spellings of one value are the same fork.
+
+The endpoint is unix:PATH or tcp:HOST:PORT. Without --endpoint or IDALLOC_ENDPOINT
+it is the daemon's default socket: $RUNTIME_DIRECTORY/idallocd.sock under systemd,
+else $STATE_DIRECTORY/idallocd.sock, else ./idallocd-data/idallocd.sock.
+
+Errors: exit status 1 (2 for bad usage) and one line on stderr.";
+
+/// Allocate ids from, and administer, an idalloc daemon (idallocd).
+#[derive(Parser, Debug)]
+#[command(name = "idallocctl", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Daemon address: unix:PATH or tcp:HOST:PORT [default: the daemon's default socket]
+    #[arg(long, global = true, env = "IDALLOC_ENDPOINT", value_name = "ADDR")]
+    endpoint: Option<String>,
+    /// Give up on a call after this long, reconnects and retries included (e.g. 500ms, 30s)
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s")]
+    timeout: humantime::Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reserve a range of ids (durable before it is printed)
+    #[command(
+        after_help = "Examples:\n  idallocctl alloc vid\n  idallocctl alloc eid --count 1000 --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --json"
+    )]
+    Alloc {
+        /// Which counter: vertex ids or edge ids
+        kind: KindArg,
+        /// How many consecutive ids
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// The fork (UUID or ULID) [default: the primary]
+        #[arg(long, value_name = "ID")]
+        fork: Option<String>,
+        /// Print {"start","end","count","kind","fork"}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the next ids the daemon would grant (high-water marks)
+    Hwm {
+        /// The fork [default: the primary]
+        #[arg(long, value_name = "ID")]
+        fork: Option<String>,
+        /// Print {"fork","next_vid","next_eid"}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, list and drop forks
+    #[command(subcommand)]
+    Fork(ForkCommand),
+    /// Release the unused part of the daemon's lease (the manifest drops to what was granted)
+    Checkpoint {
+        /// The fork [default: the primary]
+        #[arg(long, value_name = "ID")]
+        fork: Option<String>,
+    },
+    /// Daemon version, mode, object-store health and counters
+    Status {
+        /// Print the full status as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure reservations/s and latency against a running daemon
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ForkCommand {
+    /// Create a fork above its parent's high-water mark (idempotent: an existing fork is returned unchanged)
+    #[command(
+        after_help = "Examples:\n  idallocctl fork bootstrap 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203\n  idallocctl fork bootstrap 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --parent 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203 --vid-hwm 5000 --json"
+    )]
+    Bootstrap(BootstrapArgs),
+    /// List every fork, dropped ones included
+    List {
+        /// Print a JSON array of forks
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a fork: its ids are retired and never handed out again
+    Drop {
+        /// The fork (UUID or ULID)
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct BootstrapArgs {
+    /// The fork to create (UUID or ULID)
+    id: String,
+    /// The parent fork [default: the primary]
+    #[arg(long, value_name = "ID")]
+    parent: Option<String>,
+    /// Floor for vertex ids: the fork's first vid is at or above it (and above the parent's)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    vid_hwm: u64,
+    /// Floor for edge ids
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    eid_hwm: u64,
+    /// Print {"fork","next_vid","next_eid","created",...}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum KindArg {
+    Vid,
+    Eid,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Kind {
+        match k {
+            KindArg::Vid => Kind::Vid,
+            KindArg::Eid => Kind::Eid,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap's own message spans several lines; the contract is one.
+            // Keep what comes before the usage block, joined on one line.
+            let text = e.to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let what = what.join(" ");
+            let what = what.trim_start_matches("error: ");
+            eprintln!("idallocctl: {what} (see idallocctl --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("idallocctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idallocctl: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain on one line, with a hint for the causes a user can fix.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = format!("{e:#}").replace('\n', " ");
+    let hint = e.chain().find_map(|cause| {
+        let ce = cause.downcast_ref::<ClientError>()?;
+        Some(match ce {
+            ClientError::Connect { .. } => " (is idallocd running? set --endpoint or IDALLOC_ENDPOINT)",
+            ClientError::DeadlineExceeded { .. } => " (is idallocd overloaded or its object store unreachable? check `idallocctl status`, or raise --timeout)",
+            ClientError::Disconnected { .. } => " (check with `idallocctl fork list` before retrying)",
+            ClientError::Service(ServiceError::Internal(_)) => " (see the idallocd log)",
+            _ => "",
+        })
+    });
+    if let Some(hint) = hint {
+        text.push_str(hint);
+    }
+    text
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let endpoint = match &cli.endpoint {
+        Some(text) => text
+            .parse()
+            .with_context(|| "bad --endpoint / IDALLOC_ENDPOINT".to_string())?,
+        None => client::default_endpoint(),
+    };
+    let config = ClientConfig {
+        deadline: Duration::from(cli.timeout),
+        ..ClientConfig::default()
+    };
+    if let Command::Bench(args) = cli.command {
+        return bench::run(endpoint, config, args).await;
+    }
+    let client = Client::connect_with(&endpoint, config).await?;
+    match cli.command {
+        Command::Alloc {
+            kind,
+            count,
+            fork,
+            json,
+        } => {
+            let kind = Kind::from(kind);
+            let r = client.reserve(fork.as_deref(), kind, count).await?;
+            if json {
+                print_json(&json!({
+                    "start": r.start, "end": r.end, "count": r.len(), "kind": kind.as_str(), "fork": fork,
+                }));
+            } else {
+                println!("{}..{}", r.start, r.end);
+            }
+        }
+        Command::Hwm { fork, json } => {
+            let h = client.hwm(fork.as_deref()).await?;
+            print_hwm(&h, json);
+        }
+        Command::Fork(ForkCommand::Bootstrap(a)) => {
+            let info = client
+                .bootstrap_fork(BootstrapRequest {
+                    fork: a.id,
+                    parent: a.parent,
+                    vid_floor: a.vid_hwm,
+                    eid_floor: a.eid_hwm,
+                })
+                .await?;
+            if a.json {
+                print_json(&fork_json(&info));
+            } else {
+                let what = if info.created { "created" } else { "exists" };
+                println!(
+                    "fork {} {what}: next_vid {} next_eid {}",
+                    info.fork, info.next_vid, info.next_eid
+                );
+            }
+        }
+        Command::Fork(ForkCommand::List { json }) => {
+            let forks = client.list_forks().await?;
+            if json {
+                print_json(&serde_json::Value::Array(
+                    forks.iter().map(fork_json).collect(),
+                ));
+            } else {
+                print_fork_table(&forks);
+            }
+        }
+        Command::Fork(ForkCommand::Drop { id }) => {
+            let info = client.drop_fork(&id).await?;
+            println!("fork {} dropped (its ids are retired)", info.fork);
+        }
+        Command::Checkpoint { fork } => {
+            let h = client.checkpoint(fork.as_deref()).await?;
+            println!(
+                "checkpointed {}: next_vid {} next_eid {}",
+                h.fork.as_deref().unwrap_or("primary"),
+                h.next_vid,
+                h.next_eid
+            );
+        }
+        Command::Status { json } => {
+            let status = client.status().await?;
+            if json {
+                print_json(&serde_json::to_value(&status)?);
+            } else {
+                print_status(&endpoint.to_string(), &status);
+            }
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+fn print_hwm(h: &Hwm, json: bool) {
+    if json {
+        print_json(&json!({ "fork": h.fork, "next_vid": h.next_vid, "next_eid": h.next_eid }));
+    } else {
+        println!("namespace {}", h.fork.as_deref().unwrap_or("primary"));
+        println!("next_vid  {}", h.next_vid);
+        println!("next_eid  {}", h.next_eid);
+    }
+}
+
+fn fork_json(f: &ForkInfo) -> serde_json::Value {
+    json!({
+        "fork": f.fork, "parent": f.parent, "next_vid": f.next_vid, "next_eid": f.next_eid,
+        "floor_vid": f.floor_vid, "floor_eid": f.floor_eid, "created": f.created, "dropped": f.dropped,
+    })
+}
+
+fn print_fork_table(forks: &[ForkInfo]) {
+    if forks.is_empty() {
+        println!("no forks (create one with: idallocctl fork bootstrap ID)");
+        return;
+    }
+    println!(
+        "{:<36}  {:<36}  {:>20}  {:>20}  STATE",
+        "FORK", "PARENT", "NEXT_VID", "NEXT_EID"
+    );
+    for f in forks {
+        println!(
+            "{:<36}  {:<36}  {:>20}  {:>20}  {}",
+            f.fork,
+            f.parent.as_deref().unwrap_or("primary"),
+            f.next_vid,
+            f.next_eid,
+            if f.dropped { "dropped" } else { "live" }
+        );
+    }
+}
+
+fn print_status(endpoint: &str, s: &Status) {
+    println!("endpoint      {endpoint}");
+    println!("version       {}", s.version);
+    println!(
+        "uptime        {}",
+        humantime::format_duration(Duration::from_secs(s.uptime_secs))
+    );
+    println!("mode          {}", s.mode);
+    println!("object store  {}", s.object_store);
+    let mirror = if s.mirror.healthy {
+        "healthy".to_string()
+    } else {
+        "UNHEALTHY".to_string()
+    };
+    match (&s.mirror.last_error, s.mirror.last_error_age_ms) {
+        (Some(e), Some(age)) => println!("mirror        {mirror} (last error {age} ms ago: {e})"),
+        (Some(e), None) => println!("mirror        {mirror} (last error: {e})"),
+        _ => println!("mirror        {mirror}"),
+    }
+    println!("namespaces    {}", s.namespaces_total);
+    if s.namespaces.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<36}  {:<4}  {:>20}  {:>20}  {:>20}  {:>12}",
+        "NAMESPACE", "KIND", "GRANTED", "LEASE_START", "LEASE_END", "HEADROOM"
+    );
+    for ns in &s.namespaces {
+        let name = match (&ns.fork, ns.dropped) {
+            (None, _) => "primary".to_string(),
+            (Some(f), false) => f.clone(),
+            (Some(f), true) => format!("{f} (dropped)"),
+        };
+        for c in &ns.counters {
+            println!(
+                "{:<36}  {:<4}  {:>20}  {:>20}  {:>20}  {:>12}",
+                name,
+                c.kind.as_str(),
+                c.granted,
+                c.lease_start,
+                c.lease_end,
+                c.headroom
+            );
+        }
+    }
+}

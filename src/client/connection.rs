@@ -1,0 +1,483 @@
+//! [`Client`]: one tarpc connection to `idallocd`, rebuilt when it breaks.
+//!
+//! tarpc has no reconnect: when the daemon restarts, the channel's dispatch task
+//! ends and every later call fails with `RpcError::Shutdown`. The client keeps the
+//! current channel with a generation number; the first caller that sees it broken
+//! drops it, and one caller at a time (behind an async mutex) dials again with capped
+//! exponential backoff until the call's deadline.
+//!
+//! Invariant protected: *retrying never hands out an id twice.* A reservation whose
+//! reply was lost is not re-sent as "the same" request: the retry is a new
+//! reservation, and the lost one is a gap. Every method here is safe to repeat in
+//! that sense (`bootstrap_fork` is idempotent by contract, `hwm`, `status`,
+//! `list_forks`, `checkpoint` only read or lower to what was granted); `drop_fork`
+//! is repeated too, and a repeat that finds the fork already dropped after an
+//! ambiguous failure looks the fork up instead of reporting a false error.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tarpc::client::RpcError;
+use tarpc::context;
+use tarpc::tokio_serde::formats::Bincode;
+use tokio::time::Instant;
+use tokio_util::codec::LengthDelimitedCodec;
+
+use super::error::ClientError;
+use crate::endpoint::Endpoint;
+use crate::error::ServiceError;
+use crate::namespace::Kind;
+use crate::protocol::{BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, Status};
+
+/// What [`Client::connect`] accepts: an [`Endpoint`] or its text (`unix:PATH`,
+/// `tcp:HOST:PORT`).
+pub trait IntoEndpoint {
+    /// Parse or pass through.
+    fn into_endpoint(self) -> Result<Endpoint, ClientError>;
+}
+
+impl IntoEndpoint for Endpoint {
+    fn into_endpoint(self) -> Result<Endpoint, ClientError> {
+        Ok(self)
+    }
+}
+
+impl IntoEndpoint for &Endpoint {
+    fn into_endpoint(self) -> Result<Endpoint, ClientError> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoEndpoint for &str {
+    fn into_endpoint(self) -> Result<Endpoint, ClientError> {
+        Ok(self.parse()?)
+    }
+}
+
+impl IntoEndpoint for String {
+    fn into_endpoint(self) -> Result<Endpoint, ClientError> {
+        self.as_str().into_endpoint()
+    }
+}
+
+impl IntoEndpoint for &String {
+    fn into_endpoint(self) -> Result<Endpoint, ClientError> {
+        self.as_str().into_endpoint()
+    }
+}
+
+/// How a [`Client`] talks to the daemon. `Default` gives the values documented on
+/// each field.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Time allowed for one call, retries and reconnects included. Default 10 s.
+    pub deadline: Duration,
+    /// First pause before dialing again after a failed connect. Default 10 ms.
+    pub backoff_initial: Duration,
+    /// The longest pause between connect attempts (the backoff doubles up to it).
+    /// Default 1 s.
+    pub backoff_max: Duration,
+    /// Largest frame accepted from the daemon. Replies (a page of forks, a status)
+    /// can be much larger than requests. Default 16 MiB.
+    pub max_frame_length: usize,
+    /// Page size used by [`Client::list_forks`]. Default 1000.
+    pub list_page_size: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            deadline: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+            max_frame_length: 16 * 1024 * 1024,
+            list_page_size: 1000,
+        }
+    }
+}
+
+/// A connection to `idallocd`, shared by clones (it is an `Arc` inside).
+///
+/// Calls are pipelined over one connection; a call that finds the connection broken
+/// reconnects (with backoff) and retries within its deadline.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    endpoint_text: String,
+    config: ClientConfig,
+    /// The live channel and its generation. A std mutex: held only to clone or
+    /// replace the handle, never across an await.
+    current: Mutex<Option<(u64, IdAllocClient)>>,
+    /// Serialises reconnects, so a broken connection is redialed once, not by every
+    /// waiting caller. An async mutex because it is held across the dial.
+    dial: tokio::sync::Mutex<()>,
+    generation: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// How one attempt ended, for the retry loop.
+enum Attempt<T> {
+    Done(T),
+    /// Worth retrying after a pause (`Unavailable`, `ShuttingDown`, an RPC abort).
+    RetryAfter(Duration, String),
+    /// The connection is broken: drop it and redial.
+    Broken(String),
+}
+
+impl Client {
+    /// Connect to the daemon at `endpoint` (`unix:PATH` / `tcp:HOST:PORT`, or an
+    /// [`Endpoint`]) with the default [`ClientConfig`]. Fails at once if the daemon
+    /// cannot be reached, so a tool can say so; later breaks are redialed.
+    pub async fn connect(endpoint: impl IntoEndpoint) -> Result<Client, ClientError> {
+        Client::connect_with(endpoint, ClientConfig::default()).await
+    }
+
+    /// [`Client::connect`] with an explicit configuration.
+    pub async fn connect_with(
+        endpoint: impl IntoEndpoint,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let endpoint = endpoint.into_endpoint()?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                endpoint_text: endpoint.to_string(),
+                endpoint,
+                config,
+                current: Mutex::new(None),
+                dial: tokio::sync::Mutex::new(()),
+                generation: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+            }),
+        };
+        let deadline = Instant::now() + client.inner.config.deadline;
+        let conn =
+            tokio::time::timeout_at(deadline, dial(&client.inner.endpoint, &client.inner.config))
+                .await
+                .map_err(|_| client.deadline_error(None))?
+                .map_err(|source| ClientError::Connect {
+                    endpoint: client.inner.endpoint_text.clone(),
+                    source,
+                })?;
+        *client.inner.current.lock().unwrap() = Some((0, conn));
+        Ok(client)
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// How many times the connection was rebuilt after breaking.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Reserve `count` consecutive ids of `kind` in the primary (`fork = None`) or a
+    /// fork. The range is durable on the daemon before it is returned.
+    pub async fn reserve(
+        &self,
+        fork: Option<&str>,
+        kind: Kind,
+        count: u64,
+    ) -> Result<IdRange, ClientError> {
+        let fork = fork.map(str::to_owned);
+        self.call(|c, ctx| {
+            let fork = fork.clone();
+            async move { c.reserve(ctx, fork, kind, count).await }
+        })
+        .await
+    }
+
+    /// The next ids the daemon would grant in a namespace.
+    pub async fn hwm(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
+        let fork = fork.map(str::to_owned);
+        self.call(|c, ctx| {
+            let fork = fork.clone();
+            async move { c.hwm(ctx, fork).await }
+        })
+        .await
+    }
+
+    /// Create a fork above its parent's high-water mark, or return the existing one
+    /// unchanged (idempotent, so safe to retry).
+    pub async fn bootstrap_fork(&self, req: BootstrapRequest) -> Result<ForkInfo, ClientError> {
+        self.call(|c, ctx| {
+            let req = req.clone();
+            async move { c.bootstrap_fork(ctx, req).await }
+        })
+        .await
+    }
+
+    /// Every fork the daemon knows, all pages, in fork id order.
+    pub async fn list_forks(&self) -> Result<Vec<ForkInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .list_forks_page(after.clone(), self.inner.config.list_page_size)
+                .await?;
+            all.extend(page.forks);
+            match page.next_after {
+                // A daemon that hands back the cursor it was given would loop forever.
+                Some(next) if Some(&next) != after.as_ref() => after = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of forks after `after` (exclusive), at most `limit` of them.
+    pub async fn list_forks_page(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<crate::protocol::ForkPage, ClientError> {
+        self.call(|c, ctx| {
+            let after = after.clone();
+            async move { c.list_forks(ctx, after, limit).await }
+        })
+        .await
+    }
+
+    /// Drop a fork (a tombstone: its ids are retired).
+    ///
+    /// If a first attempt was lost in transit and the retry finds the fork already
+    /// dropped, the drop did happen (ours): the fork's record is looked up and
+    /// returned rather than reporting `DroppedFork`.
+    pub async fn drop_fork(&self, fork: &str) -> Result<ForkInfo, ClientError> {
+        let ambiguous = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fork_owned = fork.to_owned();
+        let attempts = Arc::new(AtomicU64::new(0));
+        let result = {
+            let attempts = attempts.clone();
+            let ambiguous = ambiguous.clone();
+            self.call(move |c, ctx| {
+                let fork = fork_owned.clone();
+                if attempts.fetch_add(1, Ordering::Relaxed) > 0 {
+                    ambiguous.store(true, Ordering::Relaxed);
+                }
+                async move { c.drop_fork(ctx, fork).await }
+            })
+            .await
+        };
+        match result {
+            Err(ClientError::Service(ServiceError::DroppedFork(_)))
+                if ambiguous.load(Ordering::Relaxed) =>
+            {
+                self.find_fork(fork)
+                    .await?
+                    .ok_or_else(|| ClientError::Disconnected {
+                        endpoint: self.inner.endpoint_text.clone(),
+                        operation: "drop_fork",
+                    })
+            }
+            other => other,
+        }
+    }
+
+    /// Look one fork up by id: the page that starts just below its value.
+    async fn find_fork(&self, fork: &str) -> Result<Option<ForkInfo>, ClientError> {
+        let id = crate::fork_id::ForkId::parse(fork)
+            .map_err(|e| ClientError::Service(ServiceError::InvalidArgument(e.to_string())))?;
+        let after = id
+            .value()
+            .checked_sub(1)
+            .map(|v| uuid::Uuid::from_u128(v).hyphenated().to_string());
+        let page = self.list_forks_page(after, 1).await?;
+        Ok(page.forks.into_iter().find(|f| {
+            crate::fork_id::ForkId::parse(&f.fork)
+                .map(|p| p.value() == id.value())
+                .unwrap_or(false)
+        }))
+    }
+
+    /// Release the unused part of the daemon's lease for a namespace (lowers the
+    /// manifest to what was granted). Ranges already handed out stay valid.
+    pub async fn checkpoint(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
+        let fork = fork.map(str::to_owned);
+        self.call(|c, ctx| {
+            let fork = fork.clone();
+            async move { c.checkpoint(ctx, fork).await }
+        })
+        .await
+    }
+
+    /// Version, mode, mirror health and per-namespace counters.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call(|c, ctx| async move { c.status(ctx).await }).await
+    }
+
+    fn deadline_error(&self, last_error: Option<String>) -> ClientError {
+        ClientError::DeadlineExceeded {
+            endpoint: self.inner.endpoint_text.clone(),
+            deadline: self.inner.config.deadline,
+            last_error,
+        }
+    }
+
+    /// Run one RPC with the deadline, reconnecting and retrying as the module doc says.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(IdAllocClient, context::Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, ServiceError>, RpcError>>,
+    {
+        let deadline = Instant::now() + self.inner.config.deadline;
+        let mut pause = self.inner.config.backoff_initial;
+        let mut last_error: Option<String> = None;
+        loop {
+            let (generation, conn) = match self.connection(deadline, &mut last_error).await {
+                Ok(c) => c,
+                Err(e) => return Err(e),
+            };
+            let mut ctx = context::current();
+            ctx.deadline = deadline.into_std();
+            let attempt = match tokio::time::timeout_at(deadline, op(conn, ctx)).await {
+                Err(_) => return Err(self.deadline_error(last_error)),
+                Ok(Ok(Ok(v))) => Attempt::Done(v),
+                Ok(Ok(Err(e))) if e.is_retryable() => {
+                    let hint = match &e {
+                        ServiceError::Unavailable { retry_after_ms, .. } => {
+                            Duration::from_millis(*retry_after_ms)
+                        }
+                        _ => pause,
+                    };
+                    Attempt::RetryAfter(hint, e.to_string())
+                }
+                Ok(Ok(Err(e))) => return Err(ClientError::Service(e)),
+                Ok(Err(RpcError::DeadlineExceeded)) => return Err(self.deadline_error(last_error)),
+                Ok(Err(RpcError::Server(e))) => Attempt::RetryAfter(
+                    pause,
+                    format!("the daemon aborted the request: {}", e.detail),
+                ),
+                Ok(Err(e @ (RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_)))) => {
+                    Attempt::Broken(error_chain(&e))
+                }
+            };
+            match attempt {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::RetryAfter(wait, why) => {
+                    last_error = Some(why);
+                    let wait = wait.min(self.inner.config.backoff_max);
+                    if Instant::now() + wait >= deadline {
+                        return Err(match last_error {
+                            Some(why) if why.starts_with("the daemon aborted") => {
+                                ClientError::Aborted(why)
+                            }
+                            other => self.deadline_error(other),
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(self.inner.config.backoff_max);
+                }
+                Attempt::Broken(why) => {
+                    tracing::debug!(endpoint = %self.inner.endpoint_text, error = %why, "connection to idallocd broken; reconnecting");
+                    last_error = Some(why);
+                    let mut current = self.inner.current.lock().unwrap();
+                    if matches!(&*current, Some((g, _)) if *g == generation) {
+                        *current = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The live channel, or a new one dialed with backoff until `deadline`.
+    async fn connection(
+        &self,
+        deadline: Instant,
+        last_error: &mut Option<String>,
+    ) -> Result<(u64, IdAllocClient), ClientError> {
+        if let Some(c) = self.inner.current.lock().unwrap().clone() {
+            return Ok(c);
+        }
+        let _dialing = match tokio::time::timeout_at(deadline, self.inner.dial.lock()).await {
+            Ok(guard) => guard,
+            Err(_) => return Err(self.deadline_error(last_error.take())),
+        };
+        // Whoever held the dial lock before us may have reconnected already.
+        if let Some(c) = self.inner.current.lock().unwrap().clone() {
+            return Ok(c);
+        }
+        let mut pause = self.inner.config.backoff_initial;
+        loop {
+            let err = match tokio::time::timeout_at(
+                deadline,
+                dial(&self.inner.endpoint, &self.inner.config),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => {
+                    let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(endpoint = %self.inner.endpoint_text, "reconnected to idallocd");
+                    *self.inner.current.lock().unwrap() = Some((generation, conn.clone()));
+                    return Ok((generation, conn));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            };
+            if Instant::now() + pause >= deadline {
+                return Err(ClientError::Connect {
+                    endpoint: self.inner.endpoint_text.clone(),
+                    source: err,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = jitter((pause * 2).min(self.inner.config.backoff_max));
+        }
+    }
+}
+
+/// Up to 25% less than `d`, so that many clients of a restarted daemon do not all
+/// dial in the same instant.
+fn jitter(d: Duration) -> Duration {
+    use rand::Rng;
+    let cut = rand::thread_rng().gen_range(0.0..0.25);
+    d.mul_f64(1.0 - cut)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// Open one connection and spawn its tarpc dispatch task. Frames are tokio_util's
+/// length-delimited frames (4-byte big-endian length) carrying bincode 1.x, as the
+/// daemon expects; the length limit applies to replies.
+async fn dial(endpoint: &Endpoint, config: &ClientConfig) -> std::io::Result<IdAllocClient> {
+    let mut framing = LengthDelimitedCodec::builder();
+    framing.max_frame_length(config.max_frame_length);
+    let rpc_config = tarpc::client::Config::default();
+    Ok(match endpoint {
+        Endpoint::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            let transport =
+                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
+            IdAllocClient::new(rpc_config, transport).spawn()
+        }
+        Endpoint::Tcp(host_port) => {
+            let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
+            // Requests are small and latency-bound: do not let Nagle hold them back.
+            stream.set_nodelay(true)?;
+            let transport =
+                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
+            IdAllocClient::new(rpc_config, transport).spawn()
+        }
+    })
+}

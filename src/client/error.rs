@@ -1,0 +1,74 @@
+//! `ClientError`: everything a call through the client library can fail with.
+//!
+//! The daemon's own typed error ([`ServiceError`]) passes through unchanged in
+//! [`ClientError::Service`], so a writer can match on `UnknownFork`, `DroppedFork`,
+//! `InvalidArgument` and so on exactly as the daemon meant them. The other variants
+//! are the client's own failures: reaching the daemon, losing it, running out of time.
+
+use std::time::Duration;
+
+use crate::endpoint::ParseEndpointError;
+use crate::error::ServiceError;
+
+/// An error from the client library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The daemon answered with an error. Retryable ones (`Unavailable`,
+    /// `ShuttingDown`) only reach the caller when the deadline left no time to retry.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// No connection could be made to the daemon (the first connect, or every
+    /// reconnect attempt until the deadline).
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        /// The endpoint, as `unix:PATH` or `tcp:HOST:PORT`.
+        endpoint: String,
+        /// The last connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection broke while a request that must not be repeated blindly was in
+    /// flight, so whether the daemon applied it is unknown.
+    #[error("connection to {endpoint} lost while {operation} was in flight: it may or may not have been applied")]
+    Disconnected {
+        /// The endpoint.
+        endpoint: String,
+        /// The operation that was in flight.
+        operation: &'static str,
+    },
+    /// The call did not complete within its deadline (retries included).
+    #[error("no answer from {endpoint} within the deadline of {deadline:?}{}", last_error_suffix(.last_error))]
+    DeadlineExceeded {
+        /// The endpoint.
+        endpoint: String,
+        /// The deadline the call had.
+        deadline: Duration,
+        /// What the last attempt failed with, if an attempt failed before time ran out.
+        last_error: Option<String>,
+    },
+    /// The daemon's RPC layer refused or aborted the request (for example its
+    /// in-flight request limit), outside the service's own typed errors.
+    #[error("the daemon aborted the request: {0}")]
+    Aborted(String),
+    /// The endpoint text could not be parsed.
+    #[error(transparent)]
+    Endpoint(#[from] ParseEndpointError),
+}
+
+fn last_error_suffix(last: &Option<String>) -> String {
+    match last {
+        Some(e) => format!(" (last error: {e})"),
+        None => String::new(),
+    }
+}
+
+impl ClientError {
+    /// The daemon's typed error, if this is one.
+    pub fn service(&self) -> Option<&ServiceError> {
+        match self {
+            ClientError::Service(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `idallocctl` as scripts use it, against the in-process fake daemon: JSON keys
+//! from DESIGN.md, the endpoint from `IDALLOC_ENDPOINT`, one-line errors with a
+//! non-zero exit, and `bench` checking disjointness.
+
+mod client_support;
+
+use std::process::Output;
+use std::sync::Arc;
+
+use client_support::FakeDaemon;
+use idalloc::ForkId;
+
+async fn ctl(endpoint: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    cmd.args(args)
+        .env_remove("IDALLOC_ENDPOINT")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("STATE_DIRECTORY");
+    if let Some(e) = endpoint {
+        cmd.env("IDALLOC_ENDPOINT", e);
+    }
+    cmd.output().await.unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("idallocctl: "), "{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_print_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let endpoint = daemon.endpoint();
+    let ep = Some(endpoint.as_str());
+
+    let a = json(&ctl(ep, &["alloc", "vid", "--count", "10", "--json"]).await);
+    assert_eq!(
+        (a["start"].as_u64(), a["end"].as_u64(), a["count"].as_u64()),
+        (Some(0), Some(10), Some(10))
+    );
+    assert_eq!(a["kind"], "vid");
+    let b = json(&ctl(ep, &["alloc", "vid", "--json"]).await);
+    assert_eq!(b["start"].as_u64(), Some(10));
+    let text = ctl(ep, &["alloc", "eid", "--count", "5"]).await;
+    assert_eq!(String::from_utf8_lossy(&text.stdout).trim(), "0..5");
+
+    let h = json(&ctl(ep, &["hwm", "--json"]).await);
+    assert_eq!(
+        (h["next_vid"].as_u64(), h["next_eid"].as_u64()),
+        (Some(11), Some(5))
+    );
+
+    let fork = ForkId::generate().to_string();
+    let f = json(
+        &ctl(
+            ep,
+            &["fork", "bootstrap", &fork, "--vid-hwm", "100", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(f["fork"], fork.as_str());
+    assert_eq!(
+        (f["next_vid"].as_u64(), f["next_eid"].as_u64()),
+        (Some(100), Some(5))
+    );
+    assert_eq!(f["created"], true);
+    let again = json(&ctl(ep, &["fork", "bootstrap", &fork, "--json"]).await);
+    assert_eq!(again["created"], false);
+    let a = json(&ctl(ep, &["alloc", "vid", "--fork", &fork, "--json"]).await);
+    assert_eq!(a["start"].as_u64(), Some(100));
+    assert_eq!(a["fork"], fork.as_str());
+
+    let list = json(&ctl(ep, &["fork", "list", "--json"]).await);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(ctl(ep, &["checkpoint", "--fork", &fork])
+        .await
+        .status
+        .success());
+    assert!(ctl(ep, &["fork", "drop", &fork]).await.status.success());
+    let list = json(&ctl(ep, &["fork", "list", "--json"]).await);
+    assert_eq!(list[0]["dropped"], true);
+    let s = json(&ctl(ep, &["status", "--json"]).await);
+    assert_eq!(s["namespaces_total"].as_u64(), Some(2));
+
+    // --endpoint beats the environment.
+    let wrong = format!("unix:{}", dir.path().join("nothing.sock").display());
+    let out = ctl(Some(&wrong), &["--endpoint", &endpoint, "hwm", "--json"]).await;
+    assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_line_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("unix:{}", dir.path().join("missing.sock").display());
+    let err = one_line_error(&ctl(Some(&missing), &["hwm"]).await);
+    assert!(
+        err.contains("cannot connect to unix:") && err.contains("is idallocd running?"),
+        "{err}"
+    );
+
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let ep = daemon.endpoint();
+    let err = one_line_error(&ctl(Some(&ep), &["alloc", "vid", "--count", "0"]).await);
+    assert!(err.contains("invalid argument"), "{err}");
+    let err = one_line_error(&ctl(Some(&ep), &["alloc", "vid", "--fork", "nope"]).await);
+    assert!(err.contains("malformed fork id"), "{err}");
+    let unknown = ForkId::generate().to_string();
+    let err = one_line_error(&ctl(Some(&ep), &["hwm", "--fork", &unknown]).await);
+    assert!(
+        err.contains("unknown fork") && err.contains("bootstrap"),
+        "{err}"
+    );
+    let err = one_line_error(&ctl(Some(&ep), &["alloc", "vertex"]).await);
+    assert!(err.contains("--help"), "{err}");
+    let err = one_line_error(&ctl(Some("http://x"), &["hwm"]).await);
+    assert!(err.contains("unix:PATH or tcp:HOST:PORT"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_and_checks_disjointness() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let ep = daemon.endpoint();
+    let out = ctl(
+        Some(&ep),
+        &[
+            "bench",
+            "--clients",
+            "2",
+            "--concurrency",
+            "3",
+            "--size",
+            "7",
+            "--requests",
+            "600",
+            "--json",
+        ],
+    )
+    .await;
+    let r = json(&out);
+    assert_eq!(r["reservations"].as_u64(), Some(600));
+    assert_eq!(r["ids"].as_u64(), Some(4200));
+    assert_eq!(r["disjoint"], true);
+    assert!(r["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    let text = ctl(
+        Some(&ep),
+        &[
+            "bench",
+            "--duration",
+            "1s",
+            "--clients",
+            "1",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await;
+    assert!(text.status.success());
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains("all disjoint") && stdout.contains("p999"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn help_teaches_with_examples() {
+    let out = ctl(None, &["--help"]).await;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "IDALLOC_ENDPOINT",
+        "Examples:",
+        "alloc",
+        "fork",
+        "bench",
+        "idallocd.sock",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}");
+    }
+}
