@@ -2,9 +2,9 @@
 //! the object store, and drop (a tombstone).
 //!
 //! Invariants protected: *fork floor* (3) — a fork starts at or above
-//! `max(caller's floor, parent's HWM)`, where the parent's HWM is the larger of what
-//! this daemon granted and the parent's ceiling (which bounds what any daemon
-//! granted); *idempotent bootstrap* (4) — creation is a conditional create
+//! `max(caller's floor, parent's HWM)`, where the parent's HWM is what this daemon
+//! granted (single-writer) or the parent's ceiling, which bounds what any daemon
+//! granted (multi-writer); *idempotent bootstrap* (4) — creation is a conditional create
 //! (`PutMode::Create`), an existing fork (under either spelling of its id) is adopted
 //! unchanged, and a dropped fork's manifest stays, marked, so its ids are never
 //! handed out again.
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::error::ServiceError;
 use crate::fork_id::{ForkId, IdForm};
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::ForkInfo;
+use crate::protocol::{ForkInfo, WriterMode};
 
 use super::counter::Counter;
 use super::manifest::{path_for, ForkMeta, Manifest};
@@ -98,12 +98,17 @@ impl Engine {
                 parent.map(|p| p.text()).unwrap_or_default(),
             ));
         }
-        // The parent's ceiling bounds every id any daemon granted in it.
-        let pman = self
-            .mirror
-            .read(&parent_entry.path())
-            .await
-            .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+        // In multi-writer mode other daemons may have granted up to the parent's
+        // ceiling, so the ceiling is the only safe HWM. A single writer (verified
+        // against the manifest above) knows its granted HWM exactly.
+        let pman = match self.mirror.mode() {
+            WriterMode::MultiWriter => self
+                .mirror
+                .read(&parent_entry.path())
+                .await
+                .map_err(|e| store_err(e, self.retry_hint_ms()))?,
+            WriterMode::SingleWriter => None,
+        };
         let floor = |k: Kind, caller: u64| {
             let local = pst.counters[k.index()].granted;
             let ceiling = pman.as_ref().map_or(0, |v| v.manifest.ceiling(k));
