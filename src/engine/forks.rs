@@ -63,6 +63,39 @@ impl Engine {
         Ok(entry)
     }
 
+    /// Adopt every fork in the object store this daemon does not know yet (created
+    /// by another daemon sharing the root). Returns how many were adopted.
+    pub async fn discover_forks(&self) -> Result<usize, ServiceError> {
+        let dirs = self
+            .mirror
+            .list_fork_dirs()
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+        let mut adopted = 0;
+        for dir in dirs {
+            let Some(id) = super::manifest::fork_from_dir(&dir) else {
+                continue;
+            };
+            if self.forks.read().unwrap().contains_key(&id) {
+                continue;
+            }
+            let _b = self.bootstrap_lock.lock().await;
+            if self.forks.read().unwrap().contains_key(&id) {
+                continue;
+            }
+            let found = self
+                .mirror
+                .read(&path_for(&Namespace::Fork(id)))
+                .await
+                .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+            if let Some(v) = found {
+                self.adopt(id, v).await?;
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
     /// Create `fork` above `max(floor, parent's HWM)`, or return the existing fork
     /// unchanged with `created = false`.
     pub async fn bootstrap_fork(

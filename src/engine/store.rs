@@ -301,6 +301,11 @@ impl Mirror {
     }
 
     /// Run `f` with a time-out per attempt and backoff between transient failures.
+    ///
+    /// `LocalFileSystem` writes on a blocking thread that a time-out cannot stop: a
+    /// write abandoned after its time-out could still land after a newer one and
+    /// roll the ceiling back. Local writes are therefore awaited to the end; a disk
+    /// that slow stalls sled as well.
     async fn retry<T, F, Fut>(
         &self,
         op: &'static str,
@@ -311,6 +316,7 @@ impl Mirror {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Attempt<T>>,
     {
+        let bounded = matches!(op, "get" | "list") || self.handle.local_root.is_none();
         let mut backoff = self.policy.backoff;
         let mut last = String::new();
         for attempt in 0..=self.policy.retries {
@@ -319,7 +325,12 @@ impl Mirror {
                 backoff = backoff.saturating_mul(2);
             }
             let started = Instant::now();
-            match tokio::time::timeout(self.policy.timeout, f()).await {
+            let outcome = if bounded {
+                tokio::time::timeout(self.policy.timeout, f()).await
+            } else {
+                Ok(f().await)
+            };
+            match outcome {
                 Ok(Attempt::Done(v)) => {
                     self.note(op, started, None);
                     return Ok(v);

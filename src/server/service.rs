@@ -98,6 +98,14 @@ impl IdAlloc for Service {
             None | Some("") => None,
             Some(a) => Some(fork_id(a, "after")?),
         };
+        if after.is_none() {
+            // A listing starts by picking up forks other daemons created in the
+            // shared root; if the store is down, the forks known here are listed
+            // and `status` shows the store's error.
+            if let Err(e) = self.engine.discover_forks().await {
+                tracing::warn!(error = %e, "could not list forks in the object store; listing the forks known locally");
+            }
+        }
         Ok(self.engine.list_forks(after, page_limit(limit)))
     }
 
