@@ -35,6 +35,39 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         "Client connections accepted since start."
     );
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open now.");
+    // The engine's own series (recorded in src/engine).
+    metrics::describe_counter!(
+        "idalloc_reservations_total",
+        "Reservations granted, by namespace (primary/fork) and kind."
+    );
+    metrics::describe_counter!(
+        "idalloc_ids_granted_total",
+        "Ids granted, by namespace (primary/fork) and kind."
+    );
+    metrics::describe_counter!(
+        "idalloc_flushes_total",
+        "sled flushes (one per group of reservations)."
+    );
+    metrics::describe_histogram!(
+        "idalloc_flush_seconds",
+        "Time to write and flush one group of reservations."
+    );
+    metrics::describe_histogram!(
+        "idalloc_flush_batch_size",
+        "Reservations made durable by one flush."
+    );
+    metrics::describe_counter!(
+        "idalloc_leases_total",
+        "Object-store leases taken, by kind and shape (dense or jump)."
+    );
+    metrics::describe_counter!(
+        "idalloc_store_errors_total",
+        "Failed object-store calls, by operation."
+    );
+    metrics::describe_histogram!(
+        "idalloc_store_seconds",
+        "Object-store call latency, by operation."
+    );
     Ok(())
 }
 
@@ -54,4 +87,40 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
     }
+}
+
+/// Refresh the engine's gauges (lease headroom of the primary, namespaces, store
+/// health) once a second until `stop`. Gauges are sampled rather than set on every
+/// reservation, which keeps the reservation path free of them.
+pub fn spawn_gauges(
+    engine: std::sync::Arc<crate::engine::Engine>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    metrics::describe_gauge!(
+        "idalloc_lease_headroom",
+        "Ids left in the primary's leases before the object store must be written."
+    );
+    metrics::describe_gauge!("idalloc_namespaces", "Namespaces known (primary + forks).");
+    metrics::describe_gauge!(
+        "idalloc_store_healthy",
+        "1 while the last object-store call succeeded, else 0."
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let st = engine.status();
+            if let Some(primary) = st.namespaces.first() {
+                for c in &primary.counters {
+                    metrics::gauge!("idalloc_lease_headroom", "namespace" => "primary", "kind" => c.kind.as_str())
+                        .set(c.headroom as f64);
+                }
+            }
+            metrics::gauge!("idalloc_namespaces").set(st.namespaces_total as f64);
+            metrics::gauge!("idalloc_store_healthy").set(if st.mirror.healthy { 1.0 } else { 0.0 });
+        }
+    });
 }

@@ -127,6 +127,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         ));
     }
 
+    let gauges_stop = CancellationToken::new();
+    if settings.metrics_listen.is_some() {
+        metrics::spawn_gauges(engine.clone(), gauges_stop.clone());
+    }
     let started = Instant::now();
     let status_line = format!("serving on {} ({mode})", names.join(", "));
     notify::ready(&status_line);
@@ -163,6 +167,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     notify::status("checkpointing and lowering manifests");
     let result = engine.shutdown().await;
     watchdog_stop.cancel();
+    gauges_stop.cancel();
     match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");
