@@ -246,3 +246,28 @@ async fn a_corrupt_read_is_an_error_not_a_zero() {
         Ok(_) => panic!("opened on corrupt bytes"),
     }
 }
+
+#[tokio::test]
+async fn trusted_local_state_starts_without_the_store_but_serves_only_once_verified() {
+    let env = Env::new();
+    let (_inner, ctl, h) = faulty();
+    let e = open(env.config("a", 100), &h).await.unwrap();
+    let last = e.reserve(Namespace::Primary, Kind::Vid, 30).await.unwrap();
+    e.shutdown().await.unwrap();
+    crash(e).await;
+    // The store is down at start-up, but local state is trusted (clean stop): the
+    // daemon starts (no crash loop) and answers "unavailable" until it can check
+    // the manifest.
+    ctl.set(Op::Get, Some(Fault::Fail));
+    let e = open(env.config("a", 100), &h).await.unwrap();
+    match e.reserve(Namespace::Primary, Kind::Vid, 1).await {
+        Err(ServiceError::Unavailable { message, .. }) => {
+            assert!(message.contains("injected"), "{message}")
+        }
+        other => panic!("served before verifying the manifest: {other:?}"),
+    }
+    assert!(!e.status().mirror.healthy);
+    ctl.clear();
+    let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
+    assert_eq!(r.start, last.end, "dense after a clean stop");
+}
