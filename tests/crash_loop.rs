@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon_support::{Daemon, Opts};
-use idalloc::client::{Client, ClientConfig};
+use idalloc::client::{AllocatorConfig, Client, ClientConfig};
 use idalloc::protocol::BootstrapRequest;
 use idalloc::Kind;
 use rand::Rng;
@@ -278,7 +278,15 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
         let (stop, ledger, endpoint) = (stop.clone(), ledger.clone(), endpoint.clone());
         tasks.push(rt.spawn(async move {
             let client = Client::connect(endpoint).await.unwrap();
-            let ids = client.allocator(None);
+            // The test daemon's `max_count` is 1000; the allocator's batch must
+            // stay within it (its default ceiling is the daemon's default, 1e6).
+            let ids = client.allocator_with(
+                None,
+                AllocatorConfig {
+                    max_batch: 1000,
+                    ..AllocatorConfig::default()
+                },
+            );
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let sent = ledger.tick();

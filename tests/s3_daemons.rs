@@ -12,6 +12,7 @@ use std::sync::Arc;
 use daemon_support::{ctx, unix_client, Daemon, Opts};
 use idalloc::protocol::BootstrapRequest;
 use idalloc::Kind;
+use object_store::ObjectStoreExt;
 use rand::Rng;
 use s3_support::{Ledger, Moto};
 
