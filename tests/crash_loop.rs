@@ -141,7 +141,11 @@ fn crash_loop(
                     let (ns, kind, count) = {
                         let mut rng = rand::thread_rng();
                         let ns = if rng.gen_bool(0.3) { Some(FORK) } else { None };
-                        let kind = if rng.gen_bool(0.5) { Kind::Vid } else { Kind::Eid };
+                        let kind = if rng.gen_bool(0.5) {
+                            Kind::Vid
+                        } else {
+                            Kind::Eid
+                        };
                         (ns, kind, rng.gen_range(1..=500u64))
                     };
                     let sent = ledger.tick();
@@ -193,7 +197,10 @@ fn crash_loop(
         fig.cycles += 1;
         if cycle % 100 == 0 {
             let v = ledger.check();
-            eprintln!("cycle {cycle}: {v:?}, {} client errors", errors.load(Ordering::SeqCst));
+            eprintln!(
+                "cycle {cycle}: {v:?}, {} client errors",
+                errors.load(Ordering::SeqCst)
+            );
         }
         // Keep the run honest: the load must be landing between crashes.
         if cycle % 10 == 0 {
@@ -218,11 +225,7 @@ fn crash_loop(
 fn crash_loop_two_daemons_on_moto() {
     let moto = Moto::start();
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let toml = moto.daemon_toml(
-        "crash",
-        &moto.endpoint(),
-        "timeout = \"3s\"\nretries = 2\n",
-    );
+    let toml = moto.daemon_toml("crash", &moto.endpoint(), "timeout = \"3s\"\nretries = 2\n");
     let mut slots: Vec<Slot> = dirs
         .iter()
         .map(|d| Slot::new(d.path(), toml.clone()))
@@ -243,10 +246,7 @@ fn crash_loop_single_daemon_on_file_store() {
     // state must not lose the object store too.
     let mirror = dir.path().join("mirror");
     std::fs::create_dir_all(&mirror).unwrap();
-    let toml = format!(
-        "[object_store]\nurl = \"file://{}\"\n",
-        mirror.display()
-    );
+    let toml = format!("[object_store]\nurl = \"file://{}\"\n", mirror.display());
     let slot_dir = dir.path().join("d0");
     std::fs::create_dir_all(&slot_dir).unwrap();
     let mut slots = vec![Slot::new(&slot_dir, toml)];

@@ -51,7 +51,11 @@ async fn load(sockets: &[std::path::PathBuf], tasks: usize, n: usize, ledger: &A
                 let (ns, kind, count) = {
                     let mut rng = rand::thread_rng();
                     let ns = [None, Some(FORK_A), Some(FORK_B)][rng.gen_range(0..3)];
-                    let kind = if rng.gen_bool(0.5) { Kind::Vid } else { Kind::Eid };
+                    let kind = if rng.gen_bool(0.5) {
+                        Kind::Vid
+                    } else {
+                        Kind::Eid
+                    };
                     (ns, kind, rng.gen_range(1..=300u64))
                 };
                 let sent = ledger.tick();
@@ -171,7 +175,11 @@ async fn concurrent_bootstrap_through_three_daemons_has_one_creator() {
     let sockets: Vec<_> = daemons.iter().map(|d| d.socket.clone()).collect();
     // Some primary ids first, so that the parent's HWM matters.
     let c = unix_client(&sockets[2]).await.unwrap();
-    let p = c.reserve(ctx(), None, Kind::Vid, 777).await.unwrap().unwrap();
+    let p = c
+        .reserve(ctx(), None, Kind::Vid, 777)
+        .await
+        .unwrap()
+        .unwrap();
 
     for round in 0..4u64 {
         let fork = uuid::Uuid::now_v7().to_string();
@@ -194,9 +202,18 @@ async fn concurrent_bootstrap_through_three_daemons_has_one_creator() {
         let creators = replies.iter().filter(|r| r["created"] == true).count();
         assert_eq!(creators, 1, "one creator: {replies:?}");
         for r in &replies {
-            assert_eq!(r["floor_vid"], replies[0]["floor_vid"], "one floor: {replies:?}");
-            assert_eq!(r["floor_eid"], replies[0]["floor_eid"], "one floor: {replies:?}");
-            assert!(r["floor_vid"].as_u64().unwrap() >= p.end, "above the parent: {r}");
+            assert_eq!(
+                r["floor_vid"], replies[0]["floor_vid"],
+                "one floor: {replies:?}"
+            );
+            assert_eq!(
+                r["floor_eid"], replies[0]["floor_eid"],
+                "one floor: {replies:?}"
+            );
+            assert!(
+                r["floor_vid"].as_u64().unwrap() >= p.end,
+                "above the parent: {r}"
+            );
         }
         // Ids in the fork from every daemon start at the agreed floor or above.
         let floor = replies[0]["floor_vid"].as_u64().unwrap();

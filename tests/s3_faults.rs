@@ -35,7 +35,11 @@ fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
         .args(["status", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -51,8 +55,15 @@ async fn fault_phase(
 ) -> (usize, usize, String, Duration) {
     let status_client = unix_client(&d.socket).await.unwrap();
     let before = status_client.status(ctx()).await.unwrap().unwrap();
-    assert!(before.mirror.healthy, "healthy before the fault: {before:?}");
-    let primary_headroom: u64 = before.namespaces[0].counters.iter().map(|c| c.headroom).sum();
+    assert!(
+        before.mirror.healthy,
+        "healthy before the fault: {before:?}"
+    );
+    let primary_headroom: u64 = before.namespaces[0]
+        .counters
+        .iter()
+        .map(|c| c.headroom)
+        .sum();
     assert!(primary_headroom > 0, "{before:?}");
 
     let start = Instant::now();
@@ -63,7 +74,11 @@ async fn fault_phase(
         tokio::time::sleep(Duration::from_millis(100)).await;
         let st = status_client.status(ctx()).await.unwrap().unwrap();
         if !st.mirror.healthy {
-            let e = st.mirror.last_error.clone().expect("an unhealthy mirror names its error");
+            let e = st
+                .mirror
+                .last_error
+                .clone()
+                .expect("an unhealthy mirror names its error");
             unhealthy_error.get_or_insert(e);
             if !ctl_checked {
                 // The operator's view of the same fault.
@@ -72,7 +87,12 @@ async fn fault_phase(
                     .await
                     .unwrap();
                 assert_eq!(j["mirror"]["healthy"], false, "{j}");
-                assert!(j["mirror"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{j}");
+                assert!(
+                    j["mirror"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| !e.is_empty()),
+                    "{j}"
+                );
                 ctl_checked = true;
             }
         }
@@ -103,11 +123,10 @@ async fn fault_phase(
         .filter(in_fault)
         .min()
         .expect("reservations failed with Unavailable during the fault");
-    let served_from_lease = s
-        .ok
-        .iter()
-        .filter(|t| in_fault(t) && **t < first_unavailable)
-        .count();
+    let served_from_lease =
+        s.ok.iter()
+            .filter(|t| in_fault(t) && **t < first_unavailable)
+            .count();
     let unavailable = s.unavailable.iter().filter(|(t, _)| in_fault(t)).count();
     (
         served_from_lease,
@@ -126,7 +145,8 @@ async fn store_stalls_and_outages_under_load() {
     let moto = Moto::start();
     let proxy = FaultProxy::start(moto.port);
     let dir = tempfile::tempdir().unwrap();
-    let settings = "timeout = \"500ms\"\nretries = 1\nbackoff = \"50ms\"\nunavailable_cooldown = \"300ms\"\n";
+    let settings =
+        "timeout = \"500ms\"\nretries = 1\nbackoff = \"50ms\"\nunavailable_cooldown = \"300ms\"\n";
     let d = Daemon::start_with(
         dir.path(),
         Opts {
@@ -150,14 +170,22 @@ async fn store_stalls_and_outages_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = vec![];
     for t in 0..5usize {
-        let (daemon, socket) = if t < 4 { (0, d.socket.clone()) } else { (1, d2.socket.clone()) };
+        let (daemon, socket) = if t < 4 {
+            (0, d.socket.clone())
+        } else {
+            (1, d2.socket.clone())
+        };
         let (ledger, seen, stop) = (ledger.clone(), seen.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let c = unix_client(&socket).await.unwrap();
             while !stop.load(Ordering::SeqCst) {
                 let (kind, count) = {
                     let mut rng = rand::thread_rng();
-                    let kind = if rng.gen_bool(0.5) { Kind::Vid } else { Kind::Eid };
+                    let kind = if rng.gen_bool(0.5) {
+                        Kind::Vid
+                    } else {
+                        Kind::Eid
+                    };
                     (kind, rng.gen_range(1..=200u64))
                 };
                 let sent = ledger.tick();
@@ -169,7 +197,10 @@ async fn store_stalls_and_outages_under_load() {
                         }
                     }
                     Err(e @ ServiceError::Unavailable { .. }) if daemon == 0 => {
-                        seen.lock().unwrap().unavailable.push((Instant::now(), e.to_string()));
+                        seen.lock()
+                            .unwrap()
+                            .unavailable
+                            .push((Instant::now(), e.to_string()));
                         // Back off a little, as a client honouring the hint would.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -182,16 +213,28 @@ async fn store_stalls_and_outages_under_load() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let (lease_ok, unavail, err, rec) =
-        fault_phase(&proxy, ProxyMode::Stall, Duration::from_secs(stall), &d, &seen).await;
+    let (lease_ok, unavail, err, rec) = fault_phase(
+        &proxy,
+        ProxyMode::Stall,
+        Duration::from_secs(stall),
+        &d,
+        &seen,
+    )
+    .await;
     eprintln!("stall {stall}s: {lease_ok} served from the lease, {unavail} unavailable, recovered in {rec:?}; status said: {err}");
-    assert!(lease_ok > 0, "reservations continue inside the current lease");
+    assert!(
+        lease_ok > 0,
+        "reservations continue inside the current lease"
+    );
     assert!(unavail > 0);
 
     let (lease_ok, unavail, err, rec) =
         fault_phase(&proxy, ProxyMode::Refuse, Duration::from_secs(3), &d, &seen).await;
     eprintln!("outage 3s: {lease_ok} served from the lease, {unavail} unavailable, recovered in {rec:?}; status said: {err}");
-    assert!(lease_ok > 0, "reservations continue inside the current lease");
+    assert!(
+        lease_ok > 0,
+        "reservations continue inside the current lease"
+    );
     assert!(unavail > 0);
 
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -82,7 +82,8 @@ async fn moto_refuses_conditional_writes_that_lost() {
         )
         .await
     {
-        Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(object_store::Error::Precondition { .. })
+        | Err(object_store::Error::NotFound { .. }) => {}
         other => panic!("update of an absent object must fail, got {other:?}"),
     }
 
@@ -154,7 +155,10 @@ async fn three_engines_on_one_moto_prefix_never_overlap() {
                     Namespace::Primary
                 };
                 let kind = if i % 2 == 0 { Kind::Vid } else { Kind::Eid };
-                let r: IdRange = e.reserve(ns, kind, 1 + (i * 7 + t as u64) % 30).await.unwrap();
+                let r: IdRange = e
+                    .reserve(ns, kind, 1 + (i * 7 + t as u64) % 30)
+                    .await
+                    .unwrap();
                 got.push((ns, kind, r));
             }
             got
