@@ -108,20 +108,26 @@ async fn three_daemons_one_bucket_disjoint_through_a_lost_disk() {
         .unwrap();
     }
 
+    // IDALLOC_LOAD_ROUNDS: reservations per task in each half (long mode: many).
+    let rounds: usize = std::env::var("IDALLOC_LOAD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     let ledger = Ledger::new();
-    load(&sockets, 24, 60, &ledger).await;
+    let started = std::time::Instant::now();
+    load(&sockets, 24, rounds, &ledger).await;
     let first = ledger.check();
-    assert_eq!(first.ranges, 24 * 60);
+    assert_eq!(first.ranges, 24 * rounds);
 
     // kill -9 daemon 1, lose its disk, start it again on the same prefix.
     daemons[1].child.kill().unwrap();
     daemons[1].child.wait().unwrap();
     std::fs::remove_dir_all(dirs[1].path().join("data")).unwrap();
     daemons[1] = start(&moto, dirs[1].path(), "graphs/db1");
-    load(&sockets, 24, 40, &ledger).await;
+    load(&sockets, 24, rounds, &ledger).await;
     let v = ledger.check();
-    assert_eq!(v.ranges, 24 * 100);
-    eprintln!("three daemons: {v:?}");
+    assert_eq!(v.ranges, 24 * 2 * rounds);
+    eprintln!("three daemons: {v:?} in {:?}", started.elapsed());
 
     // The manifests in the bucket are the reference's JSON and bound every id.
     let store = moto.store("graphs/db1");
