@@ -171,7 +171,7 @@ fn fuzz(
     name: &str,
     seeds: &[Vec<u8>],
     max_held: impl Fn(&[u8]) -> usize,
-    mut fixup: impl FnMut(&mut StdRng, &mut Vec<u8>),
+    mut fixup: impl FnMut(&mut StdRng, &mut [u8]),
     mut target: impl FnMut(&[u8]),
 ) -> u64 {
     // Panics inside the target (those the daemon's decoder now catches, or a real
@@ -234,7 +234,7 @@ fn hex(b: &[u8]) -> String {
 
 /// Most of the time, rewrite the 4-byte length prefix to the body's length so the
 /// mutant gets past the framing into bincode.
-fn fix_length(rng: &mut StdRng, input: &mut Vec<u8>) {
+fn fix_length(rng: &mut StdRng, input: &mut [u8]) {
     if input.len() >= 4 && rng.gen_bool(0.8) {
         let n = (input.len() - 4) as u32;
         input[..4].copy_from_slice(&n.to_be_bytes());
