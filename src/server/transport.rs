@@ -12,8 +12,16 @@
 //!
 //! A frame that is too long or does not decode is a read error: tarpc's channel
 //! ends on it, which closes that connection and no other.
+//!
+//! Decoding is guarded against panics ([`GuardedBincode`]): tarpc turns a request's
+//! deadline (a `Duration` on the wire) into `Instant::now() + deadline`, which
+//! panics on overflow, so a frame carrying a deadline of `u64::MAX` seconds used to
+//! panic the connection's task (found by `tests/fuzz_decoders.rs`). Now such a frame
+//! is a decode error like any other malformed frame.
 
 use std::io;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -66,11 +74,59 @@ impl Encoder<Bytes> for AsymmetricCodec {
     }
 }
 
+/// tarpc's bincode format (bincode 1.x `DefaultOptions`, as its stock transport
+/// uses) whose decoding cannot panic: a panic inside a `Deserialize` impl of a
+/// tarpc type becomes an `InvalidData` error, which closes only that connection.
+pub struct GuardedBincode<Req, Resp> {
+    inner: Bincode<ClientMessage<Req>, Response<Resp>>,
+    _types: PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> Default for GuardedBincode<Req, Resp> {
+    fn default() -> Self {
+        GuardedBincode {
+            inner: Bincode::default(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> tarpc::tokio_serde::Deserializer<ClientMessage<Req>> for GuardedBincode<Req, Resp>
+where
+    Req: for<'de> serde::Deserialize<'de> + Unpin,
+    Resp: Unpin,
+{
+    type Error = io::Error;
+
+    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> io::Result<ClientMessage<Req>> {
+        let inner = Pin::new(&mut self.get_mut().inner);
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.deserialize(src))) {
+            Ok(decoded) => decoded,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request frame has a field out of range (its decoder panicked)",
+            )),
+        }
+    }
+}
+
+impl<Req, Resp> tarpc::tokio_serde::Serializer<Response<Resp>> for GuardedBincode<Req, Resp>
+where
+    Req: Unpin,
+    Resp: serde::Serialize + Unpin,
+{
+    type Error = io::Error;
+
+    fn serialize(self: Pin<&mut Self>, item: &Response<Resp>) -> io::Result<Bytes> {
+        Pin::new(&mut self.get_mut().inner).serialize(item)
+    }
+}
+
 type Inner<S, Req, Resp> = tarpc::tokio_serde::Framed<
     Framed<S, AsymmetricCodec>,
     ClientMessage<Req>,
     Response<Resp>,
-    Bincode<ClientMessage<Req>, Response<Resp>>,
+    GuardedBincode<Req, Resp>,
 >;
 
 /// A tarpc server transport over `S`. When `shutdown` is cancelled the read half
@@ -93,7 +149,7 @@ where
             AsymmetricCodec::new(max_request_frame, MAX_RESPONSE_FRAME_BYTES),
         );
         ServerTransport {
-            inner: tarpc::tokio_serde::Framed::new(framed, Bincode::default()),
+            inner: tarpc::tokio_serde::Framed::new(framed, GuardedBincode::default()),
             shutdown: shutdown.cancelled_owned().boxed(),
             read_closed: false,
         }

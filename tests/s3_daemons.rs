@@ -1,0 +1,244 @@
+//! Several real `idallocd` processes on one moto bucket prefix (DESIGN.md's
+//! multi-writer mode): 24 client tasks over 3 daemons in the primary and two forks,
+//! a daemon killed and its data directory wiped, and one fork bootstrapped through
+//! all three daemons at once with `idallocctl`.
+
+mod daemon_support;
+mod s3_support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use daemon_support::{ctx, unix_client, Daemon, Opts};
+use idalloc::protocol::BootstrapRequest;
+use idalloc::Kind;
+use object_store::ObjectStoreExt;
+use rand::Rng;
+use s3_support::{Ledger, Moto};
+
+const FORK_A: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
+const FORK_B: &str = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";
+const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
+
+/// Start daemon `i` of the group in `dir`, on `prefix` of moto's bucket.
+fn start(moto: &Moto, dir: &Path, prefix: &str) -> Daemon {
+    std::fs::write(dir.join("boot_id"), "boot-1\n").unwrap();
+    let toml = format!(
+        "boot_id_path = {:?}\n{}",
+        dir.join("boot_id").display().to_string(),
+        moto.daemon_toml(prefix, &moto.endpoint(), "timeout = \"3s\"\nretries = 2\n")
+    );
+    Daemon::start_with(
+        dir,
+        Opts {
+            extra_toml: &toml,
+            ..Opts::default()
+        },
+    )
+}
+
+/// `tasks` client tasks, task `t` on daemon `t % daemons.len()`, each making `n`
+/// reservations of random kind, namespace and size; every reply goes to the ledger.
+async fn load(sockets: &[std::path::PathBuf], tasks: usize, n: usize, ledger: &Arc<Ledger>) {
+    let mut handles = vec![];
+    for t in 0..tasks {
+        let d = t % sockets.len();
+        let socket = sockets[d].clone();
+        let ledger = ledger.clone();
+        handles.push(tokio::spawn(async move {
+            let c = unix_client(&socket).await.unwrap();
+            for _ in 0..n {
+                let (ns, kind, count) = {
+                    let mut rng = rand::thread_rng();
+                    let ns = [None, Some(FORK_A), Some(FORK_B)][rng.gen_range(0..3)];
+                    let kind = if rng.gen_bool(0.5) {
+                        Kind::Vid
+                    } else {
+                        Kind::Eid
+                    };
+                    (ns, kind, rng.gen_range(1..=300u64))
+                };
+                let sent = ledger.tick();
+                let r = c
+                    .reserve(ctx(), ns.map(String::from), kind, count)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("reserve on daemon {d}: {e}"));
+                assert_eq!(r.len(), count);
+                ledger.record(d, ns, kind, sent, r);
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_one_bucket_disjoint_through_a_lost_disk() {
+    let moto = Moto::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut daemons: Vec<Daemon> = dirs
+        .iter()
+        .map(|d| start(&moto, d.path(), "graphs/db1"))
+        .collect();
+    for d in &daemons {
+        assert!(
+            d.stderr().contains("multi-writer"),
+            "the daemon says which mode it runs in:\n{}",
+            d.stderr()
+        );
+    }
+    let sockets: Vec<_> = daemons.iter().map(|d| d.socket.clone()).collect();
+    // The forks exist before the load: created through daemon 0, found in the
+    // bucket by the others.
+    let c0 = unix_client(&sockets[0]).await.unwrap();
+    for f in [FORK_A, FORK_B] {
+        c0.bootstrap_fork(
+            ctx(),
+            BootstrapRequest {
+                fork: f.into(),
+                parent: None,
+                vid_floor: 0,
+                eid_floor: 0,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+
+    // IDALLOC_LOAD_ROUNDS: reservations per task in each half (long mode: many).
+    let rounds: usize = std::env::var("IDALLOC_LOAD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let ledger = Ledger::new();
+    let started = std::time::Instant::now();
+    load(&sockets, 24, rounds, &ledger).await;
+    let first = ledger.check();
+    assert_eq!(first.ranges, 24 * rounds);
+
+    // kill -9 daemon 1, lose its disk, start it again on the same prefix.
+    daemons[1].child.kill().unwrap();
+    daemons[1].child.wait().unwrap();
+    std::fs::remove_dir_all(dirs[1].path().join("data")).unwrap();
+    daemons[1] = start(&moto, dirs[1].path(), "graphs/db1");
+    load(&sockets, 24, rounds, &ledger).await;
+    let v = ledger.check();
+    assert_eq!(v.ranges, 24 * 2 * rounds);
+    eprintln!("three daemons: {v:?} in {:?}", started.elapsed());
+
+    // The manifests in the bucket are the reference's JSON and bound every id.
+    let store = moto.store("graphs/db1");
+    let m = store
+        .store
+        .get(&object_store::path::Path::from("id_allocator.json"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    for (kind, field) in [(Kind::Vid, "next_vid_batch"), (Kind::Eid, "next_eid_batch")] {
+        let max = ledger
+            .ranges(None, kind)
+            .iter()
+            .map(|a| a.range.end)
+            .max()
+            .unwrap();
+        assert!(m[field].as_u64().unwrap() >= max, "{m} below {max}");
+    }
+    drop(daemons);
+}
+
+/// Run `idallocctl fork bootstrap` through `socket`; its JSON reply.
+fn ctl_bootstrap(socket: &Path, fork: &str, vid_hwm: u64, eid_hwm: u64) -> serde_json::Value {
+    let out = std::process::Command::new(CTL)
+        .arg("--endpoint")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["fork", "bootstrap", fork, "--json"])
+        .args(["--vid-hwm", &vid_hwm.to_string()])
+        .args(["--eid-hwm", &eid_hwm.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "idallocctl fork bootstrap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bootstrap_through_three_daemons_has_one_creator() {
+    let moto = Moto::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let daemons: Vec<Daemon> = dirs
+        .iter()
+        .map(|d| start(&moto, d.path(), "boot"))
+        .collect();
+    let sockets: Vec<_> = daemons.iter().map(|d| d.socket.clone()).collect();
+    // Some primary ids first, so that the parent's HWM matters.
+    let c = unix_client(&sockets[2]).await.unwrap();
+    let p = c
+        .reserve(ctx(), None, Kind::Vid, 777)
+        .await
+        .unwrap()
+        .unwrap();
+
+    for round in 0..4u64 {
+        let fork = uuid::Uuid::now_v7().to_string();
+        // Each daemon's caller brings its own floor: whoever creates decides it.
+        let barrier = Arc::new(std::sync::Barrier::new(3));
+        let replies: Vec<serde_json::Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = sockets
+                .iter()
+                .enumerate()
+                .map(|(i, sock)| {
+                    let (b, fork) = (barrier.clone(), fork.clone());
+                    s.spawn(move || {
+                        b.wait();
+                        ctl_bootstrap(sock, &fork, 5000 * (i as u64 + 1) * (round % 2), 0)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let creators = replies.iter().filter(|r| r["created"] == true).count();
+        assert_eq!(creators, 1, "one creator: {replies:?}");
+        for r in &replies {
+            assert_eq!(
+                r["floor_vid"], replies[0]["floor_vid"],
+                "one floor: {replies:?}"
+            );
+            assert_eq!(
+                r["floor_eid"], replies[0]["floor_eid"],
+                "one floor: {replies:?}"
+            );
+            assert!(
+                r["floor_vid"].as_u64().unwrap() >= p.end,
+                "above the parent: {r}"
+            );
+        }
+        // Ids in the fork from every daemon start at the agreed floor or above.
+        let floor = replies[0]["floor_vid"].as_u64().unwrap();
+        let mut ranges = vec![];
+        for sock in &sockets {
+            let c = unix_client(sock).await.unwrap();
+            let r = c
+                .reserve(ctx(), Some(fork.clone()), Kind::Vid, 10)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(r.start >= floor, "{r:?} below the floor {floor}");
+            ranges.push(r);
+        }
+        daemon_support::assert_disjoint(&mut ranges);
+        // A second bootstrap later reports the fork as existing, unchanged.
+        let again = ctl_bootstrap(&sockets[round as usize % 3], &fork, u64::MAX / 2, 0);
+        assert_eq!(again["created"], false);
+        assert_eq!(again["floor_vid"], replies[0]["floor_vid"]);
+    }
+    drop(daemons);
+}
