@@ -112,7 +112,10 @@ async fn start(dir: &Path) -> (Daemon, Duration) {
                 return (d, t.elapsed());
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "idallocd never served");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "idallocd never served"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -313,7 +316,10 @@ async fn bench(dur: Duration, forks: usize) {
     let mut creators = Vec::new();
     let next = Arc::new(AtomicU64::new(0));
     for _ in 0..8 {
-        let (c, next) = (Client::connect(d.unix.as_str()).await.unwrap(), next.clone());
+        let (c, next) = (
+            Client::connect(d.unix.as_str()).await.unwrap(),
+            next.clone(),
+        );
         creators.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < forks as u64 {
                 c.bootstrap_fork(BootstrapRequest {

@@ -28,7 +28,10 @@ async fn start(dir: &Path) -> Daemon {
 }
 
 fn endpoints(d: &Daemon) -> [String; 2] {
-    [format!("unix:{}", d.socket.display()), format!("tcp:{}", d.tcp)]
+    [
+        format!("unix:{}", d.socket.display()),
+        format!("tcp:{}", d.tcp),
+    ]
 }
 
 /// Every operation of the library against one endpoint of a fresh daemon.
@@ -115,11 +118,7 @@ async fn library_round_trip(endpoint: &str) {
     let listed = client.list_forks().await.unwrap();
     assert!(listed.iter().any(|i| i.fork == fork && i.dropped));
     match client
-        .reserve(
-            Some(&idalloc::ForkId::generate().to_string()),
-            Kind::Vid,
-            1,
-        )
+        .reserve(Some(&idalloc::ForkId::generate().to_string()), Kind::Vid, 1)
         .await
     {
         Err(ClientError::Service(ServiceError::UnknownFork(_))) => {}
@@ -553,7 +552,10 @@ fn quickstart_defaults_match_between_the_two_binaries() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(first["end"].as_u64(), Some(first["start"].as_u64().unwrap() + 1));
+    assert_eq!(
+        first["end"].as_u64(),
+        Some(first["start"].as_u64().unwrap() + 1)
+    );
     let text = ok_text(&ctl(None, &["alloc", "vid"], cwd.path()));
     assert!(text.trim().contains(".."), "{text}");
     assert!(cwd.path().join("idallocd-data/idallocd.sock").exists());
