@@ -142,6 +142,9 @@ pub(crate) struct KindCache {
     hot: Hot,
     kind: Kind,
     batch: AtomicU64,
+    /// The largest batch the daemon accepted or may accept: starts at `max_batch`
+    /// and drops when the daemon refuses a batch above its own `max_count`.
+    ceiling: AtomicU64,
     ranges: AtomicU64,
     prefetched: AtomicU64,
     waited: AtomicU64,
@@ -169,6 +172,7 @@ impl KindCache {
             },
             kind,
             batch: AtomicU64::new(config.clamp(config.initial_batch)),
+            ceiling: AtomicU64::new(config.max_batch.max(1)),
             ranges: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
             waited: AtomicU64::new(0),
@@ -271,8 +275,7 @@ impl KindCache {
                         self.waited.fetch_add(1, Relaxed);
                         self.resize(self.batch.load(Relaxed).saturating_mul(2));
                     }
-                    let want = self.batch.load(Relaxed).max(n);
-                    let range = self.source.reserve(self.kind, want).await?;
+                    let range = self.reserve_batch(n).await?;
                     self.ranges.fetch_add(1, Relaxed);
                     range
                 }
@@ -282,7 +285,30 @@ impl KindCache {
     }
 
     fn resize(&self, batch: u64) {
-        self.batch.store(self.config.clamp(batch), Relaxed);
+        let batch = self.config.clamp(batch).min(self.ceiling.load(Relaxed));
+        self.batch.store(batch, Relaxed);
+    }
+
+    /// Reserve a refill of the current batch size, and at least `need` ids.
+    ///
+    /// The batch grows without knowing the daemon's `allocation.max_count`; a daemon
+    /// configured below the batch refuses it as an invalid argument. A writer must
+    /// not fail for that: the batch (and its ceiling, so that it does not grow back)
+    /// halves until the daemon accepts it. At `need` the daemon's error is returned
+    /// as it is: the caller asked for more than the daemon grants at once.
+    async fn reserve_batch(&self, need: u64) -> Result<IdRange, ClientError> {
+        loop {
+            let want = self.batch.load(Relaxed).max(need);
+            match self.source.reserve(self.kind, want).await {
+                Err(ClientError::Service(ServiceError::InvalidArgument(msg))) if want > need => {
+                    let lower = (want / 2).max(need);
+                    self.ceiling.fetch_min(lower, Relaxed);
+                    self.batch.store(lower, Relaxed);
+                    tracing::debug!(kind = %self.kind, refused = want, next = lower, error = %msg, "batch refused by the daemon; halving it");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// One round of background prefetch: adapt the batch to how fast the current
@@ -303,11 +329,7 @@ impl KindCache {
         } else if projected > self.config.shrink_above {
             self.resize(batch / 2);
         }
-        match self
-            .source
-            .reserve(self.kind, self.batch.load(Relaxed))
-            .await
-        {
+        match self.reserve_batch(1).await {
             Ok(range) => {
                 self.ranges.fetch_add(1, Relaxed);
                 self.prefetched.fetch_add(1, Relaxed);
@@ -548,6 +570,70 @@ mod tests {
             }
         }
         assert_eq!(alloc.stats(Kind::Vid).batch, 1024);
+    }
+
+    /// A daemon whose `max_count` is below the batch: the daemon's check, in front
+    /// of a local counter.
+    struct Capped {
+        inner: Arc<LocalSource>,
+        max_count: u64,
+        refused: AtomicU64,
+    }
+
+    impl RangeSource for Capped {
+        fn reserve(
+            &self,
+            kind: Kind,
+            count: u64,
+        ) -> futures::future::BoxFuture<'_, Result<IdRange, ClientError>> {
+            if count > self.max_count {
+                self.refused.fetch_add(1, Relaxed);
+                let e = ServiceError::InvalidArgument(format!(
+                    "count {count} is above the maximum of {}",
+                    self.max_count
+                ));
+                return Box::pin(async move { Err(e.into()) });
+            }
+            self.inner.reserve(kind, count)
+        }
+        fn hwm(&self) -> futures::future::BoxFuture<'_, Result<crate::protocol::Hwm, ClientError>> {
+            self.inner.hwm()
+        }
+        fn checkpoint(
+            &self,
+        ) -> futures::future::BoxFuture<'_, Result<crate::protocol::Hwm, ClientError>> {
+            self.inner.checkpoint()
+        }
+    }
+
+    /// A fast writer against a daemon with a small `max_count`: the batch settles at
+    /// or below the daemon's limit instead of failing the writer, and stays there.
+    #[tokio::test]
+    async fn batch_stays_within_the_daemons_max_count() {
+        let source = Arc::new(Capped {
+            inner: LocalSource::new(),
+            max_count: 1000,
+            refused: AtomicU64::new(0),
+        });
+        let alloc = Allocator::new(source.clone(), AllocatorConfig::default());
+        let mut ids = Vec::new();
+        for i in 0..200_000u64 {
+            ids.push(alloc.allocate_vid().await.unwrap());
+            if i % 8 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_unique(ids, 200_000);
+        let stats = alloc.stats(Kind::Vid);
+        assert!(stats.batch <= 1000, "{stats:?}");
+        let refused = source.refused.load(Relaxed);
+        assert!((1..=4).contains(&refused), "refused {refused} times");
+        // A single request above the daemon's limit still gets the daemon's error.
+        let big = alloc.allocate_vids(5000).await.unwrap_err();
+        assert!(
+            matches!(big, ClientError::Service(ServiceError::InvalidArgument(_))),
+            "{big:?}"
+        );
     }
 
     /// A slow writer (one id a second, on paused time) shrinks the batch down to

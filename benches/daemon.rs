@@ -1,0 +1,375 @@
+//! The real daemon, measured end to end in one run: durable reservations through the
+//! client library over the unix socket and loopback TCP at 1 and 16 clients, beside
+//! a bare `write` + `fdatasync` per call on the same disk; the daemon's RSS under
+//! the 16-client load; start-up to ready with 10,000 forks.
+//!
+//! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
+//! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
+//! of issue 6 is printed as met or NOT met. The daemon is the release binary cargo
+//! built for this bench, started in a temp directory under the current directory
+//! (so on the same disk as the fsync baseline).
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idalloc::client::Client;
+use idalloc::protocol::BootstrapRequest;
+use idalloc::{ForkId, Kind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
+
+struct Daemon {
+    child: Child,
+    unix: String,
+    tcp: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "idallocd exited with {st}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Spawn the daemon on `dir` (config written once, reused on restart) and return
+/// it with the time from spawn until a status call over the socket is answered.
+async fn start(dir: &Path) -> (Daemon, Duration) {
+    let config = dir.join("idallocd.toml");
+    if !config.exists() {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nlisten = [{:?}, {:?}]\n[log]\nlevel = \"warn\"\n",
+                dir.join("data").display().to_string(),
+                format!("unix:{}", dir.join("d.sock").display()),
+                format!("tcp:127.0.0.1:{}", free_port()),
+            ),
+        )
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(&config).unwrap();
+    let listen: Vec<String> = text
+        .lines()
+        .find(|l| l.starts_with("listen"))
+        .unwrap()
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    let t = Instant::now();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        unix: listen[0].clone(),
+        tcp: listen[1].clone(),
+    };
+    loop {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_millis(500), Client::connect(d.unix.as_str())).await
+        {
+            if c.status().await.is_ok() {
+                return (d, t.elapsed());
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "idallocd never served"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Row {
+    name: String,
+    clients: usize,
+    ops: u64,
+    secs: f64,
+    lat: Vec<u64>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn pct_us(&self, p: f64) -> f64 {
+        if self.lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.lat.len() as f64 * p).ceil() as usize).clamp(1, self.lat.len()) - 1;
+        self.lat[i] as f64 / 1e3
+    }
+}
+
+/// `clients` connections, each with one reservation of one id in flight.
+async fn reserve_row(name: &str, endpoint: &str, clients: usize, dur: Duration) -> Row {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Client::connect(endpoint).await.unwrap());
+    }
+    // Warm up: connections established, leases taken, caches hot.
+    for c in &conns {
+        c.reserve(None, Kind::Vid, 1).await.unwrap();
+    }
+    let t = Instant::now();
+    let deadline = t + dur;
+    let mut tasks = Vec::new();
+    for c in conns {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut last_end = 0;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                let r = c.reserve(None, Kind::Vid, 1).await.unwrap();
+                lat.push(s.elapsed().as_nanos() as u64);
+                // Ordered per daemon: one connection's ranges only go up.
+                assert!(r.start >= last_end, "range went backwards");
+                last_end = r.end;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    Row {
+        name: name.into(),
+        clients,
+        ops: lat.len() as u64,
+        secs,
+        lat,
+    }
+}
+
+/// The disk's limit: overwrite 64 bytes and `fdatasync`, one caller, on the same
+/// file system as the daemon's data.
+fn fsync_row(dir: &Path, dur: Duration) -> Row {
+    let f = std::fs::File::create(dir.join("fsync-probe")).unwrap();
+    (&f).write_all(&[0u8; 4096]).unwrap();
+    f.sync_all().unwrap();
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    let mut i = 0u64;
+    while t.elapsed() < dur {
+        let s = Instant::now();
+        f.write_all_at(&i.to_le_bytes().repeat(8), 0).unwrap();
+        f.sync_data().unwrap();
+        lat.push(s.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    Row {
+        name: "write + fdatasync (disk limit)".into(),
+        clients: 1,
+        ops: lat.len() as u64,
+        secs,
+        lat,
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+async fn bench(dur: Duration, forks: usize) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let mut rows = vec![fsync_row(dir.path(), dur)];
+    let (d, _) = start(dir.path()).await;
+
+    // Sample the daemon's RSS while the 16-client rows run.
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let pid = d.child.id();
+    let sampler = {
+        let (peak, on) = (peak_rss.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while on.load(Ordering::Relaxed) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    for clients in [1usize, 16] {
+        rows.push(reserve_row("unix socket", &d.unix, clients, dur).await);
+        rows.push(reserve_row("tcp loopback", &d.tcp, clients, dur).await);
+    }
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let hwm_rss = d.rss_kib("VmHWM:");
+    d.stop();
+
+    println!(
+        "{:<32} {:>7} {:>12} {:>9} {:>9} {:>9}",
+        "durable reservations (1 id)", "clients", "per second", "p50 us", "p99 us", "p999 us"
+    );
+    for r in &rows {
+        println!(
+            "{:<32} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
+            r.name,
+            r.clients,
+            r.rate(),
+            r.pct_us(0.5),
+            r.pct_us(0.99),
+            r.pct_us(0.999)
+        );
+    }
+    let find = |name: &str, c: usize| {
+        rows.iter()
+            .find(|r| r.name.starts_with(name) && r.clients == c)
+            .unwrap()
+    };
+    let (fs, u1, u16, t1, t16) = (
+        find("write", 1),
+        find("unix", 1),
+        find("unix", 16),
+        find("tcp", 1),
+        find("tcp", 16),
+    );
+    println!();
+    println!(
+        "unix, 16 clients: {:.0}/s, p99 {:.0} us (target >= 60000/s, p99 < 1000 us): {}",
+        u16.rate(),
+        u16.pct_us(0.99),
+        verdict(u16.rate() >= 60_000.0 && u16.pct_us(0.99) < 1000.0)
+    );
+    println!(
+        "unix, 1 client: {:.2} reservations per fdatasync (target >= 1): {}",
+        u1.rate() / fs.rate(),
+        verdict(u1.rate() >= fs.rate())
+    );
+    let worst = (u1.rate() / t1.rate()).max(u16.rate() / t16.rate());
+    println!(
+        "tcp vs unix: unix/tcp = {:.2} at 1 client, {:.2} at 16 (target <= 1.5): {}",
+        u1.rate() / t1.rate(),
+        u16.rate() / t16.rate(),
+        verdict(worst <= 1.5)
+    );
+    let peak = peak_rss.load(Ordering::Relaxed);
+    println!(
+        "daemon RSS under load: peak sampled {:.1} MiB, VmHWM {:.1} MiB (target <= 64): {}",
+        peak as f64 / 1024.0,
+        hwm_rss as f64 / 1024.0,
+        verdict(hwm_rss.max(peak) <= 64 * 1024)
+    );
+    drop(dir);
+
+    // Start-up with many forks: create them, stop cleanly, time the restart.
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let (d, first) = start(dir.path()).await;
+    let t = Instant::now();
+    let mut creators = Vec::new();
+    let next = Arc::new(AtomicU64::new(0));
+    for _ in 0..8 {
+        let (c, next) = (
+            Client::connect(d.unix.as_str()).await.unwrap(),
+            next.clone(),
+        );
+        creators.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < forks as u64 {
+                c.bootstrap_fork(BootstrapRequest {
+                    fork: ForkId::generate().to_string(),
+                    parent: None,
+                    vid_floor: 0,
+                    eid_floor: 0,
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for c in creators {
+        c.await.unwrap();
+    }
+    let created = t.elapsed();
+    let t = Instant::now();
+    d.stop();
+    let stopped = t.elapsed();
+    let (d, ready) = start(dir.path()).await;
+    let c = Client::connect(d.unix.as_str()).await.unwrap();
+    let st = c.status().await.unwrap();
+    assert_eq!(st.namespaces_total, forks as u64 + 1);
+    println!(
+        "start-up: empty {:.0} ms; {forks} forks created in {:.1} s, clean stop {:.0} ms, restart to ready {:.0} ms (target < 200 ms): {}",
+        first.as_secs_f64() * 1e3,
+        created.as_secs_f64(),
+        stopped.as_secs_f64() * 1e3,
+        ready.as_secs_f64() * 1e3,
+        verdict(ready < Duration::from_millis(200))
+    );
+    d.stop();
+    let _ = std::io::stdout().flush();
+}
+
+fn main() {
+    let secs: u64 = std::env::var("IDALLOC_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let forks: usize = std::env::var("IDALLOC_BENCH_FORKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    // Two workers, like a writer process sharing the machine with the daemon.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bench(Duration::from_secs(secs), forks));
+}
