@@ -495,3 +495,37 @@ fn serves_on_a_socket_passed_by_systemd() {
         "the activated socket belongs to systemd and is left in place"
     );
 }
+
+/// `max_connections`: a connection beyond the limit is accepted by the kernel but not
+/// served until another one closes; then it is served normally.
+#[test]
+fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "max_connections = 2\n",
+            ..Opts::default()
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = unix_client(&d.socket).await.unwrap();
+        let b = unix_client(&d.socket).await.unwrap();
+        a.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap();
+        b.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap();
+        let c = unix_client(&d.socket).await.unwrap();
+        let mut short = ctx();
+        short.deadline = std::time::Instant::now() + Duration::from_millis(500);
+        assert!(
+            c.reserve(short, None, Kind::Vid, 1).await.is_err(),
+            "a third connection was served with max_connections = 2"
+        );
+        drop(a);
+        let mut long = ctx();
+        long.deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let r = c.reserve(long, None, Kind::Vid, 1).await;
+        let r = r.unwrap_or_else(|e| panic!("{e}: {}", d.stderr())).unwrap();
+        assert!(r.start >= 2);
+    });
+}

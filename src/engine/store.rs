@@ -497,3 +497,38 @@ fn classify<T>(op: &'static str, path: &Path, e: object_store::Error) -> Attempt
         other => Attempt::Transient(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_secrets_for_logs_and_status() {
+        let u = url::Url::parse("s3://AKIAEXAMPLE:s3cr3t@bucket/graphs/db1?sig=abc&x=1").unwrap();
+        let shown = redact(&u);
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("AKIAEXAMPLE"),
+            "{shown}"
+        );
+        assert!(!shown.contains("sig="), "{shown}");
+        assert!(shown.contains("bucket/graphs/db1"), "{shown}");
+    }
+
+    #[test]
+    fn bad_urls_and_options_are_named() {
+        let e = StoreHandle::from_url("ftp://x/y", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unsupported scheme"), "{e}");
+        let e = StoreHandle::from_url("s3://bucket/p", &[("aws_colour".into(), "blue".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("aws_colour"), "{e}");
+        let e = StoreHandle::from_url("memory://", &[("aws_region".into(), "x".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("aws_region"), "{e}");
+        let h = StoreHandle::from_url("memory://", &[]).unwrap();
+        assert_eq!(h.mode, WriterMode::MultiWriter);
+    }
+}

@@ -276,8 +276,11 @@ fn adopt_fd(fd: RawFd, allow_remote: bool) -> Result<Listener, ListenError> {
 }
 
 /// Accept connections until `shutdown`, handing each to `serve` with the connection
-/// permit it holds. A permit is taken *before* accepting, so at the limit new clients
-/// wait in the kernel backlog instead of being accepted and starved.
+/// permit it holds. The permit is taken *after* accepting: the limit is shared by
+/// every listener, and a permit held by an idle acceptor would be a slot no client
+/// can use (with two listeners and `max_connections = 2`, one client would starve
+/// the rest). At the limit, each acceptor holds at most one accepted connection
+/// waiting for a slot; further clients wait in the kernel backlog.
 pub async fn accept_loop<F>(
     listener: Listener,
     limit: Arc<Semaphore>,
@@ -288,13 +291,6 @@ pub async fn accept_loop<F>(
 {
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return, // semaphore closed: shutting down
-            },
-        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
@@ -302,13 +298,19 @@ pub async fn accept_loop<F>(
         match accepted {
             Ok(conn) => {
                 backoff = Duration::from_millis(10);
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return, // semaphore closed: shutting down
+                    },
+                };
                 serve(conn, permit);
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: retrying at once would spin. Back
                 // off (up to 1 s) and let connections close.
                 tracing::warn!(listener = %listener.describe(), error = %e, "accept failed; backing off {backoff:?}");
-                drop(permit);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
