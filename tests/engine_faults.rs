@@ -54,6 +54,8 @@ async fn transient_get_errors_at_bootstrap_never_overwrite_a_fork() {
     let f = ForkId::generate();
     let created = a.bootstrap_fork(f, None, 0, 0).await.unwrap();
     let used = a.reserve(Namespace::Fork(f), Kind::Vid, 150).await.unwrap();
+    // Let a's lease prefetch land: only b's writes are under test.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let path = format!("catalog/forks/{f}/id_allocator.json");
     let before = ceilings(&inner, &path).await.unwrap();
     ctl.set(Op::Get, Some(Fault::Fail));
