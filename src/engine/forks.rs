@@ -218,10 +218,7 @@ impl Engine {
                 .await
                 .map_err(|e| store_err(e, hint))?;
             let st = entry.snapshot();
-            let mut m = cur
-                .as_ref()
-                .map(|v| v.manifest.clone())
-                .unwrap_or_else(|| Manifest::new(0, 0));
+            let mut m = super::lease::manifest_to_rewrite(cur.as_ref(), &entry, &st.meta);
             let mut meta = m.fork_meta().unwrap_or_else(|| st.meta.clone());
             meta.dropped = true;
             m.set_fork_meta(&meta);

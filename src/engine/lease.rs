@@ -16,7 +16,7 @@ use crate::error::ServiceError;
 use crate::namespace::{Kind, Namespace};
 use crate::protocol::{Hwm, WriterMode};
 
-use super::manifest::Manifest;
+use super::manifest::{ForkMeta, Manifest};
 use super::ns::{MirrorState, NsEntry};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
@@ -115,16 +115,7 @@ impl Engine {
                     )))
                 }
             };
-            let mut m = match &cur {
-                Some(v) => v.manifest.clone(),
-                None => {
-                    let mut m = Manifest::new(0, 0);
-                    if entry.fork().is_some() {
-                        m.set_fork_meta(&meta);
-                    }
-                    m
-                }
-            };
+            let mut m = manifest_to_rewrite(cur.as_ref(), entry, &meta);
             m.set_ceiling(kind, end);
             m.set_ceiling(other, m.ceiling(other).max(other_owned));
             let written = self
@@ -273,16 +264,7 @@ impl Engine {
             }
             if raise {
                 let st = entry.snapshot();
-                let mut m = match &cur {
-                    Some(v) => v.manifest.clone(),
-                    None => {
-                        let mut m = Manifest::new(0, 0);
-                        if entry.fork().is_some() {
-                            m.set_fork_meta(&st.meta);
-                        }
-                        m
-                    }
-                };
+                let mut m = manifest_to_rewrite(cur.as_ref(), entry, &st.meta);
                 for kind in Kind::ALL {
                     let owned = st.counters[kind.index()].owned_end();
                     if m.ceiling(kind) < owned {
@@ -393,5 +375,24 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The manifest a write starts from: the one read (its unknown fields kept), or, if
+/// there is none, an empty one carrying the fork's metadata.
+pub(super) fn manifest_to_rewrite(
+    cur: Option<&Versioned>,
+    entry: &NsEntry,
+    meta: &ForkMeta,
+) -> Manifest {
+    match cur {
+        Some(v) => v.manifest.clone(),
+        None => {
+            let mut m = Manifest::new(0, 0);
+            if entry.fork().is_some() {
+                m.set_fork_meta(meta);
+            }
+            m
+        }
     }
 }
