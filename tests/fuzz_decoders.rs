@@ -10,8 +10,12 @@
 //! splices, length-prefix fix-ups) for `IDALLOC_FUZZ_SECS` seconds (default 5;
 //! `.ci/run` gives 30). A panic, or more than a bounded amount of memory held at
 //! once while decoding one input, fails the test and prints the input in hex — add
-//! it to the corpus once fixed. Why not cargo-fuzz: it needs nightly and a
-//! sanitizer build of the whole crate; this runs in the ordinary `cargo test`.
+//! it to the corpus once fixed. This runs in the ordinary `cargo test`, on
+//! stable; the same two decoders also have cargo-fuzz (libFuzzer, nightly,
+//! AddressSanitizer, coverage-guided) targets in `fuzz/fuzz_targets/`, seeded
+//! from the same corpus and run by `.ci/fuzz` for 30 s each
+//! (`IDALLOC_CARGO_FUZZ_SECS=600 .ci/fuzz` for longer; docs/guarantees.md,
+//! "Fuzzing").
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
