@@ -10,7 +10,11 @@ use serde::{Deserialize, Serialize};
 use crate::fork_id::ForkId;
 
 /// Which counter of a namespace: vertex ids or edge ids.
+///
+/// Spelled `"vid"`/`"eid"` in JSON (as on the command line); bincode encodes the
+/// variant index, so the spelling is not part of the wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Vertex ids (`next_vid_batch` in the manifest).
     Vid,
@@ -91,5 +95,16 @@ impl fmt::Display for Namespace {
             Namespace::Primary => f.write_str("primary"),
             Namespace::Fork(id) => write!(f, "fork {id}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_lowercase_in_json() {
+        assert_eq!(serde_json::to_string(&Kind::Vid).unwrap(), "\"vid\"");
+        assert_eq!(serde_json::from_str::<Kind>("\"eid\"").unwrap(), Kind::Eid);
     }
 }
