@@ -295,6 +295,21 @@ fn assert_unique(ids: &[u64], what: &str) {
     }
 }
 
+/// A client on the daemon's unix socket that rides out restarts: a long deadline and
+/// a short reconnect backoff.
+async fn restart_tolerant_client(d: &Daemon) -> Client {
+    Client::connect_with(
+        endpoints(d)[0].as_str(),
+        ClientConfig {
+            deadline: Duration::from_secs(30),
+            backoff_max: Duration::from_millis(50),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// Writers allocating single ids from several tasks keep going while the daemon is
 /// stopped with SIGTERM and restarted, then killed with SIGKILL and restarted: every
 /// id is handed out once, and each life of the daemon serves some of them.
@@ -303,16 +318,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start(dir.path()).await;
     let endpoint = endpoints(&d)[0].clone();
-    let client = Client::connect_with(
-        endpoint.as_str(),
-        ClientConfig {
-            deadline: Duration::from_secs(30),
-            backoff_max: Duration::from_millis(50),
-            ..ClientConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let client = restart_tolerant_client(&d).await;
     let alloc = client.allocator_with(None, small_batches());
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicU64::new(0));
@@ -415,17 +421,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
 async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start(dir.path()).await;
-    let endpoint = endpoints(&d)[0].clone();
-    let client = Client::connect_with(
-        endpoint.as_str(),
-        ClientConfig {
-            deadline: Duration::from_secs(30),
-            backoff_max: Duration::from_millis(50),
-            ..ClientConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let client = restart_tolerant_client(&d).await;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..8)
