@@ -1,21 +1,49 @@
 //! Micro-benchmark of the client cache's fast path, beside a bare
 //! `AtomicU64::fetch_add` measured in the same run (the ceiling any shared counter
-//! can reach). Uses `LocalSource`, so no daemon is needed:
+//! can reach). Uses `LocalSource` and the default `AllocatorConfig`, so no daemon
+//! is needed. A divan benchmark:
 //!
 //!     cargo bench --no-default-features --bench client_cache
 //!
-//! Prints ops/s and the ratio to the bare atomic for: one thread; 16 tasks on a
-//! 2-thread runtime; and `allocate_vids(n)`.
+//! (divan's options follow `--`, e.g. `-- --sample-count 5` for a quick check, or
+//! a name filter such as `-- one_thread`.)
+//!
+//! Cases (divan groups; rows are sorted by name within a group):
+//!
+//! - `one_thread`: bare `AtomicU64::fetch_add` and `Allocator::allocate_vid`
+//!   (warmed up so the adaptive batch has grown), from one thread (a
+//!   current-thread tokio runtime for the allocator); `one_thread_ranges`, printed
+//!   right below: `Allocator::allocate_vids(10)` and `allocate_vids(100)`, the
+//!   same way. One divan iteration is 1,000 calls, so the time column in µs reads
+//!   as ns per call.
+//! - `tasks_16_on_2_workers`: bare `AtomicU64::fetch_add` on one shared counter
+//!   and `Allocator::allocate_vid` on one shared allocator, from 16 tokio tasks on
+//!   a 2-worker multi-thread runtime (built, and the allocator warmed up, outside
+//!   the timed region). One iteration is 16 tasks × 62,500 calls = 1,000,000 ids,
+//!   so the time column in ms reads as ns per id.
+//!
+//! Every row counts ids (`ItemsCount`), so divan's `item/s` line is ids/s. The
+//! cost relative to the bare atomic is the allocator row's median time ÷ the
+//! atomic row's median time in the same setting (for `allocate_vid` that is also
+//! atomic item/s ÷ allocator item/s; for `allocate_vids(n)` it compares calls).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use divan::counter::ItemsCount;
+use divan::Bencher;
 use idalloc::client::{Allocator, AllocatorConfig, LocalSource};
 
-const N: u64 = 200_000_000;
+/// Calls per divan iteration in the one-thread cases.
+const CALLS: u64 = 1_000;
+/// Tasks, and calls per task in one iteration, in the multi-task cases.
 const TASKS: u64 = 16;
+const CALLS_PER_TASK: u64 = 62_500;
+
+fn main() {
+    divan::main();
+}
 
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -24,7 +52,7 @@ fn current_thread() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn two_threads() -> tokio::runtime::Runtime {
+fn two_workers() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -32,152 +60,125 @@ fn two_threads() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn bare_atomic_one_thread() -> Duration {
-    let counter = AtomicU64::new(0);
-    let t = Instant::now();
-    for _ in 0..N {
-        black_box(counter.fetch_add(1, Ordering::SeqCst));
-    }
-    t.elapsed()
+/// An allocator on `LocalSource`, with `warmup` calls of `allocate_vids(n)` (or
+/// `allocate_vid` for `n == 1`) made so that its batch has grown to working size.
+fn warmed_allocator(rt: &tokio::runtime::Runtime, n: u64, warmup: u64) -> Allocator {
+    rt.block_on(async {
+        let alloc = Allocator::new(LocalSource::new(), AllocatorConfig::default());
+        for _ in 0..warmup {
+            if n == 1 {
+                black_box(alloc.allocate_vid().await.unwrap());
+            } else {
+                black_box(alloc.allocate_vids(n).await.unwrap());
+            }
+        }
+        alloc
+    })
 }
 
-fn bare_atomic_tasks() -> Duration {
-    let rt = two_threads();
-    let counter = Arc::new(AtomicU64::new(0));
-    rt.block_on(async {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    for _ in 0..N / TASKS {
-                        black_box(counter.fetch_add(1, Ordering::SeqCst));
+// 100 iterations (100,000 calls) per sample, so that a sample is long against the
+// timer and one `block_on` per 1,000 calls is noise.
+#[divan::bench_group(sample_size = 100)]
+mod one_thread {
+    use super::*;
+
+    #[divan::bench]
+    fn atomic_fetch_add(bencher: Bencher) {
+        let counter = AtomicU64::new(0);
+        bencher.counter(ItemsCount::new(CALLS)).bench_local(|| {
+            for _ in 0..CALLS {
+                black_box(counter.fetch_add(1, Ordering::SeqCst));
+            }
+        });
+    }
+
+    #[divan::bench]
+    fn allocate_vid(bencher: Bencher) {
+        let rt = current_thread();
+        let alloc = warmed_allocator(&rt, 1, 10_000_000);
+        bencher.counter(ItemsCount::new(CALLS)).bench_local(|| {
+            rt.block_on(async {
+                for _ in 0..CALLS {
+                    black_box(alloc.allocate_vid().await.unwrap());
+                }
+            })
+        });
+    }
+}
+
+// Right after `one_thread` in divan's (name-sorted) output, so the bare atomic's row
+// sits just above these.
+#[divan::bench_group(sample_size = 100)]
+mod one_thread_ranges {
+    use super::*;
+
+    /// `allocate_vids(n)`: items are ids (n per call), time is per 1,000 calls.
+    #[divan::bench(args = [10, 100])]
+    fn allocate_vids(bencher: Bencher, n: u64) {
+        let rt = current_thread();
+        let alloc = warmed_allocator(&rt, n, 1_000_000);
+        bencher.counter(ItemsCount::new(CALLS * n)).bench_local(|| {
+            rt.block_on(async {
+                for _ in 0..CALLS {
+                    black_box(alloc.allocate_vids(n).await.unwrap());
+                }
+            })
+        });
+    }
+}
+
+// An iteration is ~10–40 ms here; 50 samples keep each row around a second or two.
+#[divan::bench_group(sample_count = 50, sample_size = 1)]
+mod tasks_16_on_2_workers {
+    use super::*;
+
+    #[divan::bench]
+    fn atomic_fetch_add(bencher: Bencher) {
+        let rt = two_workers();
+        let counter = Arc::new(AtomicU64::new(0));
+        bencher
+            .counter(ItemsCount::new(TASKS * CALLS_PER_TASK))
+            .bench_local(|| {
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let counter = counter.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS_PER_TASK {
+                                    black_box(counter.fetch_add(1, Ordering::SeqCst));
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
                     }
                 })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-        t.elapsed()
-    })
-}
+            });
+    }
 
-fn allocator_one_thread() -> Duration {
-    let rt = current_thread();
-    rt.block_on(async {
-        let alloc = Allocator::new(LocalSource::new(), AllocatorConfig::default());
-        // Warm up: let the batch grow to its working size.
-        for _ in 0..10_000_000 {
-            black_box(alloc.allocate_vid().await.unwrap());
-        }
-        let t = Instant::now();
-        for _ in 0..N {
-            black_box(alloc.allocate_vid().await.unwrap());
-        }
-        t.elapsed()
-    })
-}
-
-fn allocator_tasks() -> Duration {
-    let rt = two_threads();
-    rt.block_on(async {
-        let alloc = Allocator::new(LocalSource::new(), AllocatorConfig::default());
-        for _ in 0..10_000_000 {
-            black_box(alloc.allocate_vid().await.unwrap());
-        }
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let alloc = alloc.clone();
-                tokio::spawn(async move {
-                    for _ in 0..N / TASKS {
-                        black_box(alloc.allocate_vid().await.unwrap());
+    #[divan::bench]
+    fn allocate_vid(bencher: Bencher) {
+        let rt = two_workers();
+        let alloc = warmed_allocator(&rt, 1, 10_000_000);
+        bencher
+            .counter(ItemsCount::new(TASKS * CALLS_PER_TASK))
+            .bench_local(|| {
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let alloc = alloc.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS_PER_TASK {
+                                    black_box(alloc.allocate_vid().await.unwrap());
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
                     }
                 })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-        t.elapsed()
-    })
-}
-
-/// `allocate_vids(n)` from one thread: returns (calls, elapsed).
-fn allocator_ranges(n: u64) -> (u64, Duration) {
-    let rt = current_thread();
-    rt.block_on(async {
-        let alloc = Allocator::new(LocalSource::new(), AllocatorConfig::default());
-        let calls = N / 4;
-        for _ in 0..1_000_000 {
-            black_box(alloc.allocate_vids(n).await.unwrap());
-        }
-        let t = Instant::now();
-        for _ in 0..calls {
-            black_box(alloc.allocate_vids(n).await.unwrap());
-        }
-        (calls, t.elapsed())
-    })
-}
-
-fn rate(ops: u64, d: Duration) -> f64 {
-    ops as f64 / d.as_secs_f64()
-}
-
-fn main() {
-    // `cargo bench` passes `--bench`; a filter argument is not supported here.
-    println!(
-        "client cache micro-benchmark ({N} ops per row; LocalSource, default AllocatorConfig)"
-    );
-    println!();
-    let atomic1 = rate(N, bare_atomic_one_thread());
-    let alloc1 = rate(N, allocator_one_thread());
-    let atomic16 = rate(N, bare_atomic_tasks());
-    let alloc16 = rate(N, allocator_tasks());
-    println!(
-        "{:<46} {:>14} {:>9} {:>14}",
-        "case", "ops/s", "ns/op", "vs bare atomic"
-    );
-    let row = |name: &str, ops: f64, base: f64| {
-        println!(
-            "{name:<46} {:>14.0} {:>9.2} {:>13.2}x",
-            ops,
-            1e9 / ops,
-            base / ops
-        );
-    };
-    row("bare AtomicU64::fetch_add, 1 thread", atomic1, atomic1);
-    row("Allocator::allocate_vid, 1 thread", alloc1, atomic1);
-    row(
-        "bare AtomicU64::fetch_add, 16 tasks/2 threads",
-        atomic16,
-        atomic16,
-    );
-    row(
-        "Allocator::allocate_vid, 16 tasks/2 threads",
-        alloc16,
-        atomic16,
-    );
-    for n in [10u64, 100] {
-        let (calls, d) = allocator_ranges(n);
-        let calls_s = rate(calls, d);
-        println!(
-            "{:<46} {:>14.0} {:>9.2} {:>13.2}x   ({:.0} ids/s)",
-            format!("Allocator::allocate_vids({n}), 1 thread"),
-            calls_s,
-            1e9 / calls_s,
-            atomic1 / calls_s,
-            calls_s * n as f64
-        );
+            });
     }
-    println!();
-    println!(
-        "targets: 1 thread >= 50M ids/s and within 3x of the bare atomic: {} ({:.1}M/s, {:.2}x); 16 tasks >= 20M ids/s: {} ({:.1}M/s)",
-        if alloc1 >= 50e6 && atomic1 / alloc1 <= 3.0 { "met" } else { "NOT met" },
-        alloc1 / 1e6,
-        atomic1 / alloc1,
-        if alloc16 >= 20e6 { "met" } else { "NOT met" },
-        alloc16 / 1e6
-    );
 }

@@ -1,178 +1,208 @@
-//! Group commit, measured: durable reservations per second and sled flushes per
-//! reservation at 1 and 16 concurrent callers, beside a flush per reservation
-//! (sled `insert` + `flush()` for every call, the design group commit replaces).
+//! Group commit, measured: durable reservations per second at 1 and 16 concurrent
+//! callers, the engine's `reserve(Namespace::Primary, Kind::Vid, 100)` (group
+//! commit) beside a flush per reservation (sled `update_and_fetch` + `flush()` for
+//! every call, through `spawn_blocking`: the design group commit replaces).
+//! In-process, no RPC; the engine uses an `InMemory` object store and a sled
+//! directory in a temp dir under the current directory (the real disk). All on one
+//! 2-worker tokio runtime. A divan benchmark:
 //!
-//! Run: `cargo bench --bench group_commit` (`IDALLOC_BENCH_SECS` sets the duration
-//! of each row, default 3). Prints a table; ratios matter more than absolute
-//! numbers on a shared machine.
+//!     cargo bench --bench group_commit
+//!
+//! (divan's options follow `--`, e.g. `-- --sample-count 5` for a quick check, or
+//! `-- callers_16` for the 16-caller rows only.)
+//!
+//! One divan iteration is `callers` tasks each making 50 reservations one after
+//! the other, all tasks at once; its counter is `ItemsCount(callers × 50)`, so
+//! divan's `item/s` line is reservations/s, and the time column is the time for
+//! those `callers × 50` reservations. The ratio that matters is engine item/s ÷
+//! sled item/s in `callers_16`. After divan's table one more line gives the
+//! engine's sled flushes per reservation (which divan cannot show), counted over
+//! the engine's iterations.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
+use divan::counter::ItemsCount;
+use divan::Bencher;
 use idalloc::engine::{Engine, EngineConfig, StoreHandle};
 use idalloc::protocol::WriterMode;
 use idalloc::{Kind, Namespace};
 
-struct Row {
-    name: String,
-    callers: usize,
-    ops: u64,
-    secs: f64,
-    p50_us: f64,
-    p99_us: f64,
-    flushes: Option<u64>,
+/// Reservations each caller makes, one after the other, in one divan iteration.
+const PER_CALLER: u64 = 50;
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+});
+
+/// Engine sled flushes and reservations made during the engine rows, by callers.
+struct FlushTally {
+    flushes: AtomicU64,
+    reservations: AtomicU64,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+static ENGINE_1: FlushTally = FlushTally::new();
+static ENGINE_16: FlushTally = FlushTally::new();
+
+impl FlushTally {
+    const fn new() -> Self {
+        FlushTally {
+            flushes: AtomicU64::new(0),
+            reservations: AtomicU64::new(0),
+        }
     }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
+
+    fn describe(&self, callers: &str) -> String {
+        let flushes = self.flushes.load(Ordering::Relaxed);
+        let reservations = self.reservations.load(Ordering::Relaxed);
+        if reservations == 0 {
+            format!("not run at {callers}")
+        } else {
+            format!(
+                "{:.3} at {callers} ({flushes} flushes / {reservations} reservations)",
+                flushes as f64 / reservations as f64
+            )
+        }
+    }
 }
 
-async fn run_callers<F, Fut>(callers: usize, dur: Duration, f: F) -> (u64, Vec<u64>)
+fn main() {
+    divan::main();
+    println!(
+        "engine (group commit), sled flushes per reservation: {}; {}",
+        ENGINE_16.describe("16 callers"),
+        ENGINE_1.describe("1 caller")
+    );
+}
+
+/// `callers` tasks, each calling `f` `PER_CALLER` times in sequence; returns when
+/// all are done.
+async fn run_callers<F, Fut>(callers: usize, f: F)
 where
     F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    Fut: Future<Output = ()> + Send,
 {
-    let deadline = Instant::now() + dur;
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let f = f.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                f().await;
-                lat.push(t.elapsed().as_nanos() as u64);
-            }
-            lat
-        }));
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                for _ in 0..PER_CALLER {
+                    f().await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
     }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all.sort_unstable();
-    (all.len() as u64, all)
 }
 
-async fn engine_row(callers: usize, dur: Duration) -> Row {
+fn engine_group_commit(bencher: Bencher, callers: usize, tally: &FlushTally) {
+    let rt = &*RUNTIME;
     let dir = tempfile::tempdir_in(".").unwrap();
-    let store = StoreHandle::custom(
-        Arc::new(object_store::memory::InMemory::new()),
-        WriterMode::MultiWriter,
-        "memory://bench",
-    );
-    let cfg = EngineConfig {
-        data_dir: dir.path().join("data"),
-        lease_size: 1 << 40,
-        ..EngineConfig::default()
-    };
-    let engine = Engine::open(cfg, store).await.unwrap();
-    engine
-        .reserve(Namespace::Primary, Kind::Vid, 1)
-        .await
-        .unwrap();
-    let before = engine.flushes();
-    let e = engine.clone();
-    let t = Instant::now();
-    let (ops, lat) = run_callers(callers, dur, move || {
-        let e = e.clone();
-        async move {
-            e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
-        }
-    })
-    .await;
-    let secs = t.elapsed().as_secs_f64();
-    Row {
-        name: "engine (group commit)".into(),
-        callers,
-        ops,
-        secs,
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        flushes: Some(engine.flushes() - before),
-    }
+    let engine = rt.block_on(async {
+        let store = StoreHandle::custom(
+            Arc::new(object_store::memory::InMemory::new()),
+            WriterMode::MultiWriter,
+            "memory://bench",
+        );
+        let cfg = EngineConfig {
+            data_dir: dir.path().join("data"),
+            lease_size: 1 << 40,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::open(cfg, store).await.unwrap();
+        engine
+            .reserve(Namespace::Primary, Kind::Vid, 1)
+            .await
+            .unwrap();
+        engine
+    });
+    bencher
+        .counter(ItemsCount::new(callers as u64 * PER_CALLER))
+        .bench_local(|| {
+            let before = engine.flushes();
+            let e = engine.clone();
+            rt.block_on(run_callers(callers, move || {
+                let e = e.clone();
+                async move {
+                    e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
+                }
+            }));
+            tally
+                .flushes
+                .fetch_add(engine.flushes() - before, Ordering::Relaxed);
+            tally
+                .reservations
+                .fetch_add(callers as u64 * PER_CALLER, Ordering::Relaxed);
+        });
+    rt.block_on(async move { drop(engine) });
 }
 
-async fn flush_per_call_row(callers: usize, dur: Duration) -> Row {
+fn sled_flush_per_reservation(bencher: Bencher, callers: usize) {
+    let rt = &*RUNTIME;
     let dir = tempfile::tempdir_in(".").unwrap();
     let db = sled::Config::new()
         .path(dir.path().join("sled"))
         .flush_every_ms(None)
         .open()
         .unwrap();
-    let t = Instant::now();
-    let (ops, lat) = run_callers(callers, dur, move || {
-        let db = db.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                db.update_and_fetch(b"ctr", |old| {
-                    let v = old.map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
-                    Some((v + 100).to_be_bytes().to_vec())
-                })
-                .unwrap();
-                db.flush().unwrap();
-            })
-            .await
-            .unwrap();
-        }
-    })
-    .await;
-    let secs = t.elapsed().as_secs_f64();
-    Row {
-        name: "sled flush per reservation".into(),
-        callers,
-        ops,
-        secs,
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        flushes: Some(ops),
+    bencher
+        .counter(ItemsCount::new(callers as u64 * PER_CALLER))
+        .bench_local(|| {
+            let db = db.clone();
+            rt.block_on(run_callers(callers, move || {
+                let db = db.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        db.update_and_fetch(b"ctr", |old| {
+                            let v = old.map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
+                            Some((v + 100).to_be_bytes().to_vec())
+                        })
+                        .unwrap();
+                        db.flush().unwrap();
+                    })
+                    .await
+                    .unwrap();
+                }
+            }));
+        });
+}
+
+// Each iteration is PER_CALLER (1 caller) or 16 × PER_CALLER reservations, tens of
+// flushes at ~100 µs or more each: 20 samples of one iteration keep each row to a
+// second or two.
+#[divan::bench_group(sample_count = 20, sample_size = 1)]
+mod callers_1 {
+    use divan::Bencher;
+
+    #[divan::bench]
+    fn engine_group_commit(bencher: Bencher) {
+        super::engine_group_commit(bencher, 1, &super::ENGINE_1);
+    }
+
+    #[divan::bench]
+    fn sled_flush_per_reservation(bencher: Bencher) {
+        super::sled_flush_per_reservation(bencher, 1);
     }
 }
 
-fn main() {
-    let secs: u64 = std::env::var("IDALLOC_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let dur = Duration::from_secs(secs);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut rows = Vec::new();
-    for callers in [1usize, 16] {
-        rows.push(rt.block_on(flush_per_call_row(callers, dur)));
-        rows.push(rt.block_on(engine_row(callers, dur)));
+#[divan::bench_group(sample_count = 20, sample_size = 1)]
+mod callers_16 {
+    use divan::Bencher;
+
+    #[divan::bench]
+    fn engine_group_commit(bencher: Bencher) {
+        super::engine_group_commit(bencher, 16, &super::ENGINE_16);
     }
-    println!(
-        "{:<28} {:>7} {:>14} {:>10} {:>10} {:>16}",
-        "mode", "callers", "reservations/s", "p50 us", "p99 us", "flushes/reserv."
-    );
-    for r in &rows {
-        println!(
-            "{:<28} {:>7} {:>14.0} {:>10.1} {:>10.1} {:>16.3}",
-            r.name,
-            r.callers,
-            r.ops as f64 / r.secs,
-            r.p50_us,
-            r.p99_us,
-            r.flushes
-                .map_or(f64::NAN, |f| f as f64 / r.ops.max(1) as f64)
-        );
+
+    #[divan::bench]
+    fn sled_flush_per_reservation(bencher: Bencher) {
+        super::sled_flush_per_reservation(bencher, 16);
     }
-    let rate = |name: &str, c: usize| {
-        rows.iter()
-            .find(|r| r.name.starts_with(name) && r.callers == c)
-            .map(|r| r.ops as f64 / r.secs)
-            .unwrap()
-    };
-    println!(
-        "group commit at 16 callers = {:.1}x a flush per reservation",
-        rate("engine", 16) / rate("sled", 16)
-    );
 }
