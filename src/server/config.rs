@@ -106,6 +106,8 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `idalloc=debug,info`, ...). `RUST_LOG` overrides it.
+    /// Unless the filter names `tarpc`, `tarpc=warn` is added: tarpc's per-request
+    /// info spans cost CPU on every request and carry nothing to read.
     pub level: String,
     /// `auto` (colour on a terminal, plain otherwise and under journald), `plain`,
     /// or `color`.
