@@ -103,6 +103,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     init_logging(&settings.log_level, settings.log_format);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.worker_threads)
         .enable_all()
         .thread_name("idallocd")
         .build()

@@ -43,6 +43,10 @@ pub struct Config {
     pub allow_remote: bool,
     /// Most client connections served at once; further clients wait in the backlog.
     pub max_connections: usize,
+    /// Threads of the async runtime that serves connections. Default 1: a request
+    /// needs microseconds of CPU there (flushes run on their own thread), and every
+    /// extra worker adds cross-thread wake-ups per request (docs/performance.md).
+    pub worker_threads: usize,
     /// Most requests one connection may have in flight; more get an error reply.
     pub max_in_flight_per_connection: usize,
     /// Largest request frame accepted, in bytes; a larger one closes the connection.
@@ -135,6 +139,7 @@ impl Default for Config {
             socket_mode: "0660".into(),
             allow_remote: false,
             max_connections: 1024,
+            worker_threads: 1,
             max_in_flight_per_connection: 128,
             max_frame_bytes: 65536,
             shutdown_timeout: "10s".into(),
@@ -265,6 +270,8 @@ pub struct Settings {
     pub allow_remote: bool,
     /// Connection limit.
     pub max_connections: usize,
+    /// Async runtime threads.
+    pub worker_threads: usize,
     /// Per-connection in-flight limit.
     pub max_in_flight_per_connection: usize,
     /// Request frame limit.
@@ -358,6 +365,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
+        if !(1..=1024).contains(&self.worker_threads) {
+            return Err(invalid("worker_threads", "must be between 1 and 1024"));
+        }
         if self.max_in_flight_per_connection == 0 {
             return Err(invalid(
                 "max_in_flight_per_connection",
@@ -432,6 +442,7 @@ impl Config {
             socket_mode,
             allow_remote: self.allow_remote,
             max_connections: self.max_connections,
+            worker_threads: self.worker_threads,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             shutdown_timeout,
@@ -599,6 +610,7 @@ mod tests {
             ("listen = []", "listen"),
             ("max_frame_bytes = 10", "max_frame_bytes"),
             ("max_connections = 0", "max_connections"),
+            ("worker_threads = 0", "worker_threads"),
             ("shutdown_timeout = \"soon\"", "shutdown_timeout"),
             ("[allocation]\nprefetch_at = 1.5", "allocation.prefetch_at"),
             ("[allocation]\nlease_size = 0", "allocation.lease_size"),
