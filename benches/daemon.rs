@@ -7,7 +7,10 @@
 //! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
 //! of issue 6 is printed as met or NOT met. The daemon is the release binary cargo
 //! built for this bench, started in a temp directory under the current directory
-//! (so on the same disk as the fsync baseline).
+//! (so on the same disk as the fsync baseline). Each reservation row also shows what
+//! a reservation cost: the daemon's CPU, this (load-generating) process's CPU and the
+//! daemon's context switches, all per reservation — on two shared cores those bound
+//! the throughput, so they show where a change helps before the noisy rate does.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -126,6 +129,57 @@ struct Row {
     ops: u64,
     secs: f64,
     lat: Vec<u64>,
+    /// Daemon and bench-process CPU, and daemon context switches, over the row.
+    cost: Option<Cost>,
+}
+
+/// What the daemon and the load generator spent while a row ran: both share the
+/// machine's two cores, so CPU per reservation is what bounds throughput.
+#[derive(Clone, Copy)]
+struct Cost {
+    daemon_cpu_s: f64,
+    bench_cpu_s: f64,
+    daemon_switches: u64,
+}
+
+/// utime + stime of a process, in seconds (`/proc/<pid>/stat`, fields 14 and 15).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; count fields after its ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    f.get(11)
+        .zip(f.get(12))
+        .map_or(0.0, |(u, s)| (u + s) as f64 / hz)
+}
+
+/// Voluntary + involuntary context switches of every thread of `pid`.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|st| {
+            st.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+fn cost_now(pid: u32) -> Cost {
+    Cost {
+        daemon_cpu_s: cpu_seconds(&pid.to_string()),
+        bench_cpu_s: cpu_seconds("self"),
+        daemon_switches: context_switches(pid),
+    }
 }
 
 impl Row {
@@ -142,7 +196,7 @@ impl Row {
 }
 
 /// `clients` connections, each with one reservation of one id in flight.
-async fn reserve_row(name: &str, endpoint: &str, clients: usize, dur: Duration) -> Row {
+async fn reserve_row(name: &str, endpoint: &str, pid: u32, clients: usize, dur: Duration) -> Row {
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(Client::connect(endpoint).await.unwrap());
@@ -151,6 +205,7 @@ async fn reserve_row(name: &str, endpoint: &str, clients: usize, dur: Duration) 
     for c in &conns {
         c.reserve(None, Kind::Vid, 1).await.unwrap();
     }
+    let before = cost_now(pid);
     let t = Instant::now();
     let deadline = t + dur;
     let mut tasks = Vec::new();
@@ -174,6 +229,7 @@ async fn reserve_row(name: &str, endpoint: &str, clients: usize, dur: Duration) 
         lat.extend(t.await.unwrap());
     }
     let secs = t.elapsed().as_secs_f64();
+    let after = cost_now(pid);
     lat.sort_unstable();
     Row {
         name: name.into(),
@@ -181,6 +237,11 @@ async fn reserve_row(name: &str, endpoint: &str, clients: usize, dur: Duration) 
         ops: lat.len() as u64,
         secs,
         lat,
+        cost: Some(Cost {
+            daemon_cpu_s: after.daemon_cpu_s - before.daemon_cpu_s,
+            bench_cpu_s: after.bench_cpu_s - before.bench_cpu_s,
+            daemon_switches: after.daemon_switches - before.daemon_switches,
+        }),
     }
 }
 
@@ -208,6 +269,7 @@ fn fsync_row(dir: &Path, dur: Duration) -> Row {
         ops: lat.len() as u64,
         secs,
         lat,
+        cost: None,
     }
 }
 
@@ -246,8 +308,8 @@ async fn bench(dur: Duration, forks: usize) {
         })
     };
     for clients in [1usize, 16] {
-        rows.push(reserve_row("unix socket", &d.unix, clients, dur).await);
-        rows.push(reserve_row("tcp loopback", &d.tcp, clients, dur).await);
+        rows.push(reserve_row("unix socket", &d.unix, pid, clients, dur).await);
+        rows.push(reserve_row("tcp loopback", &d.tcp, pid, clients, dur).await);
     }
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
@@ -255,20 +317,43 @@ async fn bench(dur: Duration, forks: usize) {
     d.stop();
 
     println!(
-        "{:<32} {:>7} {:>12} {:>9} {:>9} {:>9}",
-        "durable reservations (1 id)", "clients", "per second", "p50 us", "p99 us", "p999 us"
+        "{:<32} {:>7} {:>12} {:>9} {:>9} {:>9} {:>14} {:>13} {:>12}",
+        "durable reservations (1 id)",
+        "clients",
+        "per second",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "daemon cpu us",
+        "bench cpu us",
+        "daemon cs"
     );
     for r in &rows {
+        // Costs are per reservation.
+        let (dc, bc, cs) = r
+            .cost
+            .map_or((String::new(), String::new(), String::new()), |c| {
+                let n = r.ops.max(1) as f64;
+                (
+                    format!("{:.1}", c.daemon_cpu_s * 1e6 / n),
+                    format!("{:.1}", c.bench_cpu_s * 1e6 / n),
+                    format!("{:.2}", c.daemon_switches as f64 / n),
+                )
+            });
         println!(
-            "{:<32} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>9.1}",
+            "{:<32} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>14} {:>13} {:>12}",
             r.name,
             r.clients,
             r.rate(),
             r.pct_us(0.5),
             r.pct_us(0.99),
-            r.pct_us(0.999)
+            r.pct_us(0.999),
+            dc,
+            bc,
+            cs
         );
     }
+    println!("(cpu us and context switches are per reservation; cpu in clock ticks, so coarse)");
     let find = |name: &str, c: usize| {
         rows.iter()
             .find(|r| r.name.starts_with(name) && r.clients == c)
