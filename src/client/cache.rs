@@ -118,16 +118,25 @@ pub struct CacheStats {
     pub batch: u64,
 }
 
-/// The words the fast path touches, on their own cache lines so that the batch
-/// size, the statistics and the mutex do not share a line with `taken`.
+/// The words the fast path touches, away from the batch size, the statistics and
+/// the mutex. `seq`, `base`, `len` and `prefetch_at` change only at install, so
+/// every core keeps a shared copy of their line; `taken` is written by every take
+/// and has a line of its own. Were they on one line, a take on one core would
+/// invalidate the others' copy of `seq` and `base` too, and each take would move
+/// the line twice (read, then write) instead of once.
 #[repr(align(128))]
 struct Hot {
     seq: AtomicU64,
-    taken: AtomicU64,
     base: AtomicU64,
     len: AtomicU64,
     prefetch_at: AtomicU64,
+    taken: OwnLine,
 }
+
+/// One atomic on a 128-byte line of its own (two 64-byte lines: x86 prefetches
+/// lines in pairs).
+#[repr(align(128))]
+struct OwnLine(AtomicU64);
 
 /// Refill state, behind an async mutex: held across the reservation call so that a
 /// writer that runs dry waits for an in-flight prefetch instead of reserving a
@@ -164,7 +173,7 @@ impl KindCache {
         Arc::new(KindCache {
             hot: Hot {
                 seq: AtomicU64::new(0),
-                taken: AtomicU64::new(0),
+                taken: OwnLine(AtomicU64::new(0)),
                 base: AtomicU64::new(0),
                 len: AtomicU64::new(0),
                 // Never reached by an empty range: no prefetch before the first fill.
@@ -197,7 +206,7 @@ impl KindCache {
         if s1 & 1 != 0 {
             return None;
         }
-        let off = h.taken.fetch_add(n, SeqCst);
+        let off = h.taken.0.fetch_add(n, SeqCst);
         let len = h.len.load(SeqCst);
         let base = h.base.load(SeqCst);
         let prefetch_at = h.prefetch_at.load(SeqCst);
@@ -221,7 +230,7 @@ impl KindCache {
         let h = &self.hot;
         let len = range.len();
         h.seq.fetch_add(1, SeqCst);
-        h.taken.store(0, SeqCst);
+        h.taken.0.store(0, SeqCst);
         h.base.store(range.start, SeqCst);
         h.len.store(len, SeqCst);
         h.prefetch_at.store(len / 2, SeqCst);
@@ -234,7 +243,7 @@ impl KindCache {
         self.hot
             .len
             .load(SeqCst)
-            .saturating_sub(self.hot.taken.load(SeqCst))
+            .saturating_sub(self.hot.taken.0.load(SeqCst))
     }
 
     /// Take `n` consecutive ids, refilling as needed. Requests larger than a quarter
@@ -319,7 +328,7 @@ impl KindCache {
             return;
         }
         let len = self.hot.len.load(SeqCst);
-        let used = self.hot.taken.load(SeqCst).clamp(1, len.max(1));
+        let used = self.hot.taken.0.load(SeqCst).clamp(1, len.max(1));
         let elapsed = slow.installed_at.elapsed();
         // Time the whole range would last at the pace seen so far.
         let projected = elapsed.mul_f64(len as f64 / used as f64);
