@@ -144,13 +144,14 @@ fn names_tarpc(filter: &str) -> bool {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let from_env = std::env::var("RUST_LOG").ok();
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let (mut filter, effective) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => (f, std::env::var("RUST_LOG").unwrap_or_default()),
+        Err(_) => (tracing_subscriber::EnvFilter::new(level), level.to_string()),
+    };
     // tarpc opens an info-level span for every request; with no event inside it,
     // the span only costs (~25 % of the request path's user CPU, docs/performance.md).
     // A filter that does not name tarpc keeps tarpc's warnings and errors only.
-    if !names_tarpc(from_env.as_deref().unwrap_or(level)) {
+    if !names_tarpc(&effective) {
         filter = filter.add_directive("tarpc=warn".parse().expect("a valid directive"));
     }
     // systemd sets JOURNAL_STREAM when stderr goes to the journal, which timestamps
