@@ -127,6 +127,22 @@ mod one_thread_ranges {
     }
 }
 
+/// One iteration of the multi-task rows: `TASKS` tasks on `rt`, each running the
+/// future `task()` makes, all at once; returns when every task is done. Both rows
+/// go through this, so they differ only in what a task does.
+fn run_tasks<F, Fut>(rt: &tokio::runtime::Runtime, task: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS).map(|_| tokio::spawn(task())).collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+}
+
 // An iteration is ~10–40 ms here; 50 samples keep each row around a second or two.
 #[divan::bench_group(sample_count = 50, sample_size = 1)]
 mod tasks_16_on_2_workers {
@@ -139,19 +155,12 @@ mod tasks_16_on_2_workers {
         bencher
             .counter(ItemsCount::new(TASKS * CALLS_PER_TASK))
             .bench_local(|| {
-                rt.block_on(async {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let counter = counter.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS_PER_TASK {
-                                    black_box(counter.fetch_add(1, Ordering::SeqCst));
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+                run_tasks(&rt, || {
+                    let counter = counter.clone();
+                    async move {
+                        for _ in 0..CALLS_PER_TASK {
+                            black_box(counter.fetch_add(1, Ordering::SeqCst));
+                        }
                     }
                 })
             });
@@ -164,19 +173,12 @@ mod tasks_16_on_2_workers {
         bencher
             .counter(ItemsCount::new(TASKS * CALLS_PER_TASK))
             .bench_local(|| {
-                rt.block_on(async {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let alloc = alloc.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS_PER_TASK {
-                                    black_box(alloc.allocate_vid().await.unwrap());
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+                run_tasks(&rt, || {
+                    let alloc = alloc.clone();
+                    async move {
+                        for _ in 0..CALLS_PER_TASK {
+                            black_box(alloc.allocate_vid().await.unwrap());
+                        }
                     }
                 })
             });
