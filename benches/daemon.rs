@@ -450,9 +450,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    // Two workers, like a writer process sharing the machine with the daemon.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread drives every client connection, as `idallocctl bench` does by
+    // default: the load generator then takes as little of the two cores as it can
+    // from the daemon it measures.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();

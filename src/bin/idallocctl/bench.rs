@@ -50,6 +50,17 @@ pub struct BenchArgs {
     /// Print the results as one JSON object
     #[arg(long)]
     json: bool,
+    /// Threads generating the load (one event loop for all connections leaves the
+    /// most CPU to a daemon on the same machine)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
+}
+
+impl BenchArgs {
+    /// Threads the load generator's runtime should have.
+    pub fn threads(&self) -> usize {
+        usize::from(self.threads)
+    }
 }
 
 struct TaskResult {
@@ -203,6 +214,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                 "endpoint": endpoint.to_string(),
                 "clients": args.clients,
                 "concurrency": args.concurrency,
+                "threads": args.threads,
                 "size": args.size,
                 "kind": kind.as_str(),
                 "fork": args.fork,
@@ -224,8 +236,8 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         let ms = |ns: u64| format!("{:.3} ms", ns as f64 / 1e6);
         println!("endpoint         {endpoint}");
         println!(
-            "in flight        {} clients x {} tasks = {in_flight}",
-            args.clients, args.concurrency
+            "in flight        {} clients x {} tasks = {in_flight}, on {} thread(s)",
+            args.clients, args.concurrency, args.threads
         );
         println!(
             "reservation      {} {}(s) in {namespace}",

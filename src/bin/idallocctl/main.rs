@@ -179,10 +179,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The bench sizes its own runtime (a single thread by default, so the load
+    // generator competes as little as it can with a daemon on the same cores).
+    let mut builder = match &cli.command {
+        Command::Bench(args) if args.threads() == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Command::Bench(args) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(args.threads());
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("idallocctl: cannot start the async runtime: {e}");
