@@ -6,12 +6,15 @@
 //! the queue of waiting reservations, writes the latest state of each namespace they
 //! touched, flushes once and answers them all (group commit). sled's `flush_async`
 //! hangs under concurrency in 0.34.7 (DESIGN.md), and a dedicated thread calling the
-//! blocking `flush()` costs no tokio worker.
+//! blocking `flush()` costs no tokio worker. A lone writer (no other commit in
+//! flight for a streak of them) skips the hand-off and writes on its own thread,
+//! under `block_in_place`. Either way one writer at a time snapshots, writes and
+//! flushes, so a state on disk is never replaced by an older one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -75,7 +78,68 @@ pub struct Loaded {
 pub struct Local {
     db: sled::Db,
     jobs: mpsc::Sender<Job>,
-    flushes: Arc<AtomicU64>,
+    writer: Arc<Writer>,
+    /// Commits requested and not yet answered, by either path.
+    pending: AtomicUsize,
+    /// Commits in a row that found no other commit in flight.
+    solo_streak: AtomicU64,
+}
+
+/// Commits in a row that must have run alone before one is written on the
+/// caller's thread: a lone writer qualifies after a few dozen requests, while
+/// under concurrent load (where a commit now and then still finds the queue
+/// empty) the streak keeps breaking and every commit goes to the group.
+const SOLO_STREAK: u64 = 64;
+
+/// What both commit paths share: the one writer of sled records at a time.
+struct Writer {
+    db: sled::Db,
+    /// Held across snapshot, insert and flush, so that a record written later was
+    /// also snapshotted later: states only move forward on disk.
+    lock: Mutex<()>,
+    flushes: AtomicU64,
+}
+
+impl Writer {
+    /// Write the latest state of each key and flush once; the result covers every
+    /// reservation whose grant those states include.
+    fn write(
+        &self,
+        keys: &mut dyn Iterator<Item = (&[u8], &Snapshot)>,
+        jobs: usize,
+    ) -> Result<(), String> {
+        let _one_writer = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
+        let mut result = Ok(());
+        for (key, snap) in keys {
+            if let Err(e) = self.db.insert(key, snap()) {
+                result = Err(format!("local write failed: {e}"));
+                break;
+            }
+        }
+        if result.is_ok() {
+            if let Err(e) = self.db.flush() {
+                result = Err(format!("local flush failed: {e}"));
+            }
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("idalloc_flushes_total").increment(1);
+        metrics::histogram!("idalloc_flush_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("idalloc_flush_batch_size").record(jobs as f64);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "sled commit failed; the reservations in this group are not granted");
+        }
+        result
+    }
+}
+
+/// Counts a commit as pending until dropped (also when its caller goes away).
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Local {
@@ -124,12 +188,15 @@ impl Local {
             reason,
         })?;
         let (tx, rx) = mpsc::channel();
-        let db2 = db.clone();
-        let flushes = Arc::new(AtomicU64::new(0));
-        let counter = flushes.clone();
+        let writer = Arc::new(Writer {
+            db: db.clone(),
+            lock: Mutex::new(()),
+            flushes: AtomicU64::new(0),
+        });
+        let w = writer.clone();
         std::thread::Builder::new()
             .name("idalloc-commit".into())
-            .spawn(move || committer(db2, rx, counter))
+            .spawn(move || committer(&w, rx))
             .map_err(|e| OpenError::DataDir {
                 path: dir.display().to_string(),
                 reason: format!("cannot start the commit thread: {e}"),
@@ -138,14 +205,41 @@ impl Local {
             Local {
                 db,
                 jobs: tx,
-                flushes,
+                writer,
+                pending: AtomicUsize::new(0),
+                solo_streak: AtomicU64::new(0),
             },
             loaded,
         ))
     }
 
     /// Write the latest state under `key` and return once it is flushed.
+    ///
+    /// A commit that is the only one in flight, after a streak of such commits, is
+    /// written on the caller's thread
+    /// (under `block_in_place`, so the runtime's other tasks move to another
+    /// thread meanwhile): handing it to the commit thread and back costs two
+    /// thread wake-ups, longer than the flush itself. As soon as commits overlap
+    /// they go to the commit thread, which flushes them in groups.
     pub async fn commit(&self, key: Vec<u8>, snapshot: Snapshot) -> Result<(), String> {
+        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0;
+        let _pending = Pending(&self.pending);
+        let streak = if alone {
+            self.solo_streak.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.solo_streak.store(0, Ordering::Relaxed);
+            0
+        };
+        if alone
+            && streak >= SOLO_STREAK
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            return tokio::task::block_in_place(|| {
+                self.writer
+                    .write(&mut std::iter::once((key.as_slice(), &snapshot)), 1)
+            });
+        }
         let (done, rx) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -167,7 +261,7 @@ impl Local {
 
     /// sled flushes since open (one per group of commits).
     pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.writer.flushes.load(Ordering::Relaxed)
     }
 
     /// The underlying database size on disk, for logs.
@@ -208,7 +302,7 @@ fn load(db: &sled::Db, moved_aside: Option<PathBuf>) -> Result<Loaded, String> {
     })
 }
 
-fn committer(db: sled::Db, rx: mpsc::Receiver<Job>, flushes: Arc<AtomicU64>) {
+fn committer(writer: &Writer, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -217,34 +311,105 @@ fn committer(db: sled::Db, rx: mpsc::Receiver<Job>, flushes: Arc<AtomicU64>) {
                 break;
             }
         }
-        let started = Instant::now();
         // The latest state of each key covers every job queued for it: states only
         // move forward, so writing it once is enough for all of them.
         let mut latest: HashMap<&[u8], &Snapshot> = HashMap::new();
         for job in &batch {
             latest.insert(&job.key, &job.snapshot);
         }
-        let mut result = Ok(());
-        for (key, snap) in latest {
-            if let Err(e) = db.insert(key, snap()) {
-                result = Err(format!("local write failed: {e}"));
-                break;
-            }
-        }
-        if result.is_ok() {
-            if let Err(e) = db.flush() {
-                result = Err(format!("local flush failed: {e}"));
-            }
-        }
-        flushes.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("idalloc_flushes_total").increment(1);
-        metrics::histogram!("idalloc_flush_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("idalloc_flush_batch_size").record(batch.len() as f64);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "sled commit failed; the reservations in this group are not granted");
-        }
+        let result = writer.write(&mut latest.into_iter(), batch.len());
         for job in batch {
             let _ = job.done.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn stored(local: &Local, key: &[u8]) -> u64 {
+        let v = local.db.get(key).unwrap().expect("record written");
+        u64::from_be_bytes(v.as_ref().try_into().unwrap())
+    }
+
+    #[test]
+    fn a_lone_caller_is_written_inline_once_its_streak_is_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
+        let on_commit_thread = Arc::new(Mutex::new(Vec::new()));
+        let seen = on_commit_thread.clone();
+        let value = Arc::new(AtomicU64::new(0));
+        let v = value.clone();
+        let snapshot: Snapshot = Arc::new(move || {
+            let name = std::thread::current().name().map(str::to_owned);
+            seen.lock()
+                .unwrap()
+                .push(name.as_deref() == Some("idalloc-commit"));
+            v.load(Ordering::SeqCst).to_be_bytes().to_vec()
+        });
+        runtime().block_on(async {
+            for i in 1..=200u64 {
+                value.store(i, Ordering::SeqCst);
+                local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
+                assert_eq!(stored(&local, b"k"), i, "durable before return");
+            }
+        });
+        let paths = on_commit_thread.lock().unwrap().clone();
+        let streak = SOLO_STREAK as usize;
+        assert_eq!(paths.len(), 200);
+        assert!(
+            paths[..streak].iter().all(|&t| t),
+            "first commits go to the group"
+        );
+        assert!(
+            paths[streak..].iter().all(|&t| !t),
+            "then inline: {paths:?}"
+        );
+        assert_eq!(local.flushes(), 200);
+    }
+
+    #[test]
+    fn overlapping_commits_never_leave_an_older_state_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
+        let local = Arc::new(local);
+        let counter = Arc::new(AtomicU64::new(0));
+        let c = counter.clone();
+        let snapshot: Snapshot = Arc::new(move || c.load(Ordering::SeqCst).to_be_bytes().to_vec());
+        runtime().block_on(async {
+            // A lone caller first, long enough to be written inline; then 16
+            // callers at once, the first of which may still find the lone path.
+            for _ in 0..(SOLO_STREAK + 10) {
+                counter.fetch_add(1, Ordering::SeqCst);
+                local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
+            }
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (local, counter, snapshot) =
+                        (local.clone(), counter.clone(), snapshot.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..50 {
+                            let mine = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                            local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
+                            assert!(stored(&local, b"k") >= mine, "grant {mine} not on disk");
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        assert_eq!(stored(&local, b"k"), SOLO_STREAK + 10 + 16 * 50);
+        assert!(local.flushes() <= SOLO_STREAK + 10 + 16 * 50);
     }
 }

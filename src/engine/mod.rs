@@ -88,6 +88,10 @@ impl From<StoreError> for OpenError {
 
 /// The allocator. Share it behind the `Arc` that [`Engine::open`] returns; every
 /// method is safe to call concurrently.
+///
+/// Drive it from a multi-thread tokio runtime (as idallocd does) or a current-thread
+/// one. A lone reservation on a multi-thread runtime is flushed under
+/// `tokio::task::block_in_place`, which panics inside a `LocalSet`.
 pub struct Engine {
     cfg: EngineConfig,
     local: Local,
