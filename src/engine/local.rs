@@ -216,11 +216,11 @@ impl Local {
     /// Write the latest state under `key` and return once it is flushed.
     ///
     /// A commit that is the only one in flight, after a streak of such commits, is
-    /// written on the caller's thread
-    /// (under `block_in_place`, so the runtime's other tasks move to another
-    /// thread meanwhile): handing it to the commit thread and back costs two
-    /// thread wake-ups, longer than the flush itself. As soon as commits overlap
-    /// they go to the commit thread, which flushes them in groups.
+    /// written on the caller's thread (under `block_in_place`, so the runtime's
+    /// other tasks move to another thread meanwhile): handing it to the commit
+    /// thread and back costs two thread wake-ups, as long as the flush itself. As
+    /// soon as commits overlap they go to the commit thread, which flushes them in
+    /// groups.
     pub async fn commit(&self, key: Vec<u8>, snapshot: Snapshot) -> Result<(), String> {
         let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0;
         let _pending = Pending(&self.pending);
