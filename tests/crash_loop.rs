@@ -239,27 +239,28 @@ fn crash_loop_two_daemons_on_moto() {
     assert!(v.ranges > n * 5, "too little load landed: {v:?}");
 }
 
-/// One daemon whose mirror is a `file://` store outside its data directory: losing
-/// the disk of the daemon's state must not lose the object store too.
-fn file_store_slot(dir: &Path) -> Vec<Slot> {
-    let mirror = dir.join("mirror");
+/// One daemon whose mirror is a `file://` store outside its data directory (losing
+/// the disk of the daemon's state must not lose the object store too), crashed
+/// under `tasks` writers: every 4th cycle wiped, every 3rd rolled back.
+fn file_store_crash_loop(tasks: usize, label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
     std::fs::create_dir_all(&mirror).unwrap();
     let toml = format!("[object_store]\nurl = \"file://{}\"\n", mirror.display());
-    let slot_dir = dir.join("d0");
+    let slot_dir = dir.path().join("d0");
     std::fs::create_dir_all(&slot_dir).unwrap();
-    vec![Slot::new(&slot_dir, toml)]
+    let mut slots = vec![Slot::new(&slot_dir, toml)];
+    let n = cycles();
+    let (ledger, fig) = crash_loop(&mut slots, tasks, n, 4, 3);
+    let v = ledger.check();
+    eprintln!("{label} crash loop: {fig:?}; checked {v:?}");
+    assert_eq!(fig.cycles, n);
+    assert!(v.ranges > n * 5, "too little load landed: {v:?}");
 }
 
 #[test]
 fn crash_loop_single_daemon_on_file_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut slots = file_store_slot(dir.path());
-    let n = cycles();
-    let (ledger, fig) = crash_loop(&mut slots, 4, n, 4, 3);
-    let v = ledger.check();
-    eprintln!("file crash loop: {fig:?}; checked {v:?}");
-    assert_eq!(fig.cycles, n);
-    assert!(v.ranges > n * 5, "too little load landed: {v:?}");
+    file_store_crash_loop(4, "file");
 }
 
 /// One writer alone: after a streak of commits with no other in flight, the daemon
@@ -268,14 +269,7 @@ fn crash_loop_single_daemon_on_file_store() {
 /// be lost or handed out again.
 #[test]
 fn crash_loop_lone_writer_on_file_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut slots = file_store_slot(dir.path());
-    let n = cycles();
-    let (ledger, fig) = crash_loop(&mut slots, 1, n, 4, 3);
-    let v = ledger.check();
-    eprintln!("lone-writer crash loop: {fig:?}; checked {v:?}");
-    assert_eq!(fig.cycles, n);
-    assert!(v.ranges > n * 5, "too little load landed: {v:?}");
+    file_store_crash_loop(1, "lone-writer");
 }
 
 /// Issue 3's scenario with the real client library: 8 writer tasks with cached,
