@@ -1,7 +1,8 @@
 //! The real daemon, measured end to end in one run: durable reservations through the
 //! client library over the unix socket and loopback TCP at 1 and 16 clients, beside
-//! a bare `write` + `fdatasync` per call on the same disk; the daemon's RSS under
-//! the 16-client load; start-up to ready with 10,000 forks.
+//! a bare `write` + `fdatasync` per call on the same disk, and one client's `hwm`
+//! calls (answered from memory: the round trip without the write); the daemon's RSS
+//! under the 16-client load; start-up to ready with 10,000 forks.
 //!
 //! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
 //! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
@@ -195,8 +196,25 @@ impl Row {
     }
 }
 
-/// `clients` connections, each with one reservation of one id in flight.
-async fn reserve_row(name: &str, endpoint: &str, pid: u32, clients: usize, dur: Duration) -> Row {
+/// What each client of a row calls, one call in flight per client.
+#[derive(Clone, Copy, PartialEq)]
+enum Call {
+    /// A durable reservation of one id.
+    Reserve,
+    /// `hwm`: answered from memory, nothing written. The round trip through the
+    /// socket and the RPC stack alone, the floor under a reservation's.
+    Hwm,
+}
+
+/// `clients` connections, each with one `call` in flight.
+async fn call_row(
+    name: &str,
+    call: Call,
+    endpoint: &str,
+    pid: u32,
+    clients: usize,
+    dur: Duration,
+) -> Row {
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(Client::connect(endpoint).await.unwrap());
@@ -215,6 +233,11 @@ async fn reserve_row(name: &str, endpoint: &str, pid: u32, clients: usize, dur: 
             let mut last_end = 0;
             while Instant::now() < deadline {
                 let s = Instant::now();
+                if call == Call::Hwm {
+                    c.hwm(None).await.unwrap();
+                    lat.push(s.elapsed().as_nanos() as u64);
+                    continue;
+                }
                 let r = c.reserve(None, Kind::Vid, 1).await.unwrap();
                 lat.push(s.elapsed().as_nanos() as u64);
                 // Ordered per daemon: one connection's ranges only go up.
@@ -307,9 +330,20 @@ async fn bench(dur: Duration, forks: usize) {
             }
         })
     };
+    rows.push(
+        call_row(
+            "unix socket, hwm (no write)",
+            Call::Hwm,
+            &d.unix,
+            pid,
+            1,
+            dur,
+        )
+        .await,
+    );
     for clients in [1usize, 16] {
-        rows.push(reserve_row("unix socket", &d.unix, pid, clients, dur).await);
-        rows.push(reserve_row("tcp loopback", &d.tcp, pid, clients, dur).await);
+        rows.push(call_row("unix socket", Call::Reserve, &d.unix, pid, clients, dur).await);
+        rows.push(call_row("tcp loopback", Call::Reserve, &d.tcp, pid, clients, dur).await);
     }
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
@@ -318,7 +352,7 @@ async fn bench(dur: Duration, forks: usize) {
 
     println!(
         "{:<32} {:>7} {:>12} {:>9} {:>9} {:>9} {:>14} {:>13} {:>12}",
-        "durable reservations (1 id)",
+        "calls (reservations of 1 id)",
         "clients",
         "per second",
         "p50 us",
@@ -356,15 +390,16 @@ async fn bench(dur: Duration, forks: usize) {
     println!("(cpu us and context switches are per reservation; cpu in clock ticks, so coarse)");
     let find = |name: &str, c: usize| {
         rows.iter()
-            .find(|r| r.name.starts_with(name) && r.clients == c)
+            .find(|r| r.name == name && r.clients == c)
             .unwrap()
     };
-    let (fs, u1, u16, t1, t16) = (
-        find("write", 1),
-        find("unix", 1),
-        find("unix", 16),
-        find("tcp", 1),
-        find("tcp", 16),
+    let (fs, floor, u1, u16, t1, t16) = (
+        find("write + fdatasync (disk limit)", 1),
+        find("unix socket, hwm (no write)", 1),
+        find("unix socket", 1),
+        find("unix socket", 16),
+        find("tcp loopback", 1),
+        find("tcp loopback", 16),
     );
     println!();
     println!(
@@ -377,6 +412,12 @@ async fn bench(dur: Duration, forks: usize) {
         "unix, 1 client: {:.2} reservations per fdatasync (target >= 1): {}",
         u1.rate() / fs.rate(),
         verdict(u1.rate() >= fs.rate())
+    );
+    println!(
+        "  the round trip of an RPC that writes nothing is {:.0} us p50, {:.2} of an fdatasync's {:.0} us",
+        floor.pct_us(0.5),
+        floor.pct_us(0.5) / fs.pct_us(0.5),
+        fs.pct_us(0.5)
     );
     let worst = (u1.rate() / t1.rate()).max(u16.rate() / t16.rate());
     println!(
