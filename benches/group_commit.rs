@@ -20,8 +20,12 @@
 //! the engine's iterations.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+#[path = "support/disk.rs"]
+mod disk;
 
 use divan::counter::ItemsCount;
 use divan::Bencher;
@@ -40,44 +44,88 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         .unwrap()
 });
 
-/// Engine sled flushes and reservations made during the engine rows, by callers.
-struct FlushTally {
+/// What one row did over all its iterations, beyond what divan reports: sled
+/// flushes (engine rows only) and the writes the disk itself completed.
+struct Tally {
+    row: &'static str,
     flushes: AtomicU64,
+    device_writes: AtomicU64,
+    /// False once a reading of `/proc/diskstats` failed.
+    device_known: AtomicBool,
     reservations: AtomicU64,
 }
 
-static ENGINE_1: FlushTally = FlushTally::new();
-static ENGINE_16: FlushTally = FlushTally::new();
+static ENGINE_1: Tally = Tally::new("callers_1::engine_group_commit");
+static SLED_1: Tally = Tally::new("callers_1::sled_flush_per_reservation");
+static ENGINE_16: Tally = Tally::new("callers_16::engine_group_commit");
+static SLED_16: Tally = Tally::new("callers_16::sled_flush_per_reservation");
+static SLED_16_ALONE: Tally = Tally::new("callers_16::sled_flush_one_at_a_time");
 
-impl FlushTally {
-    const fn new() -> Self {
-        FlushTally {
+impl Tally {
+    const fn new(row: &'static str) -> Self {
+        Tally {
+            row,
             flushes: AtomicU64::new(0),
+            device_writes: AtomicU64::new(0),
+            device_known: AtomicBool::new(true),
             reservations: AtomicU64::new(0),
         }
     }
 
-    fn describe(&self, callers: &str) -> String {
-        let flushes = self.flushes.load(Ordering::Relaxed);
+    /// Run one iteration of `reservations` reservations, counting around it.
+    fn count(&self, dir: &Path, reservations: u64, flushes: impl Fn() -> u64, run: impl FnOnce()) {
+        let (f0, d0) = (flushes(), disk::device_writes(dir));
+        run();
+        let (f1, d1) = (flushes(), disk::device_writes(dir));
+        self.flushes.fetch_add(f1 - f0, Ordering::Relaxed);
+        if let Some((d0, d1)) = d0.zip(d1) {
+            self.device_writes.fetch_add(d1 - d0, Ordering::Relaxed);
+        } else {
+            self.device_known.store(false, Ordering::Relaxed);
+        }
+        self.reservations.fetch_add(reservations, Ordering::Relaxed);
+    }
+
+    fn describe(&self, engine: bool) -> Option<String> {
         let reservations = self.reservations.load(Ordering::Relaxed);
         if reservations == 0 {
-            format!("not run at {callers}")
-        } else {
-            format!(
-                "{:.3} at {callers} ({flushes} flushes / {reservations} reservations)",
-                flushes as f64 / reservations as f64
-            )
+            return None;
         }
+        let per = |n: u64| format!("{:.3}", n as f64 / reservations as f64);
+        let device = if self.device_known.load(Ordering::Relaxed) {
+            per(self.device_writes.load(Ordering::Relaxed))
+        } else {
+            "unknown".to_string()
+        };
+        let flushes = if engine {
+            per(self.flushes.load(Ordering::Relaxed))
+        } else {
+            "1.000".to_string()
+        };
+        Some(format!(
+            "{:<40} {flushes:>14} {device:>21}   ({reservations} reservations)",
+            self.row
+        ))
     }
 }
 
 fn main() {
     divan::main();
     println!(
-        "engine (group commit), sled flushes per reservation: {}; {}",
-        ENGINE_16.describe("16 callers"),
-        ENGINE_1.describe("1 caller")
+        "{:<40} {:>14} {:>21}",
+        "per reservation, over all iterations", "sled flushes", "device writes"
     );
+    for (tally, engine) in [
+        (&ENGINE_1, true),
+        (&SLED_1, false),
+        (&ENGINE_16, true),
+        (&SLED_16, false),
+        (&SLED_16_ALONE, false),
+    ] {
+        if let Some(line) = tally.describe(engine) {
+            println!("{line}");
+        }
+    }
 }
 
 /// `callers` tasks, each calling `f` `PER_CALLER` times in sequence; returns when
@@ -102,7 +150,7 @@ where
     }
 }
 
-fn engine_group_commit(bencher: Bencher, callers: usize, tally: &FlushTally) {
+fn engine_group_commit(bencher: Bencher, callers: usize, tally: &Tally) {
     let rt = &*RUNTIME;
     let dir = tempfile::tempdir_in(".").unwrap();
     let engine = rt.block_on(async {
@@ -126,26 +174,38 @@ fn engine_group_commit(bencher: Bencher, callers: usize, tally: &FlushTally) {
     bencher
         .counter(ItemsCount::new(callers as u64 * PER_CALLER))
         .bench_local(|| {
-            let before = engine.flushes();
             let e = engine.clone();
-            rt.block_on(run_callers(callers, move || {
-                let e = e.clone();
-                async move {
-                    e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
-                }
-            }));
-            tally
-                .flushes
-                .fetch_add(engine.flushes() - before, Ordering::Relaxed);
-            tally
-                .reservations
-                .fetch_add(callers as u64 * PER_CALLER, Ordering::Relaxed);
+            let reservations = callers as u64 * PER_CALLER;
+            tally.count(
+                dir.path(),
+                reservations,
+                || engine.flushes(),
+                || {
+                    rt.block_on(run_callers(callers, move || {
+                        let e = e.clone();
+                        async move {
+                            e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
+                        }
+                    }))
+                },
+            );
         });
     rt.block_on(async move { drop(engine) });
 }
 
-fn sled_flush_per_reservation(bencher: Bencher, callers: usize) {
+/// Each reservation updates and flushes for itself. With `one_at_a_time` a lock is
+/// held across both, so each flush writes its own update alone (one device write
+/// per reservation); without it, up to `callers` flushes run at once and share
+/// writes (sled's log buffer and the page under it), which the device writes line
+/// after the table shows.
+fn sled_flush_per_reservation(
+    bencher: Bencher,
+    callers: usize,
+    one_at_a_time: bool,
+    tally: &Tally,
+) {
     let rt = &*RUNTIME;
+    let lock = Arc::new(Mutex::new(()));
     let dir = tempfile::tempdir_in(".").unwrap();
     let db = sled::Config::new()
         .path(dir.path().join("sled"))
@@ -155,22 +215,32 @@ fn sled_flush_per_reservation(bencher: Bencher, callers: usize) {
     bencher
         .counter(ItemsCount::new(callers as u64 * PER_CALLER))
         .bench_local(|| {
-            let db = db.clone();
-            rt.block_on(run_callers(callers, move || {
-                let db = db.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        db.update_and_fetch(b"ctr", |old| {
-                            let v = old.map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
-                            Some((v + 100).to_be_bytes().to_vec())
-                        })
-                        .unwrap();
-                        db.flush().unwrap();
-                    })
-                    .await
-                    .unwrap();
-                }
-            }));
+            let (db, lock) = (db.clone(), lock.clone());
+            let reservations = callers as u64 * PER_CALLER;
+            tally.count(
+                dir.path(),
+                reservations,
+                || 0,
+                || {
+                    rt.block_on(run_callers(callers, move || {
+                        let (db, lock) = (db.clone(), lock.clone());
+                        async move {
+                            tokio::task::spawn_blocking(move || {
+                                let _alone = one_at_a_time.then(|| lock.lock().unwrap());
+                                db.update_and_fetch(b"ctr", |old| {
+                                    let v = old
+                                        .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()));
+                                    Some((v + 100).to_be_bytes().to_vec())
+                                })
+                                .unwrap();
+                                db.flush().unwrap();
+                            })
+                            .await
+                            .unwrap();
+                        }
+                    }))
+                },
+            );
         });
 }
 
@@ -188,7 +258,7 @@ mod callers_1 {
 
     #[divan::bench]
     fn sled_flush_per_reservation(bencher: Bencher) {
-        super::sled_flush_per_reservation(bencher, 1);
+        super::sled_flush_per_reservation(bencher, 1, false, &super::SLED_1);
     }
 }
 
@@ -203,6 +273,11 @@ mod callers_16 {
 
     #[divan::bench]
     fn sled_flush_per_reservation(bencher: Bencher) {
-        super::sled_flush_per_reservation(bencher, 16);
+        super::sled_flush_per_reservation(bencher, 16, false, &super::SLED_16);
+    }
+
+    #[divan::bench]
+    fn sled_flush_one_at_a_time(bencher: Bencher) {
+        super::sled_flush_per_reservation(bencher, 16, true, &super::SLED_16_ALONE);
     }
 }
