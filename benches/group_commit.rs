@@ -1,7 +1,10 @@
 //! Group commit, measured: durable reservations per second at 1 and 16 concurrent
 //! callers, the engine's `reserve(Namespace::Primary, Kind::Vid, 100)` (group
 //! commit) beside a flush per reservation (sled `update_and_fetch` + `flush()` for
-//! every call, through `spawn_blocking`: the design group commit replaces).
+//! every call, through `spawn_blocking`: the design group commit replaces). At 16
+//! callers the flush per reservation runs twice: 16 at once, and one at a time (a
+//! lock across update and flush), because 16 at once is not 16 device writes:
+//! concurrent flushes of sled's one log share pages, and the disk does fewer.
 //! In-process, no RPC; the engine uses an `InMemory` object store and a sled
 //! directory in a temp dir under the current directory (the real disk). All on one
 //! 2-worker tokio runtime. A divan benchmark:
@@ -15,9 +18,12 @@
 //! the other, all tasks at once; its counter is `ItemsCount(callers × 50)`, so
 //! divan's `item/s` line is reservations/s, and the time column is the time for
 //! those `callers × 50` reservations. The ratio that matters is engine item/s ÷
-//! sled item/s in `callers_16`. After divan's table one more line gives the
-//! engine's sled flushes per reservation (which divan cannot show), counted over
-//! the engine's iterations.
+//! either sled row's item/s in `callers_16`. After divan's table, a line per row
+//! gives what divan cannot show: sled flushes and device writes per reservation
+//! (writes the block device completed, from `/proc/diskstats`, read before and
+//! after the row, outside its timed iterations; divan's warm-up runs are in both
+//! counts). `benches/commit_bound.rs` measures the same baselines beside an ideal
+//! committer, without the engine.
 
 use std::future::Future;
 use std::path::Path;
@@ -72,10 +78,12 @@ impl Tally {
         }
     }
 
-    /// Run one iteration of `reservations` reservations, counting around it.
-    fn count(&self, dir: &Path, reservations: u64, flushes: impl Fn() -> u64, run: impl FnOnce()) {
+    /// Run a row's whole divan benchmark (`bench`), reading the flush count and the
+    /// disk's write count before and after it: outside the timed iterations, which
+    /// only add their reservations (`add`).
+    fn around(&self, dir: &Path, flushes: impl Fn() -> u64, bench: impl FnOnce()) {
         let (f0, d0) = (flushes(), disk::device_writes(dir));
-        run();
+        bench();
         let (f1, d1) = (flushes(), disk::device_writes(dir));
         self.flushes.fetch_add(f1 - f0, Ordering::Relaxed);
         if let Some((d0, d1)) = d0.zip(d1) {
@@ -83,6 +91,9 @@ impl Tally {
         } else {
             self.device_known.store(false, Ordering::Relaxed);
         }
+    }
+
+    fn add(&self, reservations: u64) {
         self.reservations.fetch_add(reservations, Ordering::Relaxed);
     }
 
@@ -171,25 +182,25 @@ fn engine_group_commit(bencher: Bencher, callers: usize, tally: &Tally) {
             .unwrap();
         engine
     });
-    bencher
-        .counter(ItemsCount::new(callers as u64 * PER_CALLER))
-        .bench_local(|| {
-            let e = engine.clone();
-            let reservations = callers as u64 * PER_CALLER;
-            tally.count(
-                dir.path(),
-                reservations,
-                || engine.flushes(),
-                || {
+    let reservations = callers as u64 * PER_CALLER;
+    tally.around(
+        dir.path(),
+        || engine.flushes(),
+        || {
+            bencher
+                .counter(ItemsCount::new(reservations))
+                .bench_local(|| {
+                    let e = engine.clone();
                     rt.block_on(run_callers(callers, move || {
                         let e = e.clone();
                         async move {
                             e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
                         }
-                    }))
-                },
-            );
-        });
+                    }));
+                    tally.add(reservations);
+                })
+        },
+    );
     rt.block_on(async move { drop(engine) });
 }
 
@@ -212,16 +223,15 @@ fn sled_flush_per_reservation(
         .flush_every_ms(None)
         .open()
         .unwrap();
-    bencher
-        .counter(ItemsCount::new(callers as u64 * PER_CALLER))
-        .bench_local(|| {
-            let (db, lock) = (db.clone(), lock.clone());
-            let reservations = callers as u64 * PER_CALLER;
-            tally.count(
-                dir.path(),
-                reservations,
-                || 0,
-                || {
+    let reservations = callers as u64 * PER_CALLER;
+    tally.around(
+        dir.path(),
+        || 0,
+        || {
+            bencher
+                .counter(ItemsCount::new(reservations))
+                .bench_local(|| {
+                    let (db, lock) = (db.clone(), lock.clone());
                     rt.block_on(run_callers(callers, move || {
                         let (db, lock) = (db.clone(), lock.clone());
                         async move {
@@ -238,10 +248,11 @@ fn sled_flush_per_reservation(
                             .await
                             .unwrap();
                         }
-                    }))
-                },
-            );
-        });
+                    }));
+                    tally.add(reservations);
+                })
+        },
+    );
 }
 
 // Each iteration is PER_CALLER (1 caller) or 16 × PER_CALLER reservations, tens of
