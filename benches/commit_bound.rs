@@ -92,6 +92,27 @@ struct Row {
 }
 
 impl Row {
+    /// A row from its calls' latencies (in any order) and what `flushes` counted.
+    fn new(
+        name: &'static str,
+        callers: usize,
+        mut lat_ns: Vec<u64>,
+        secs: f64,
+        flushes: &Flushes,
+    ) -> Row {
+        lat_ns.sort_unstable();
+        Row {
+            name,
+            callers,
+            reservations: lat_ns.len() as u64,
+            secs,
+            lat_ns,
+            flushes: flushes.count.load(Ordering::Relaxed),
+            flush_nanos: flushes.nanos.load(Ordering::Relaxed),
+            device_writes: None,
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         self.reservations as f64 / self.secs
     }
@@ -111,7 +132,7 @@ fn open_db(dir: &std::path::Path, name: &str) -> sled::Db {
 }
 
 /// `callers` threads each running `reserve` until `dur` has passed; latencies of
-/// every call, sorted.
+/// every call and the seconds taken.
 fn run_threads(
     callers: usize,
     dur: Duration,
@@ -134,13 +155,11 @@ fn run_threads(
             })
         })
         .collect();
-    let mut lat: Vec<u64> = handles
+    let lat: Vec<u64> = handles
         .into_iter()
         .flat_map(|h| h.join().unwrap())
         .collect();
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    (lat, secs)
+    (lat, start.elapsed().as_secs_f64())
 }
 
 /// Each caller updates and flushes for itself; with `one_at_a_time` a lock is held
@@ -167,16 +186,7 @@ fn flush_per_reservation(
             d.flush().unwrap();
         });
     });
-    Row {
-        name,
-        callers,
-        reservations: lat_ns.len() as u64,
-        secs,
-        lat_ns,
-        flushes: flushes.count.load(Ordering::Relaxed),
-        flush_nanos: flushes.nanos.load(Ordering::Relaxed),
-        device_writes: None,
-    }
+    Row::new(name, callers, lat_ns, secs, &flushes)
 }
 
 fn committers(
@@ -238,16 +248,7 @@ fn committers(
     for c in committer_threads {
         c.join().unwrap();
     }
-    Row {
-        name,
-        callers,
-        reservations: lat_ns.len() as u64,
-        secs,
-        lat_ns,
-        flushes: flushes.count.load(Ordering::Relaxed),
-        flush_nanos: flushes.nanos.load(Ordering::Relaxed),
-        device_writes: None,
-    }
+    Row::new(name, callers, lat_ns, secs, &flushes)
 }
 
 fn tokio_callers(dir: &std::path::Path, callers: usize, dur: Duration) -> Row {
@@ -274,7 +275,7 @@ fn tokio_callers(dir: &std::path::Path, callers: usize, dur: Duration) -> Row {
         .unwrap();
     let start = Instant::now();
     let deadline = start + dur;
-    let mut lat_ns: Vec<u64> = rt.block_on(async {
+    let lat_ns: Vec<u64> = rt.block_on(async {
         let tasks: Vec<_> = (0..callers)
             .map(|_| {
                 let jobs = jobs.clone();
@@ -300,17 +301,13 @@ fn tokio_callers(dir: &std::path::Path, callers: usize, dur: Duration) -> Row {
     let secs = start.elapsed().as_secs_f64();
     drop(jobs);
     committer.join().unwrap();
-    lat_ns.sort_unstable();
-    Row {
-        name: "one committer, callers as tokio tasks",
+    Row::new(
+        "one committer, callers as tokio tasks",
         callers,
-        reservations: lat_ns.len() as u64,
-        secs,
         lat_ns,
-        flushes: flushes.count.load(Ordering::Relaxed),
-        flush_nanos: flushes.nanos.load(Ordering::Relaxed),
-        device_writes: None,
-    }
+        secs,
+        &flushes,
+    )
 }
 
 fn main() {
