@@ -25,6 +25,7 @@
 //! ```
 
 mod allocator;
+mod busy_poll;
 mod cache;
 mod connection;
 mod error;

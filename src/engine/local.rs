@@ -259,6 +259,13 @@ impl Local {
             .await
     }
 
+    /// Whether commits have been coming one at a time, each alone in flight, for a
+    /// streak long enough that they are written on the caller's thread: one writer
+    /// waiting on each flush, whose latency is all that matters. Any overlap ends it.
+    pub fn lone_writer(&self) -> bool {
+        self.solo_streak.load(Ordering::Relaxed) >= SOLO_STREAK
+    }
+
     /// sled flushes since open (one per group of commits).
     pub fn flushes(&self) -> u64 {
         self.writer.flushes.load(Ordering::Relaxed)

@@ -26,6 +26,10 @@ pub const DEFAULT_DATA_DIR: &str = "./idallocd-data";
 /// request is a few fork ids) and would only let a client make the daemon buffer more.
 pub const MAX_REQUEST_FRAME_LIMIT: usize = 16 << 20;
 
+/// Longest `busy_poll` accepted: a lone writer's next request comes within a round
+/// trip (about a hundred microseconds), so a longer spin would only burn CPU.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
 /// The configuration file as written. `deny_unknown_fields` everywhere: a misspelt
 /// key is an error that names it, not a silently ignored setting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +51,12 @@ pub struct Config {
     /// needs microseconds of CPU there (flushes run on their own thread), and every
     /// extra worker adds cross-thread wake-ups per request (docs/performance.md).
     pub worker_threads: usize,
+    /// While one writer at a time is reserving, keep the runtime's thread awake this
+    /// long after each request (yielding to other threads meanwhile), so that the
+    /// writer's next request is read without a wake-up. Default `"100us"`; `"0s"`
+    /// turns it off; at most `"10ms"`. Costs CPU only while a lone writer is active
+    /// (`idalloc_busy_poll_microseconds_total`); docs/performance.md has the numbers.
+    pub busy_poll: String,
     /// Most requests one connection may have in flight; more get an error reply.
     pub max_in_flight_per_connection: usize,
     /// Largest request frame accepted, in bytes; a larger one closes the connection.
@@ -140,6 +150,7 @@ impl Default for Config {
             allow_remote: false,
             max_connections: 1024,
             worker_threads: 1,
+            busy_poll: "100us".into(),
             max_in_flight_per_connection: 128,
             max_frame_bytes: 65536,
             shutdown_timeout: "10s".into(),
@@ -272,6 +283,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Async runtime threads.
     pub worker_threads: usize,
+    /// Spin budget after each request while a lone writer is active; zero = off.
+    pub busy_poll: Duration,
     /// Per-connection in-flight limit.
     pub max_in_flight_per_connection: usize,
     /// Request frame limit.
@@ -384,6 +397,16 @@ impl Config {
             ));
         }
         let shutdown_timeout = duration("shutdown_timeout", &self.shutdown_timeout)?;
+        let busy_poll = duration("busy_poll", &self.busy_poll)?;
+        if busy_poll > MAX_BUSY_POLL {
+            return Err(invalid(
+                "busy_poll",
+                format!(
+                    "{:?} is longer than 10ms: a longer spin only burns CPU (use \"0s\" to turn it off)",
+                    self.busy_poll
+                ),
+            ));
+        }
         let a = &self.allocation;
         if a.lease_size == 0 {
             return Err(invalid("allocation.lease_size", "must be at least 1"));
@@ -443,6 +466,7 @@ impl Config {
             allow_remote: self.allow_remote,
             max_connections: self.max_connections,
             worker_threads: self.worker_threads,
+            busy_poll,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             shutdown_timeout,
@@ -587,6 +611,19 @@ mod tests {
     }
 
     #[test]
+    fn busy_poll_defaults_on_and_turns_off() {
+        let s = Config::default().resolve(&env()).unwrap();
+        assert_eq!(s.busy_poll, Duration::from_micros(100));
+        let c = Config::from_toml("busy_poll = \"0s\"\n", "x.toml").unwrap();
+        assert_eq!(c.resolve(&env()).unwrap().busy_poll, Duration::ZERO);
+        let c = Config::from_toml("busy_poll = \"10ms\"\n", "x.toml").unwrap();
+        assert_eq!(
+            c.resolve(&env()).unwrap().busy_poll,
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
     fn unknown_key_names_itself() {
         let err = Config::from_toml("[allocation]\nlease_sise = 5\n", "x.toml").unwrap_err();
         let msg = err.to_string();
@@ -612,6 +649,8 @@ mod tests {
             ("max_connections = 0", "max_connections"),
             ("worker_threads = 0", "worker_threads"),
             ("shutdown_timeout = \"soon\"", "shutdown_timeout"),
+            ("busy_poll = \"fast\"", "busy_poll"),
+            ("busy_poll = \"1s\"", "busy_poll"),
             ("[allocation]\nprefetch_at = 1.5", "allocation.prefetch_at"),
             ("[allocation]\nlease_size = 0", "allocation.lease_size"),
             (

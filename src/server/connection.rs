@@ -7,6 +7,9 @@ use tarpc::server::{BaseChannel, Channel};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
 use crate::protocol::IdAlloc;
 
@@ -21,10 +24,12 @@ pub struct ConnLimits {
 
 /// Serve `svc` on `io` until the connection ends. All of this connection's requests
 /// run inside this one future, so awaiting it means "every reply is written".
+/// Each request's start and end touch `busy`.
 pub async fn serve_connection<S, Svc>(
     io: S,
     svc: Svc,
     limits: ConnLimits,
+    busy: Arc<BusyPoll>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -34,7 +39,14 @@ pub async fn serve_connection<S, Svc>(
     BaseChannel::with_defaults(transport)
         .max_concurrent_requests(limits.max_in_flight)
         .execute(svc.serve())
-        .for_each_concurrent(None, |request| request)
+        .for_each_concurrent(None, |request| {
+            busy.touch();
+            let busy = busy.clone();
+            async move {
+                request.await;
+                busy.touch();
+            }
+        })
         .await;
 }
 
@@ -138,10 +150,20 @@ mod tests {
         let path = dir.join("t.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let fake = Fake::default();
+        // Busy polling on throughout, so that every case here also runs with the
+        // runtime spinning between requests.
+        let busy = BusyPoll::new(Duration::from_micros(200), Box::new(|| true));
+        tokio::spawn(busy.clone().run(CancellationToken::new()));
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(serve_connection(s, fake.clone(), LIMITS, shutdown.clone()));
+                tokio::spawn(serve_connection(
+                    s,
+                    fake.clone(),
+                    LIMITS,
+                    busy.clone(),
+                    shutdown.clone(),
+                ));
             }
         });
         path

@@ -12,6 +12,7 @@
 //!    requests in flight be answered (bounded by `shutdown_timeout`), then
 //!    `Engine::shutdown` (checkpoint, lower manifests, mark clean), STOPPING=1.
 
+mod busy_poll;
 pub mod config;
 pub mod connection;
 pub mod listen;
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::engine::{Engine, OpenError, StoreHandle};
 use crate::error::ServiceError;
 
+use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
 use connection::{serve_connection, ConnLimits};
 use listen::{BindOptions, ListenError, Listener};
@@ -94,6 +96,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         max_in_flight: settings.max_in_flight_per_connection,
     };
     let service = Service::new(engine.clone());
+    let gate_engine = engine.clone();
+    let busy = BusyPoll::new(
+        settings.busy_poll,
+        Box::new(move || gate_engine.lone_writer()),
+    );
+    let busy_stop = CancellationToken::new();
+    tokio::spawn(busy.clone().run(busy_stop.clone()));
     let conn_limit = Arc::new(Semaphore::new(settings.max_connections));
     let stop_accepting = CancellationToken::new();
     let close_reads = CancellationToken::new();
@@ -102,8 +111,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut acceptors = JoinSet::new();
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     for listener in listeners {
-        let (service, close_reads, force_close, connections) = (
+        let (service, busy, close_reads, force_close, connections) = (
             service.clone(),
+            busy.clone(),
             close_reads.clone(),
             force_close.clone(),
             connections.clone(),
@@ -113,13 +123,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             conn_limit.clone(),
             stop_accepting.clone(),
             move |conn, permit| {
-                let (service, close_reads, force_close) =
-                    (service.clone(), close_reads.clone(), force_close.clone());
+                let (service, busy, close_reads, force_close) = (
+                    service.clone(),
+                    busy.clone(),
+                    close_reads.clone(),
+                    force_close.clone(),
+                );
                 connections.spawn(async move {
                     let _permit = permit;
                     let _counted = metrics::ConnectionGuard::open();
                     tokio::select! {
-                        _ = serve_connection(conn, service, limits, close_reads) => {}
+                        _ = serve_connection(conn, service, limits, busy, close_reads) => {}
                         _ = force_close.cancelled() => {}
                     }
                 });
@@ -168,6 +182,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let result = engine.shutdown().await;
     watchdog_stop.cancel();
     gauges_stop.cancel();
+    busy_stop.cancel();
     match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");

@@ -54,6 +54,11 @@ pub struct BenchArgs {
     /// most CPU to a daemon on the same machine)
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
+    /// Keep a lone call's thread awake this long waiting for its reply (the client
+    /// library's `ClientConfig::busy_poll`; try 200us with --clients 1
+    /// --concurrency 1). Costs CPU on this side; 0s is off
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    busy_poll: humantime::Duration,
 }
 
 impl BenchArgs {
@@ -76,6 +81,10 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         bail!("--size must be at least 1");
     }
     let kind = Kind::from(args.kind);
+    let config = ClientConfig {
+        busy_poll: Duration::from(args.busy_poll),
+        ..config
+    };
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         clients.push(Client::connect_with(&endpoint, config.clone()).await?);
@@ -215,6 +224,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                 "clients": args.clients,
                 "concurrency": args.concurrency,
                 "threads": args.threads,
+                "busy_poll_us": Duration::from(args.busy_poll).as_micros() as u64,
                 "size": args.size,
                 "kind": kind.as_str(),
                 "fork": args.fork,
@@ -239,6 +249,9 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
             "in flight        {} clients x {} tasks = {in_flight}, on {} thread(s)",
             args.clients, args.concurrency, args.threads
         );
+        if !Duration::from(args.busy_poll).is_zero() {
+            println!("busy poll        {} per lone call", args.busy_poll);
+        }
         println!(
             "reservation      {} {}(s) in {namespace}",
             args.size,
