@@ -2,12 +2,12 @@
 //! per-connection in-flight limit, until the client leaves, sends a bad frame, or
 //! shutdown closes the read half and the last reply is written.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-
-use std::sync::Arc;
 
 use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;

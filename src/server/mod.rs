@@ -12,7 +12,7 @@
 //!    requests in flight be answered (bounded by `shutdown_timeout`), then
 //!    `Engine::shutdown` (checkpoint, lower manifests, mark clean), STOPPING=1.
 
-mod busy_poll;
+pub mod busy_poll;
 pub mod config;
 pub mod connection;
 pub mod listen;
