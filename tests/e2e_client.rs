@@ -296,13 +296,15 @@ fn assert_unique(ids: &[u64], what: &str) {
 }
 
 /// A client on the daemon's unix socket that rides out restarts: a long deadline and
-/// a short reconnect backoff.
+/// a short reconnect backoff. It busy-polls for its replies, so the restart tests
+/// also cover a polling call whose connection breaks under it.
 async fn restart_tolerant_client(d: &Daemon) -> Client {
     Client::connect_with(
         endpoints(d)[0].as_str(),
         ClientConfig {
             deadline: Duration::from_secs(30),
             backoff_max: Duration::from_millis(50),
+            busy_poll: Duration::from_micros(200),
             ..ClientConfig::default()
         },
     )
