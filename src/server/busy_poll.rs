@@ -3,7 +3,7 @@
 //! One writer reserving back to back waits, per reservation, for a flush and for
 //! several thread wake-ups: its request waking the daemon, the disk's completion,
 //! the reply waking the writer. On a VM whose guest halts an idle vCPU at once
-//! (this machine's kernel line has `haltpoll.guest_halt_poll_ns=0`), each wake-up
+//! (the benchmark VM's kernel line has `haltpoll.guest_halt_poll_ns=0`), each wake-up
 //! of a thread asleep on the other vCPU goes through the hypervisor, and together
 //! they cost about as much as the flush itself (docs/performance.md, "Busy
 //! polling"). So while the engine reports a lone writer, a task keeps the runtime's
@@ -78,9 +78,12 @@ impl BusyPoll {
         if !self.enabled() {
             return;
         }
-        self.last_touch.store(self.now_ns(), Ordering::Release);
+        // SeqCst here and in `run`: each side stores one flag and then loads the
+        // other's, and only a total order guarantees that one of them sees the
+        // other's store (else a touch could go unnoticed by a spinner stopping).
+        self.last_touch.store(self.now_ns(), Ordering::SeqCst);
         // Waking the task costs a wake-up of its own; only when it can spin.
-        if !self.spinning.load(Ordering::Acquire) && (self.gate)() {
+        if !self.spinning.load(Ordering::SeqCst) && (self.gate)() {
             self.wake.notify_one();
         }
     }
@@ -101,20 +104,20 @@ impl BusyPoll {
                 _ = self.wake.notified() => {}
                 _ = stop.cancelled() => return,
             }
-            self.spinning.store(true, Ordering::Release);
+            self.spinning.store(true, Ordering::SeqCst);
             let started = Instant::now();
             loop {
                 while self.should_spin(&stop) {
                     std::thread::yield_now();
                     tokio::task::yield_now().await;
                 }
-                self.spinning.store(false, Ordering::Release);
+                self.spinning.store(false, Ordering::SeqCst);
                 // A touch that saw `spinning` still set did not notify: look again
                 // now that it is clear, so that touch is not lost.
                 if !self.should_spin(&stop) {
                     break;
                 }
-                self.spinning.store(true, Ordering::Release);
+                self.spinning.store(true, Ordering::SeqCst);
             }
             let spun = started.elapsed();
             self.spun_ns
@@ -127,7 +130,7 @@ impl BusyPoll {
     fn should_spin(&self, stop: &CancellationToken) -> bool {
         let since = self
             .now_ns()
-            .saturating_sub(self.last_touch.load(Ordering::Acquire));
+            .saturating_sub(self.last_touch.load(Ordering::SeqCst));
         since < self.budget.as_nanos() as u64 && (self.gate)() && !stop.is_cancelled()
     }
 
