@@ -2,14 +2,15 @@
 //!
 //! A lone writer's round trip is mostly wake-ups, not work: on a VM whose guest
 //! halts an idle vCPU at once, waking a thread that sleeps on the other vCPU goes
-//! through the hypervisor (docs/performance.md, "Busy polling"). While a call is the
-//! only one in flight in this process, the caller's task stays runnable for up to
-//! the configured budget: it yields to its runtime, which then checks its sockets
+//! through the hypervisor (docs/performance.md, "Busy polling"). While a call is
+//! the only busy-polling call in flight in this process (calls of clients with
+//! polling off are not counted), the caller's task stays runnable for up to the
+//! configured budget: it yields to its runtime, which then checks its sockets
 //! without blocking and runs every other ready task, and to the kernel
-//! (`sched_yield`), so that any thread waiting for this CPU runs first. The reply is
-//! then read as soon as it lands. Past the budget, or with other calls in flight
-//! (then the runtime has work anyway and spinning would only take CPU from it), the
-//! call waits as usual.
+//! (`sched_yield`), so that any thread waiting for this CPU runs first. The reply
+//! is then read as soon as it lands. Past the budget, or with other polling calls
+//! in flight (then the runtime has work anyway and spinning would only take CPU
+//! from it), the call waits as usual.
 //!
 //! Invariant protected: none of the id invariants; this only changes how the caller
 //! waits. What it must not do, and the tests check: change a call's result, or keep
@@ -22,7 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-/// Calls of every [`Client`](super::Client) in this process now waiting for a reply.
+/// Busy-polling calls (a nonzero budget) of every [`Client`](super::Client) in this
+/// process now waiting for a reply. Calls with polling off are not counted: they
+/// should cost nothing extra.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts one call in flight for as long as it lives, however it ends (a call
@@ -43,7 +46,8 @@ impl Drop for InFlight {
     }
 }
 
-/// Await `reply`, spinning for up to `budget` first if it is the only call in flight.
+/// Await `reply`, spinning for up to `budget` first if it is the only busy-polling
+/// call in flight.
 pub(crate) async fn wait<F: Future>(reply: F, budget: Duration) -> F::Output {
     wait_counting(reply, budget).await.0
 }

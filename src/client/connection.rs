@@ -85,8 +85,8 @@ pub struct ClientConfig {
     pub max_frame_length: usize,
     /// Page size used by [`Client::list_forks`]. Default 1000.
     pub list_page_size: u32,
-    /// How long a call that is the only one in flight in this process keeps its
-    /// thread awake waiting for the reply (yielding to the runtime and the kernel
+    /// How long a call that is the only busy-polling call in flight in this process
+    /// keeps its thread awake waiting for the reply (yielding to the runtime and the kernel
     /// meanwhile) before it sleeps. Default zero: off. A few hundred microseconds
     /// (`200µs`) cut a lone writer's round trip where waking a sleeping thread is
     /// expensive, as on VMs that halt idle vCPUs, at the price of the CPU time
