@@ -143,77 +143,91 @@ impl BusyPoll {
 mod tests {
     use super::*;
 
-    fn gate(open: &Arc<AtomicBool>) -> Gate {
-        let open = open.clone();
-        Box::new(move || open.load(Ordering::Acquire))
+    /// A poller with its spinning task running, and a gate the test opens and
+    /// closes.
+    struct Running {
+        busy: Arc<BusyPoll>,
+        open: Arc<AtomicBool>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        async fn start(budget: Duration, open: bool) -> Running {
+            let open = Arc::new(AtomicBool::new(open));
+            let gate = open.clone();
+            let busy = BusyPoll::new(budget, Box::new(move || gate.load(Ordering::Acquire)));
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(busy.clone().run(stop.clone()));
+            // Let the task reach its wait, so the first touch finds it there.
+            tokio::task::yield_now().await;
+            Running {
+                busy,
+                open,
+                stop,
+                task,
+            }
+        }
+
+        fn spinning(&self) -> bool {
+            self.busy.spinning.load(Ordering::Acquire)
+        }
+
+        /// Stop the task; it must return promptly.
+        async fn finish(self) {
+            self.stop.cancel();
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("the spinning task returns on shutdown")
+                .unwrap();
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_touch_spins_for_about_the_budget_while_the_gate_holds() {
-        let open = Arc::new(AtomicBool::new(true));
-        let busy = BusyPoll::new(Duration::from_millis(20), gate(&open));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(busy.clone().run(stop.clone()));
-        tokio::task::yield_now().await;
-        busy.touch();
+        let r = Running::start(Duration::from_millis(20), true).await;
+        r.busy.touch();
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let spun = busy.spun();
+        let spun = r.busy.spun();
         assert!(spun >= Duration::from_millis(15), "spun {spun:?}");
         assert!(spun < Duration::from_millis(140), "spun {spun:?}");
-        assert!(!busy.spinning.load(Ordering::Acquire));
-        stop.cancel();
-        task.await.unwrap();
+        assert!(!r.spinning());
+        r.finish().await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn no_spinning_without_a_lone_writer() {
-        let open = Arc::new(AtomicBool::new(false));
-        let busy = BusyPoll::new(Duration::from_millis(20), gate(&open));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(busy.clone().run(stop.clone()));
+        let r = Running::start(Duration::from_millis(20), false).await;
         for _ in 0..10 {
-            busy.touch();
+            r.busy.touch();
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
-        assert_eq!(busy.spun(), Duration::ZERO);
-        stop.cancel();
-        task.await.unwrap();
+        assert_eq!(r.busy.spun(), Duration::ZERO);
+        r.finish().await;
     }
 
     /// Concurrent load shows up as the gate closing: the spin ends then, not at
     /// the end of a (here very long) budget.
     #[tokio::test(flavor = "current_thread")]
     async fn spinning_stops_when_the_gate_closes() {
-        let open = Arc::new(AtomicBool::new(true));
-        let busy = BusyPoll::new(Duration::from_secs(60), gate(&open));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(busy.clone().run(stop.clone()));
-        tokio::task::yield_now().await;
-        busy.touch();
+        let r = Running::start(Duration::from_secs(60), true).await;
+        r.busy.touch();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(busy.spinning.load(Ordering::Acquire));
-        open.store(false, Ordering::Release);
+        assert!(r.spinning());
+        r.open.store(false, Ordering::Release);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!busy.spinning.load(Ordering::Acquire));
-        assert!(busy.spun() < Duration::from_secs(1));
-        stop.cancel();
-        task.await.unwrap();
+        assert!(!r.spinning());
+        assert!(r.busy.spun() < Duration::from_secs(1));
+        r.finish().await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn shutdown_ends_a_spin() {
-        let open = Arc::new(AtomicBool::new(true));
-        let busy = BusyPoll::new(Duration::from_secs(60), gate(&open));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(busy.clone().run(stop.clone()));
-        tokio::task::yield_now().await;
-        busy.touch();
+        let r = Running::start(Duration::from_secs(60), true).await;
+        r.busy.touch();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the spinning task returns on shutdown")
-            .unwrap();
+        assert!(r.spinning());
+        r.finish().await;
     }
 
     #[tokio::test(flavor = "current_thread")]
