@@ -361,7 +361,9 @@ impl KindCache {
             loop {
                 wake.notified().await;
                 let Some(cache) = weak.upgrade() else { return };
-                cache.prefetch_once().await;
+                // Nobody waits for a prefetch: spinning for its reply would only
+                // take CPU from the writers it runs beside.
+                super::busy_poll::quiet(cache.prefetch_once()).await;
             }
         })
         .abort_handle()

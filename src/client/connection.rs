@@ -86,11 +86,12 @@ pub struct ClientConfig {
     /// Page size used by [`Client::list_forks`]. Default 1000.
     pub list_page_size: u32,
     /// How long a call that is the only busy-polling call in flight in this process
-    /// keeps its thread awake waiting for the reply (yielding to the runtime and the kernel
-    /// meanwhile) before it sleeps. Default zero: off. A few hundred microseconds
-    /// (`200µs`) cut a lone writer's round trip where waking a sleeping thread is
-    /// expensive, as on VMs that halt idle vCPUs, at the price of the CPU time
-    /// spent spinning; docs/performance.md has the numbers.
+    /// keeps its thread awake waiting for the reply (yielding to the runtime and the
+    /// kernel meanwhile) before it sleeps. Default 200 µs; zero turns it off. It cuts a
+    /// lone writer's round trip where waking a sleeping thread is expensive, as on VMs
+    /// that halt idle vCPUs, for the CPU time spent spinning: at most this much per
+    /// call, and only while no other polling call is in flight. The allocator's
+    /// background prefetch never spins. docs/performance.md has the numbers.
     pub busy_poll: Duration,
 }
 
@@ -102,7 +103,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_secs(1),
             max_frame_length: 16 * 1024 * 1024,
             list_page_size: 1000,
-            busy_poll: Duration::ZERO,
+            busy_poll: Duration::from_micros(200),
         }
     }
 }

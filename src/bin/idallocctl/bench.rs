@@ -55,9 +55,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
     /// Keep a lone call's thread awake this long waiting for its reply (the client
-    /// library's `ClientConfig::busy_poll`; try 200us with --clients 1
-    /// --concurrency 1). Costs CPU on this side; 0s is off
-    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    /// library's `ClientConfig::busy_poll`, whose default this is). It matters with
+    /// --clients 1 --concurrency 1 and costs CPU on this side; 0s turns it off
+    #[arg(long, default_value = "200us", value_name = "DURATION")]
     busy_poll: humantime::Duration,
 }
 
@@ -249,7 +249,9 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
             "in flight        {} clients x {} tasks = {in_flight}, on {} thread(s)",
             args.clients, args.concurrency, args.threads
         );
-        if !Duration::from(args.busy_poll).is_zero() {
+        if Duration::from(args.busy_poll).is_zero() {
+            println!("busy poll        off");
+        } else {
             println!("busy poll        {} per lone call", args.busy_poll);
         }
         println!(
