@@ -296,15 +296,14 @@ fn assert_unique(ids: &[u64], what: &str) {
 }
 
 /// A client on the daemon's unix socket that rides out restarts: a long deadline and
-/// a short reconnect backoff. It busy-polls for its replies, so the restart tests
-/// also cover a polling call whose connection breaks under it.
+/// a short reconnect backoff. It busy-polls for its replies (the client's default),
+/// so the restart tests also cover a polling call whose connection breaks under it.
 async fn restart_tolerant_client(d: &Daemon) -> Client {
     Client::connect_with(
         endpoints(d)[0].as_str(),
         ClientConfig {
             deadline: Duration::from_secs(30),
             backoff_max: Duration::from_millis(50),
-            busy_poll: Duration::from_micros(200),
             ..ClientConfig::default()
         },
     )
@@ -312,8 +311,8 @@ async fn restart_tolerant_client(d: &Daemon) -> Client {
     .unwrap()
 }
 
-/// Busy polling on both sides (the daemon's default `busy_poll`, the client's
-/// `busy_poll` option) changes no range: a lone writer's reservations stay dense
+/// Busy polling on both sides (the daemon's and the client's defaults) changes no
+/// range: a lone writer's reservations stay dense
 /// and increasing, a burst of 16 concurrent writers stays disjoint from them, and
 /// the daemon did spin for the lone writer (its metric counts the time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,10 +334,11 @@ async fn busy_polling_on_both_sides_changes_no_range() {
         .await
         .unwrap()
     };
-    let config = ClientConfig {
-        busy_poll: Duration::from_micros(200),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default();
+    assert!(
+        !config.busy_poll.is_zero(),
+        "the client busy-polls by default"
+    );
     let mut all = Vec::new();
     for endpoint in endpoints(&d) {
         let client = Client::connect_with(endpoint.as_str(), config.clone())
