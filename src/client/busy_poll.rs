@@ -14,12 +14,13 @@
 //!
 //! The process-wide count cannot see other processes: sixteen writer processes
 //! with one call each would all spin, on a machine whose cores the daemon needs.
-//! So spinning backs off when it does not pay: a call whose budget runs out
-//! before its reply (the daemon is busy, or the reply is slow for any reason)
-//! makes the next 2, 4, ... up to 64 lone calls wait without spinning; a reply
-//! that lands while spinning resets that. A lone writer's replies land within the
-//! budget and it keeps spinning; under contention replies take longer than the
-//! budget and the cost falls to one spin in 64 calls.
+//! So a call spins only while replies have been coming back within the budget: the
+//! process keeps a moving average of its calls' round trips (spinning or not), and a
+//! lone call whose average is past the budget waits as usual. A lone writer's round
+//! trip (~0.1 ms here) stays under the budget and it keeps spinning; when the daemon
+//! is busy with many writers, round trips grow past the budget and nobody spins,
+//! until they shrink again. Spinning for a reply that would not come within the
+//! budget buys nothing anyway: the caller sleeps for it in the end.
 //!
 //! Calls made where nobody waits for the reply, the allocator's background
 //! prefetch, run inside [`quiet`] and never spin: the writer is served from its
@@ -32,7 +33,7 @@
 //! [`ClientConfig::busy_poll`]: super::ClientConfig::busy_poll
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -41,34 +42,22 @@ use std::time::{Duration, Instant};
 /// should cost nothing extra.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Consecutive lone calls whose budget ran out before their reply, capped at
-/// [`MAX_MISS_SHIFT`].
-static MISSES: AtomicU32 = AtomicU32::new(0);
+/// Moving average of this process's round trips (polling clients, outside
+/// [`quiet`]), in nanoseconds; each call moves it 1/8 of the way to its own. Plain
+/// loads and stores: a lost update among racing calls only delays the average a
+/// little, and it steers nothing but whether to spin.
+static ROUND_TRIP_NS: AtomicU64 = AtomicU64::new(0);
 
-/// Lone calls still to wait without spinning after the last miss.
-static SKIP: AtomicU32 = AtomicU32::new(0);
-
-/// After `n` misses in a row the next `2^n` lone calls do not spin: at most 64.
-const MAX_MISS_SHIFT: u32 = 6;
-
-/// Whether this lone call may spin: false while a back-off is running (and then
-/// counts this call against it).
-fn may_spin() -> bool {
-    SKIP.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| s.checked_sub(1))
-        .is_err()
+/// Whether replies have lately come back within `budget`.
+fn replies_within(budget: Duration) -> bool {
+    u128::from(ROUND_TRIP_NS.load(Ordering::Relaxed)) < budget.as_nanos()
 }
 
-/// The reply landed while spinning: spinning pays, stop backing off.
-fn hit() {
-    MISSES.store(0, Ordering::Release);
-}
-
-/// The budget ran out first: back off for twice as many calls as last time.
-fn miss() {
-    let bump = |m: u32| (m + 1).min(MAX_MISS_SHIFT);
-    let (Ok(before) | Err(before)) =
-        MISSES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| Some(bump(m)));
-    SKIP.store(1 << bump(before), Ordering::Release);
+/// Fold one call's round trip into the average.
+fn record(round_trip: Duration) {
+    let sample = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
+    let avg = ROUND_TRIP_NS.load(Ordering::Relaxed);
+    ROUND_TRIP_NS.store(avg - avg / 8 + sample / 8, Ordering::Relaxed);
 }
 
 /// Counts one call in flight for as long as it lives, however it ends (a call
@@ -111,25 +100,19 @@ async fn wait_counting<F: Future>(reply: F, budget: Duration) -> (F::Output, u64
     if budget.is_zero() || QUIET.try_with(|_| ()).is_ok() {
         return (reply.await, 0);
     }
+    let started = Instant::now();
     let (_in_flight, alone) = InFlight::enter();
     let mut spins = 0;
-    if alone && may_spin() {
-        let until = Instant::now() + budget;
+    if alone && replies_within(budget) {
+        let until = started + budget;
         loop {
             if let Poll::Ready(v) =
                 std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await
             {
-                if spins > 0 {
-                    hit();
-                }
+                record(started.elapsed());
                 return (v, spins);
             }
-            // Another call joining is no verdict on spinning; only the budget is.
-            if IN_FLIGHT.load(Ordering::Acquire) > 1 {
-                break;
-            }
-            if Instant::now() >= until {
-                miss();
+            if Instant::now() >= until || IN_FLIGHT.load(Ordering::Acquire) > 1 {
                 break;
             }
             spins += 1;
@@ -137,7 +120,9 @@ async fn wait_counting<F: Future>(reply: F, budget: Duration) -> (F::Output, u64
             tokio::task::yield_now().await;
         }
     }
-    (reply.await, spins)
+    let v = reply.await;
+    record(started.elapsed());
+    (v, spins)
 }
 
 #[cfg(test)]
@@ -147,13 +132,12 @@ mod tests {
     use std::sync::Arc;
 
     // The state is process-wide: every test takes this lock, so that none sees
-    // another's calls, and starts with no back-off running.
+    // another's calls, and starts with no round trips recorded.
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
         let guard = SERIAL.lock().await;
-        MISSES.store(0, Ordering::Release);
-        SKIP.store(0, Ordering::Release);
+        ROUND_TRIP_NS.store(0, Ordering::Relaxed);
         guard
     }
 
@@ -248,41 +232,28 @@ mod tests {
         assert!(spins > 0);
     }
 
-    /// Replies slower than the budget (a busy daemon) make lone calls stop
-    /// spinning for 2, then 4, ... calls, up to 64; one reply that lands while
-    /// spinning makes the next call spin again.
+    /// Replies slower than the budget (a busy daemon) stop lone calls from
+    /// spinning; once replies come back within it again, lone calls spin again.
     #[tokio::test(flavor = "current_thread")]
-    async fn spinning_backs_off_while_replies_outlast_the_budget() {
+    async fn spinning_stops_while_replies_outlast_the_budget() {
         let _serial = serial().await;
         let budget = Duration::from_micros(200);
         let slow = Duration::from_millis(2);
-        let mut pattern = Vec::new();
-        for _ in 0..1 + 2 + 1 + 4 + 1 {
-            pattern.push(wait_counting(reply_in(slow), budget).await.1 > 0);
-        }
-        let (s, w) = (true, false);
-        assert_eq!(pattern, [s, w, w, s, w, w, w, w, s]);
-        // The back-off after each further spinning call: doubling, capped at 64.
-        let mut backoffs = Vec::new();
-        for _ in 0..250 {
-            if wait_counting(reply_in(slow), budget).await.1 > 0 {
-                backoffs.push(SKIP.load(Ordering::Acquire));
-            }
-        }
-        assert_eq!(backoffs, [16, 32, 64, 64, 64]);
-        // Wait out the back-off, then a reply within the budget is a hit.
-        while SKIP.load(Ordering::Acquire) > 0 {
-            assert_eq!(wait_counting(reply_after(3), budget).await.1, 0);
-        }
-        let (_, spins) = wait_counting(reply_after(3), budget).await;
-        assert!(spins > 0);
-        assert_eq!(MISSES.load(Ordering::Acquire), 0);
         assert!(wait_counting(reply_in(slow), budget).await.1 > 0);
-        assert_eq!(
-            SKIP.load(Ordering::Acquire),
-            2,
-            "a fresh miss backs off for 2 again"
-        );
+        // One 2 ms round trip moves the average past 200 µs.
+        for _ in 0..20 {
+            assert_eq!(wait_counting(reply_in(slow), budget).await.1, 0);
+        }
+        assert!(!replies_within(budget));
+        // Fast replies bring it back under the budget within a few calls (each
+        // takes 1/8 off the distance), and the next lone call spins.
+        let mut calls = 0;
+        while !replies_within(budget) {
+            assert_eq!(wait_counting(reply_after(3), budget).await.1, 0);
+            calls += 1;
+            assert!(calls < 40, "the average never fell back under the budget");
+        }
+        assert!(wait_counting(reply_after(3), budget).await.1 > 0);
     }
 
     /// With another call in flight a call does not spin: concurrent calls keep
