@@ -14,13 +14,15 @@
 //!
 //! The process-wide count cannot see other processes: sixteen writer processes
 //! with one call each would all spin, on a machine whose cores the daemon needs.
-//! So a call spins only while replies have been coming back within the budget: the
-//! process keeps a moving average of its calls' round trips (spinning or not), and a
-//! lone call whose average is past the budget waits as usual. A lone writer's round
-//! trip (~0.1 ms here) stays under the budget and it keeps spinning; when the daemon
-//! is busy with many writers, round trips grow past the budget and nobody spins,
-//! until they shrink again. Spinning for a reply that would not come within the
-//! budget buys nothing anyway: the caller sleeps for it in the end.
+//! So a call spins only where spinning pays: the process keeps two moving averages
+//! of its lone calls' round trips, one for calls that spun and one for calls that
+//! slept, and a lone call spins while the first is under the budget and at least
+//! an eighth below the second. One lone call in [`PROBE_EVERY`] goes the other way,
+//! so that both averages follow a change of load. A lone writer's round trip is
+//! about halved by spinning (the wake-ups it saves are most of it), well within the
+//! budget, and it keeps spinning. When the daemon or the machine is busy with other
+//! writers, replies take longer than the budget (a spinning call then sleeps in
+//! the end anyway) or no less than a sleeping call's, and calls sleep again.
 //!
 //! Calls made where nobody waits for the reply, the allocator's background
 //! prefetch, run inside [`quiet`] and never spin: the writer is served from its
@@ -42,22 +44,62 @@ use std::time::{Duration, Instant};
 /// should cost nothing extra.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Moving average of this process's round trips (polling clients, outside
-/// [`quiet`]), in nanoseconds; each call moves it 1/8 of the way to its own. Plain
-/// loads and stores: a lost update among racing calls only delays the average a
-/// little, and it steers nothing but whether to spin.
-static ROUND_TRIP_NS: AtomicU64 = AtomicU64::new(0);
+/// Moving averages of this process's lone round trips (polling clients, outside
+/// [`quiet`]) in nanoseconds, for calls that spun and for calls that slept; 0 = no
+/// call yet. Plain loads and stores: a lost update among racing calls only delays
+/// an average a little, and they steer nothing but whether to spin.
+static SPUN_NS: AtomicU64 = AtomicU64::new(0);
+static SLEPT_NS: AtomicU64 = AtomicU64::new(0);
 
-/// Whether replies have lately come back within `budget`.
-fn replies_within(budget: Duration) -> bool {
-    u128::from(ROUND_TRIP_NS.load(Ordering::Relaxed)) < budget.as_nanos()
+/// Lone calls so far, to pick the probes.
+static LONE_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// One lone call in this many does what the averages advise against, to keep the
+/// other average current. Rare enough to stay out of the p99: a probe that spins
+/// on a machine busy with other writers yields its CPU to them and may be slow.
+const PROBE_EVERY: u64 = 256;
+
+/// How far one call moves an average, as a shift: a quarter of the way for the
+/// calls of the current choice, half for a probe (they are few, and a change of
+/// load should show within a few of them).
+const STEP: u32 = 2;
+const PROBE_STEP: u32 = 1;
+
+/// Whether this lone call should spin for up to `budget` (and count it), and how
+/// far its round trip moves its average.
+fn should_spin(budget: Duration) -> (bool, u32) {
+    let n = LONE_CALLS.fetch_add(1, Ordering::Relaxed);
+    let spun = SPUN_NS.load(Ordering::Relaxed);
+    let slept = SLEPT_NS.load(Ordering::Relaxed);
+    if slept == 0 {
+        // Learn what a sleeping call costs first, then what a spinning one does.
+        return (false, STEP);
+    }
+    if spun == 0 {
+        return (true, STEP);
+    }
+    // Spinning pays if it is faster, and if replies come within the budget: past
+    // it a spinning call sleeps anyway, and under load it only took CPU from the
+    // writers and the daemon (each process's spinning calls may be faster than its
+    // sleeping ones, while the other processes' calls get slower).
+    let pays = spun < slept - slept / 8 && u128::from(spun) < budget.as_nanos();
+    if n % PROBE_EVERY == 0 {
+        (!pays, PROBE_STEP)
+    } else {
+        (pays, STEP)
+    }
 }
 
-/// Fold one call's round trip into the average.
-fn record(round_trip: Duration) {
+/// Move `average` `1 / 2^step` of the way to one round trip.
+fn record(average: &AtomicU64, round_trip: Duration, step: u32) {
     let sample = u64::try_from(round_trip.as_nanos()).unwrap_or(u64::MAX);
-    let avg = ROUND_TRIP_NS.load(Ordering::Relaxed);
-    ROUND_TRIP_NS.store(avg - avg / 8 + sample / 8, Ordering::Relaxed);
+    let old = average.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old - (old >> step) + (sample >> step)
+    };
+    average.store(new.max(1), Ordering::Relaxed);
 }
 
 /// Counts one call in flight for as long as it lives, however it ends (a call
@@ -102,26 +144,37 @@ async fn wait_counting<F: Future>(reply: F, budget: Duration) -> (F::Output, u64
     }
     let started = Instant::now();
     let (_in_flight, alone) = InFlight::enter();
+    if !alone {
+        return (reply.await, 0);
+    }
+    let (spin, step) = should_spin(budget);
+    if !spin {
+        let v = reply.await;
+        record(&SLEPT_NS, started.elapsed(), step);
+        return (v, 0);
+    }
+    let until = started + budget;
     let mut spins = 0;
-    if alone && replies_within(budget) {
-        let until = started + budget;
-        loop {
-            if let Poll::Ready(v) =
-                std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await
-            {
-                record(started.elapsed());
-                return (v, spins);
-            }
-            if Instant::now() >= until || IN_FLIGHT.load(Ordering::Acquire) > 1 {
-                break;
-            }
-            spins += 1;
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
+    loop {
+        if let Poll::Ready(v) =
+            std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await
+        {
+            record(&SPUN_NS, started.elapsed(), step);
+            return (v, spins);
         }
+        if IN_FLIGHT.load(Ordering::Acquire) > 1 {
+            // No longer alone: this round trip says nothing about a lone call's.
+            return (reply.await, spins);
+        }
+        if Instant::now() >= until {
+            break;
+        }
+        spins += 1;
+        std::thread::yield_now();
+        tokio::task::yield_now().await;
     }
     let v = reply.await;
-    record(started.elapsed());
+    record(&SPUN_NS, started.elapsed(), step);
     (v, spins)
 }
 
@@ -132,31 +185,35 @@ mod tests {
     use std::sync::Arc;
 
     // The state is process-wide: every test takes this lock, so that none sees
-    // another's calls, and starts with no round trips recorded.
+    // another's calls, and starts from averages that say spinning pays (and no
+    // probe due), unless it resets them itself.
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
         let guard = SERIAL.lock().await;
-        ROUND_TRIP_NS.store(0, Ordering::Relaxed);
+        SPUN_NS.store(10_000, Ordering::Relaxed);
+        SLEPT_NS.store(1_000_000, Ordering::Relaxed);
+        LONE_CALLS.store(1, Ordering::Relaxed);
         guard
+    }
+
+    /// A reply that lands after a few polls if the caller keeps polling (spins),
+    /// and after 1–2 ms if it polls once and sleeps: spinning pays.
+    fn reply_sooner_if_polled() -> impl Future<Output = ()> {
+        let mut timer = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
+        let mut polls = 0;
+        std::future::poll_fn(move |cx| {
+            polls += 1;
+            if polls > 3 {
+                return Poll::Ready(());
+            }
+            timer.as_mut().poll(cx)
+        })
     }
 
     /// A reply that is `delay` away (tokio's timer: a millisecond at the finest).
     fn reply_in(delay: Duration) -> impl Future<Output = ()> {
         tokio::time::sleep(delay)
-    }
-
-    /// A reply that lands after `polls` polls: within any budget for a caller that
-    /// spins, and it wakes its task itself for one that does not.
-    fn reply_after(mut polls: u32) -> impl Future<Output = ()> {
-        std::future::poll_fn(move |cx| {
-            if polls == 0 {
-                return Poll::Ready(());
-            }
-            polls -= 1;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        })
     }
 
     #[tokio::test]
@@ -232,28 +289,41 @@ mod tests {
         assert!(spins > 0);
     }
 
-    /// Replies slower than the budget (a busy daemon) stop lone calls from
-    /// spinning; once replies come back within it again, lone calls spin again.
+    /// How many of `calls` lone calls spun, each waiting for `reply()`.
+    async fn spinning_calls<F: Future>(calls: usize, reply: impl Fn() -> F) -> usize {
+        let mut spun = 0;
+        for _ in 0..calls {
+            if wait_counting(reply(), Duration::from_micros(200)).await.1 > 0 {
+                spun += 1;
+            }
+        }
+        spun
+    }
+
+    /// From nothing known, a process learns both round trips and spins where that
+    /// is faster; when replies stop coming sooner for it (a busy daemon: they take
+    /// 2 ms either way), calls go back to sleeping within a few calls; when
+    /// spinning pays again, the probes notice and calls spin again.
     #[tokio::test(flavor = "current_thread")]
-    async fn spinning_stops_while_replies_outlast_the_budget() {
+    async fn calls_spin_only_while_it_pays() {
         let _serial = serial().await;
-        let budget = Duration::from_micros(200);
-        let slow = Duration::from_millis(2);
-        assert!(wait_counting(reply_in(slow), budget).await.1 > 0);
-        // One 2 ms round trip moves the average past 200 µs.
-        for _ in 0..20 {
-            assert_eq!(wait_counting(reply_in(slow), budget).await.1, 0);
-        }
-        assert!(!replies_within(budget));
-        // Fast replies bring it back under the budget within a few calls (each
-        // takes 1/8 off the distance), and the next lone call spins.
-        let mut calls = 0;
-        while !replies_within(budget) {
-            assert_eq!(wait_counting(reply_after(3), budget).await.1, 0);
-            calls += 1;
-            assert!(calls < 40, "the average never fell back under the budget");
-        }
-        assert!(wait_counting(reply_after(3), budget).await.1 > 0);
+        SPUN_NS.store(0, Ordering::Relaxed);
+        SLEPT_NS.store(0, Ordering::Relaxed);
+        LONE_CALLS.store(0, Ordering::Relaxed);
+        // The first call sleeps, the second spins; then one in 256 sleeps (a probe).
+        assert_eq!(spinning_calls(1, reply_sooner_if_polled).await, 0);
+        assert_eq!(spinning_calls(1, reply_sooner_if_polled).await, 1);
+        let spun = spinning_calls(100, reply_sooner_if_polled).await;
+        assert!(spun >= 95, "{spun} of 100 calls spun where spinning pays");
+        // Past the budget either way (1–2 ms: tokio's timer). A few calls pull
+        // the spinning average up, then only a probe now and then spins.
+        let slow = || reply_in(Duration::from_millis(1));
+        let spun = spinning_calls(300, slow).await;
+        assert!(spun <= 20, "{spun} of 300 calls spun where it does not pay");
+        assert!(SPUN_NS.load(Ordering::Relaxed) >= 500_000);
+        // Spinning pays again: within a few probes calls spin again.
+        let spun = spinning_calls(1500, reply_sooner_if_polled).await;
+        assert!(spun >= 300, "{spun} of 1500 calls spun once it paid again");
     }
 
     /// With another call in flight a call does not spin: concurrent calls keep
