@@ -90,8 +90,8 @@ pub struct ClientConfig {
     /// kernel meanwhile) before it sleeps. Default 200 µs; zero turns it off. It cuts a
     /// lone writer's round trip where waking a sleeping thread is expensive, as on VMs
     /// that halt idle vCPUs, for the CPU time spent spinning: at most this much per
-    /// call, only while no other polling call is in flight, and only while spinning
-    /// has been paying (replies within the budget and sooner than when sleeping). The
+    /// call, only while no other polling call is in flight, and only while replies
+    /// have been coming well within the budget (not under a busy daemon). The
     /// allocator's background prefetch never spins. docs/performance.md has the numbers.
     pub busy_poll: Duration,
 }
