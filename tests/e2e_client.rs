@@ -312,9 +312,9 @@ async fn restart_tolerant_client(d: &Daemon) -> Client {
 }
 
 /// Busy polling on both sides (the daemon's and the client's defaults) changes no
-/// range: a lone writer's reservations stay dense
-/// and increasing, a burst of 16 concurrent writers stays disjoint from them, and
-/// the daemon did spin for the lone writer (its metric counts the time).
+/// range: a lone writer's reservations stay dense and increasing, a burst of 16
+/// concurrent writers stays disjoint from them, and the daemon did spin for the
+/// lone writer (its metric counts the time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_polling_on_both_sides_changes_no_range() {
     let dir = tempfile::tempdir().unwrap();

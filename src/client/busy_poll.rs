@@ -294,7 +294,7 @@ mod tests {
         spun
     }
 
-    /// The decision from the averages alone: a lone writer spins; one slow reply
+    /// The decision from the average alone: a lone writer spins; one slow reply
     /// does not stop it; a busy daemon (replies past the budget either way) stops
     /// it within a few calls, after which only one call in 256 spins; when the
     /// load goes, a writer whose sleeping round trip sits just above the mark is
