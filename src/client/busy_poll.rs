@@ -122,6 +122,11 @@ pub(crate) async fn quiet<F: Future>(work: F) -> F::Output {
     QUIET.scope((), work).await
 }
 
+/// Whether this task is inside [`quiet`].
+pub(crate) fn is_quiet() -> bool {
+    QUIET.try_with(|_| ()).is_ok()
+}
+
 /// Await `reply`, spinning for up to `budget` first if it is the only busy-polling
 /// call in flight (and not made inside [`quiet`]).
 pub(crate) async fn wait<F: Future>(reply: F, budget: Duration) -> F::Output {
@@ -131,7 +136,7 @@ pub(crate) async fn wait<F: Future>(reply: F, budget: Duration) -> F::Output {
 /// [`wait`], also returning how many times the call yielded while spinning.
 async fn wait_counting<F: Future>(reply: F, budget: Duration) -> (F::Output, u64) {
     let mut reply = std::pin::pin!(reply);
-    if budget.is_zero() || QUIET.try_with(|_| ()).is_ok() {
+    if budget.is_zero() || is_quiet() {
         return (reply.await, 0);
     }
     let started = Instant::now();

@@ -526,22 +526,27 @@ mod tests {
         assert_unique(all, n);
     }
 
-    /// The next range is reserved and parked when half the current one is used, so a
-    /// writer running through it does not wait.
-    #[tokio::test]
-    async fn prefetch_happens_before_exhaustion() {
-        let source = LocalSource::new();
-        let alloc = Allocator::new(source.clone(), fixed(100));
+    /// With 100-id ranges, take 51 vids (past the half-way prefetch point) and give
+    /// the prefetch task up to ~100 ms to park the next range.
+    async fn take_past_the_prefetch_point(alloc: &Allocator) {
         for _ in 0..51 {
             alloc.allocate_vid().await.unwrap();
         }
-        // Let the prefetch task run.
         for _ in 0..100 {
             if alloc.has_prefetched(Kind::Vid).await {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// The next range is reserved and parked when half the current one is used, so a
+    /// writer running through it does not wait.
+    #[tokio::test]
+    async fn prefetch_happens_before_exhaustion() {
+        let source = LocalSource::new();
+        let alloc = Allocator::new(source.clone(), fixed(100));
+        take_past_the_prefetch_point(&alloc).await;
         assert!(
             alloc.has_prefetched(Kind::Vid).await,
             "nothing prefetched at offset 51 of 100"
@@ -564,6 +569,18 @@ mod tests {
         assert_eq!(alloc.stats(Kind::Eid).ranges, 0);
     }
 
+    /// The background prefetch reserves with busy polling off (nobody waits for
+    /// it); a writer's own reservation, which it waits for, does not.
+    #[tokio::test]
+    async fn only_the_prefetch_reserves_quietly() {
+        let source = Arc::new(FakeDaemon::new(u64::MAX));
+        let alloc = Allocator::new(source.clone(), fixed(100));
+        take_past_the_prefetch_point(&alloc).await;
+        assert_eq!(alloc.stats(Kind::Vid).prefetched, 1);
+        // The first fill (the writer waits for it), then the prefetch.
+        assert_eq!(*source.quiet.lock().unwrap(), [false, true]);
+    }
+
     /// A fast writer grows the batch up to `max_batch` and no further.
     #[tokio::test]
     async fn batch_grows_to_its_bound_under_a_fast_writer() {
@@ -583,20 +600,37 @@ mod tests {
         assert_eq!(alloc.stats(Kind::Vid).batch, 1024);
     }
 
-    /// A daemon whose `max_count` is below the batch: the daemon's check, in front
-    /// of a local counter.
-    struct Capped {
+    /// A daemon in front of a local counter: it refuses counts above `max_count`
+    /// (the daemon's check), and records for each reservation whether it was made
+    /// inside `busy_poll::quiet` (where a client's call would not spin).
+    struct FakeDaemon {
         inner: Arc<LocalSource>,
         max_count: u64,
         refused: AtomicU64,
+        quiet: std::sync::Mutex<Vec<bool>>,
     }
 
-    impl RangeSource for Capped {
+    impl FakeDaemon {
+        fn new(max_count: u64) -> Self {
+            FakeDaemon {
+                inner: LocalSource::new(),
+                max_count,
+                refused: AtomicU64::new(0),
+                quiet: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl RangeSource for FakeDaemon {
         fn reserve(
             &self,
             kind: Kind,
             count: u64,
         ) -> futures::future::BoxFuture<'_, Result<IdRange, ClientError>> {
+            self.quiet
+                .lock()
+                .unwrap()
+                .push(crate::client::busy_poll::is_quiet());
             if count > self.max_count {
                 self.refused.fetch_add(1, Relaxed);
                 let e = ServiceError::InvalidArgument(format!(
@@ -621,11 +655,7 @@ mod tests {
     /// or below the daemon's limit instead of failing the writer, and stays there.
     #[tokio::test]
     async fn batch_stays_within_the_daemons_max_count() {
-        let source = Arc::new(Capped {
-            inner: LocalSource::new(),
-            max_count: 1000,
-            refused: AtomicU64::new(0),
-        });
+        let source = Arc::new(FakeDaemon::new(1000));
         let alloc = Allocator::new(source.clone(), AllocatorConfig::default());
         let mut ids = Vec::new();
         for i in 0..200_000u64 {
