@@ -20,7 +20,11 @@
 //!   group. The least a group commit can do per reservation: no engine, no tokio,
 //!   no RPC. A flush is in flight one at a time, as in the engine.
 //! - *two committers*: the same with two committer threads, so that two groups'
-//!   flushes can be in flight at once.
+//!   flushes can be in flight at once. On one sled database the second flush waits
+//!   for the first (sled's log is stable in order).
+//! - *two committers, two sled dbs*: each committer writes its own database (its
+//!   own log file), so the two flushes do overlap on the disk: what a second log
+//!   in the engine would give.
 //! - *one committer, callers as tokio tasks*: 16 tasks on a 2-worker runtime, each
 //!   queueing a oneshot on a std channel and awaiting it: the engine's hand-off
 //!   (`src/engine/local.rs`) with nothing of the engine around it.
@@ -193,17 +197,28 @@ fn committers(
     dir: &std::path::Path,
     name: &'static str,
     n_committers: usize,
+    separate_dbs: bool,
     callers: usize,
     dur: Duration,
 ) -> Row {
-    let db = open_db(dir, &format!("group-{n_committers}"));
+    let dbs: Vec<sled::Db> = if separate_dbs {
+        (0..n_committers)
+            .map(|c| open_db(dir, &format!("group-{n_committers}-db-{c}")))
+            .collect()
+    } else {
+        vec![open_db(dir, &format!("group-{n_committers}"))]
+    };
     let flushes = Arc::new(Flushes::default());
     let queue = Arc::new(Queue::default());
     let stop = Arc::new(AtomicBool::new(false));
     let committer_threads: Vec<_> = (0..n_committers)
         .map(|c| {
-            let (db, flushes, queue, stop) =
-                (db.clone(), flushes.clone(), queue.clone(), stop.clone());
+            let (db, flushes, queue, stop) = (
+                dbs[c % dbs.len()].clone(),
+                flushes.clone(),
+                queue.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 let key = format!("committer-{c}");
                 let mut granted = 0u64;
@@ -337,8 +352,9 @@ fn main() {
                 dur,
             )
         }),
-        measured(&|| committers(dir.path(), "one committer", 1, 16, dur)),
-        measured(&|| committers(dir.path(), "two committers", 2, 16, dur)),
+        measured(&|| committers(dir.path(), "one committer", 1, false, 16, dur)),
+        measured(&|| committers(dir.path(), "two committers", 2, false, 16, dur)),
+        measured(&|| committers(dir.path(), "two committers, two sled dbs", 2, true, 16, dur)),
         measured(&|| tokio_callers(dir.path(), 16, dur)),
     ];
     let (together, alone) = (rows[1].per_sec(), rows[2].per_sec());
