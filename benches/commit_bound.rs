@@ -193,6 +193,9 @@ fn flush_per_reservation(
     Row::new(name, callers, lat_ns, secs, &flushes)
 }
 
+/// `n_committers` threads sharing one queue of parked callers. With `separate_dbs`
+/// each committer writes its own sled database, so their flushes are not ordered
+/// behind each other in one log.
 fn committers(
     dir: &std::path::Path,
     name: &'static str,
