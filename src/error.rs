@@ -39,6 +39,11 @@ pub enum ServiceError {
     /// A bug or an unexpected local failure; the message says what happened.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A manifest (or fork claim) of this namespace exists but cannot be parsed:
+    /// the namespace is unavailable until an operator repairs it with an explicit
+    /// floor. Other namespaces keep serving. Nothing is guessed.
+    #[error("{0}")]
+    BrokenManifest(String),
 }
 
 impl ServiceError {

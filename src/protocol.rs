@@ -40,6 +40,10 @@ pub struct Hwm {
     pub next_vid: u64,
     /// The next edge id this daemon would grant.
     pub next_eid: u64,
+    /// True when this daemon is the root's only writer (single-writer mode), so its
+    /// next ids are the root's. False in multi-writer mode: other daemons grant
+    /// from their own leases, and the root's bound is the manifest's ceiling.
+    pub root_wide: bool,
 }
 
 /// Arguments of `bootstrap_fork`.
@@ -74,6 +78,10 @@ pub struct ForkInfo {
     pub created: bool,
     /// True once the fork has been dropped (a tombstone).
     pub dropped: bool,
+    /// Set when the fork could not be verified against the object store (its
+    /// manifest is broken, or the store is unreachable): the numbers above are
+    /// then not reported (zero) and this says why.
+    pub error: Option<String>,
 }
 
 /// One page of `list_forks`, ordered by fork id value.
@@ -125,8 +133,11 @@ pub struct NamespaceStatus {
     pub fork: Option<String>,
     /// Whether the fork was dropped.
     pub dropped: bool,
-    /// The vid and eid counters.
+    /// The vid and eid counters (empty when `error` is set).
     pub counters: Vec<CounterStatus>,
+    /// Why the namespace could not be verified against the object store; its
+    /// counters are not reported until it is.
+    pub error: Option<String>,
 }
 
 /// Health of the object-store mirror.
@@ -159,6 +170,36 @@ pub struct Status {
     pub namespaces_total: u64,
     /// The primary and up to the first 100 forks.
     pub namespaces: Vec<NamespaceStatus>,
+    /// Conditions an operator should fix (for example, both tiers on one disk).
+    pub warnings: Vec<String>,
+}
+
+/// Arguments of `repair`: the operator's explicit floor for a namespace whose
+/// manifest is broken (or that they want raised).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairRequest {
+    /// `None` for the primary, else the fork id (either spelling).
+    pub fork: Option<String>,
+    /// The vertex-id floor: above the highest vertex id the database holds.
+    pub vid_floor: u64,
+    /// The edge-id floor: above the highest edge id the database holds.
+    pub eid_floor: u64,
+}
+
+/// What `repair` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// The manifest written.
+    pub manifest: String,
+    /// What was there before: its ceilings, or why it could not be read.
+    pub before: String,
+    /// The ceilings written: the highest of the floor given, the manifest (if it
+    /// parsed), the fork's other spelling, and this daemon's local state.
+    pub vid_ceiling: u64,
+    /// See `vid_ceiling`.
+    pub eid_ceiling: u64,
+    /// The evidence behind each ceiling, in words.
+    pub evidence: Vec<String>,
 }
 
 /// The allocation service. Every method returns a typed [`ServiceError`].
@@ -167,7 +208,9 @@ pub trait IdAlloc {
     /// Reserve `count` consecutive ids of `kind` in the primary (`fork = None`) or a fork.
     async fn reserve(fork: Option<String>, kind: Kind, count: u64)
         -> Result<IdRange, ServiceError>;
-    /// The next ids this daemon would grant in a namespace.
+    /// The next ids this daemon would grant in a namespace (verified against the
+    /// store first). In multi-writer mode other daemons grant from their own
+    /// leases, so this is this daemon's next id, not the whole root's.
     async fn hwm(fork: Option<String>) -> Result<Hwm, ServiceError>;
     /// Create a fork above its parent's high-water mark, or return the existing one.
     async fn bootstrap_fork(req: BootstrapRequest) -> Result<ForkInfo, ServiceError>;
@@ -179,4 +222,7 @@ pub trait IdAlloc {
     async fn checkpoint(fork: Option<String>) -> Result<Hwm, ServiceError>;
     /// Version, mode, mirror health and per-namespace counters.
     async fn status() -> Result<Status, ServiceError>;
+    /// Write a namespace's manifest from an explicit floor, only upward from every
+    /// other evidence (the way out of a broken manifest; never a reset).
+    async fn repair(req: RepairRequest) -> Result<RepairReport, ServiceError>;
 }

@@ -134,12 +134,12 @@ async fn forks_bootstrap_above_the_parent_and_drop_for_good() {
         Err(ServiceError::InvalidArgument(_))
     ));
     // List.
-    let page = e.list_forks(None, 10);
+    let page = e.list_forks(None, 10).await;
     assert_eq!(page.forks.len(), 2);
-    let p1 = e.list_forks(None, 1);
+    let p1 = e.list_forks(None, 1).await;
     assert_eq!(p1.forks.len(), 1);
     let after = ForkId::parse(p1.next_after.as_deref().unwrap()).unwrap();
-    let p2 = e.list_forks(Some(after), 1);
+    let p2 = e.list_forks(Some(after), 1).await;
     assert_eq!(p2.forks.len(), 1);
     assert!(p2.next_after.is_none());
     // Drop: reservations fail clearly; bootstrap refuses; the manifest stays, marked.
@@ -270,45 +270,5 @@ async fn local_files_run_single_writer_and_are_fsynced_in_place() {
         Err(idalloc::engine::OpenError::Locked(_)) => {}
         Err(other) => panic!("{other}"),
         Ok(_) => panic!("two engines on one data directory"),
-    }
-}
-
-#[tokio::test]
-async fn corrupt_manifest_stops_start_up_naming_it() {
-    let env = Env::new();
-    let (store, h) = memory_store();
-    store
-        .put(
-            &Path::from("id_allocator.json"),
-            PutPayload::from_static(b"{\"next_vid_batch\": \"many\"}"),
-        )
-        .await
-        .unwrap();
-    match open(env.config("d", 100), &h).await {
-        Err(e) => {
-            let m = e.to_string();
-            assert!(
-                m.contains("id_allocator.json") && m.contains("cannot be parsed"),
-                "{m}"
-            );
-        }
-        Ok(_) => panic!("opened on a corrupt manifest"),
-    }
-    // A corrupt fork manifest is named too.
-    store
-        .put(
-            &Path::from("id_allocator.json"),
-            PutPayload::from_static(b"{\"next_vid_batch\": 1, \"next_eid_batch\": 2}"),
-        )
-        .await
-        .unwrap();
-    let bad = format!("catalog/forks/{}/id_allocator.json", ForkId::generate());
-    store
-        .put(&Path::from(bad.clone()), PutPayload::from_static(b"[]"))
-        .await
-        .unwrap();
-    match open(env.config("d2", 100), &h).await {
-        Err(e) => assert!(e.to_string().contains(&bad), "{e}"),
-        Ok(_) => panic!("opened on a corrupt fork manifest"),
     }
 }

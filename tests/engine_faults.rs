@@ -178,7 +178,7 @@ async fn an_outage_is_ridden_out_inside_the_lease_then_reported_then_healed() {
         }
         other => panic!("{other:?}"),
     }
-    let st = e.status();
+    let st = e.status().await;
     assert!(!st.mirror.healthy);
     assert!(st
         .mirror
@@ -204,7 +204,7 @@ async fn an_outage_is_ridden_out_inside_the_lease_then_reported_then_healed() {
             Err(other) => panic!("{other:?}"),
         }
     }
-    assert!(e.status().mirror.healthy);
+    assert!(e.status().await.mirror.healthy);
     assert_disjoint(&got, "across an outage");
 }
 
@@ -268,7 +268,7 @@ async fn trusted_local_state_starts_without_the_store_but_serves_only_once_verif
         }
         other => panic!("served before verifying the manifest: {other:?}"),
     }
-    assert!(!e.status().mirror.healthy);
+    assert!(!e.status().await.mirror.healthy);
     ctl.clear();
     let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
     assert_eq!(r.start, last.end, "dense after a clean stop");

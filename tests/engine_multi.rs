@@ -85,14 +85,14 @@ async fn each_engine_is_ordered_and_concurrent_bootstraps_agree() {
     // Every engine lists the fork, whoever created it.
     for e in &engines {
         e.discover_forks().await.unwrap();
-        let page = e.list_forks(None, 10);
+        let page = e.list_forks(None, 10).await;
         assert_eq!(page.forks.len(), 1);
         assert_eq!(page.forks[0].fork, f.text());
     }
     let other = ForkId::generate();
     engines[0].bootstrap_fork(other, None, 0, 0).await.unwrap();
     assert_eq!(engines[2].discover_forks().await.unwrap(), 1);
-    assert_eq!(engines[2].list_forks(None, 10).forks.len(), 2);
+    assert_eq!(engines[2].list_forks(None, 10).await.forks.len(), 2);
     // Per engine, successive reservations increase.
     for e in &engines {
         let mut last = 0;

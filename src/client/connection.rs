@@ -328,6 +328,19 @@ impl Client {
         self.call(|c, ctx| async move { c.status(ctx).await }).await
     }
 
+    /// Write a namespace's manifest from an explicit floor, only upward (the way
+    /// out of a broken manifest). Retrying is safe: a second run raises nothing.
+    pub async fn repair(
+        &self,
+        req: crate::protocol::RepairRequest,
+    ) -> Result<crate::protocol::RepairReport, ClientError> {
+        self.call(|c, ctx| {
+            let req = req.clone();
+            async move { c.repair(ctx, req).await }
+        })
+        .await
+    }
+
     fn deadline_error(&self, last_error: Option<String>) -> ClientError {
         ClientError::DeadlineExceeded {
             endpoint: self.inner.endpoint_text.clone(),

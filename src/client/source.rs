@@ -91,6 +91,7 @@ impl LocalSource {
             fork: None,
             next_vid: self.next[Kind::Vid.index()].load(Ordering::SeqCst),
             next_eid: self.next[Kind::Eid.index()].load(Ordering::SeqCst),
+            root_wide: true,
         }
     }
 }

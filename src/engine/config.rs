@@ -33,6 +33,32 @@ pub struct EngineConfig {
     pub sled_cache_bytes: u64,
 }
 
+impl EngineConfig {
+    /// The one check of the allocation settings' ranges, used by the daemon's
+    /// config loader (`check-config` included) and by [`Engine::open`](super::Engine::open).
+    /// The error names the setting as the config file spells it.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.lease_size == 0 {
+            return Err(("allocation.lease_size", "must be at least 1".into()));
+        }
+        if self.max_count == 0 {
+            return Err(("allocation.max_count", "must be at least 1".into()));
+        }
+        // prefetch_at = 1.0 would take the next lease only once the current one is
+        // used up, on the writer's path; 0 would keep a second lease at all times.
+        if !(self.prefetch_at > 0.0 && self.prefetch_at < 1.0) {
+            return Err((
+                "allocation.prefetch_at",
+                format!(
+                    "{} is not a fraction strictly between 0 and 1 (the share of a lease used before the next one is taken in the background)",
+                    self.prefetch_at
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {

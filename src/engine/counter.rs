@@ -112,10 +112,33 @@ impl Counter {
         }
     }
 
-    /// Give back the unused part of every lease (checkpoint, clean shutdown).
-    pub fn release(&mut self) {
-        self.lease_end = self.granted;
-        self.next = None;
+    /// The lowest ceiling this counter may give back to (DESIGN rule 9), if it has
+    /// anything to give back: every id in `[point, owned_end)` lies in our own leases
+    /// and was never granted. A prefetched lease taken above somebody else's lease
+    /// is not contiguous with the current one (the ids between belong to them), so
+    /// then only the prefetched lease itself can be given back.
+    pub fn give_back_point(&self) -> Option<u64> {
+        let point = match self.next {
+            Some((s, _)) if s > self.lease_end => s,
+            // `install` merges a prefetched lease that continues the current one,
+            // so this arm only sees a contiguous pair if that ever changes.
+            Some(_) => self.granted,
+            None => self.granted,
+        };
+        (point < self.owned_end()).then_some(point)
+    }
+
+    /// Give back every id at or above `point` (from [`Counter::give_back_point`]).
+    pub fn release_from(&mut self, point: u64) {
+        debug_assert!(point >= self.granted);
+        if let Some((s, _)) = self.next {
+            if point <= s {
+                self.next = None;
+            }
+        }
+        if point < self.lease_end {
+            self.lease_end = point;
+        }
     }
 
     /// Move up to at least `at` with no lease (the ceiling moved under us, or local
@@ -173,6 +196,25 @@ mod tests {
                 start: u64::MAX - 1,
                 end: u64::MAX
             }
+        );
+    }
+
+    #[test]
+    fn a_prefetched_lease_above_a_gap_is_all_that_can_be_given_back() {
+        // Ours: [0,10) with 6 granted; [10,20) is another daemon's; ours again: [20,30).
+        let mut c = Counter::resume_at(0);
+        c.install(0, 10);
+        c.take(6).unwrap();
+        c.install(20, 30);
+        assert_eq!(c.give_back_point(), Some(20));
+        c.release_from(20);
+        assert_eq!(c.owned_end(), 10);
+        // Without a parked lease the rest of the current one goes back.
+        assert_eq!(c.give_back_point(), Some(6));
+        c.release_from(6);
+        assert_eq!(
+            (c.granted, c.owned_end(), c.give_back_point()),
+            (6, 6, None)
         );
     }
 

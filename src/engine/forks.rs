@@ -4,12 +4,20 @@
 //! Invariants protected: *fork floor* (3) — a fork starts at or above
 //! `max(caller's floor, parent's HWM)`, where the parent's HWM is what this daemon
 //! granted (single-writer) or the parent's ceiling, which bounds what any daemon
-//! granted (multi-writer); *idempotent bootstrap* (4) — creation is a conditional create
-//! (`PutMode::Create`), an existing fork (under either spelling of its id) is adopted
-//! unchanged, and a dropped fork's manifest stays, marked, so its ids are never
-//! handed out again.
+//! granted (multi-writer). *Idempotent bootstrap* (4) — one 128-bit value is one
+//! fork with one creator: creation is decided by one conditional create
+//! (`PutMode::Create`) of the fork's *claim*, an object named by the value alone
+//! (`idalloc/fork-claims/{uuid}.json`), never by either text spelling. The claim
+//! carries the spelling, the initial manifest and a nonce of the call that wrote
+//! it, so a create that landed but whose reply was lost is recognised as ours, and
+//! a creator that died before writing the manifest is completed by whoever comes
+//! next. A dropped fork's manifest stays, marked, so its ids are never handed out
+//! again.
 
 use std::sync::Arc;
+
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
 use crate::fork_id::{ForkId, IdForm};
@@ -22,44 +30,118 @@ use super::ns::{NsEntry, NsState};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
+/// Where fork claims live, relative to the root (outside `catalog/`, which the
+/// reference database owns).
+pub const CLAIMS_DIR: &str = "idalloc/fork-claims";
+
+/// The object that decides a fork's creation, one per 128-bit value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claim {
+    /// The spelling the fork's manifest lives under.
+    pub fork: String,
+    /// Random per bootstrap call: tells the creator its own claim.
+    pub nonce: String,
+    /// The manifest the fork starts with (floors and idalloc's metadata).
+    pub manifest: Manifest,
+}
+
+/// Path of the claim of a fork value.
+pub fn claim_path(id: ForkId) -> Path {
+    Path::from(format!(
+        "{CLAIMS_DIR}/{}.json",
+        id.with_form(IdForm::Uuid).text()
+    ))
+}
+
+/// The same value in the other spelling.
+pub fn other_spelling(id: ForkId) -> ForkId {
+    match id.form() {
+        IdForm::Uuid => id.with_form(IdForm::Ulid),
+        IdForm::Ulid => id.with_form(IdForm::Uuid),
+    }
+}
+
 impl Engine {
-    /// Find a fork's manifest under either text form of its id.
-    pub(super) async fn find_in_store(
-        &self,
-        id: ForkId,
-    ) -> Result<Option<(ForkId, Versioned)>, ServiceError> {
-        let other = match id.form() {
-            IdForm::Uuid => IdForm::Ulid,
-            IdForm::Ulid => IdForm::Uuid,
+    /// Read a fork's claim; a claim that does not parse is an error naming it.
+    pub(super) async fn read_claim(&self, id: ForkId) -> Result<Option<Claim>, ServiceError> {
+        let path = claim_path(id);
+        let Some((bytes, _)) = self
+            .mirror
+            .read_bytes(&path)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?
+        else {
+            return Ok(None);
         };
-        for fid in [id, id.with_form(other)] {
+        let broken = |reason: String| {
+            ServiceError::BrokenManifest(format!(
+                "fork claim {path} cannot be parsed ({reason}): fork {id} is unavailable until repaired (idalloc never guesses a counter). Repair: idallocctl repair --fork {id} --vid-floor N --eid-floor M, with N and M above the highest ids the database holds"
+            ))
+        };
+        let claim: Claim = serde_json::from_slice(&bytes).map_err(|e| broken(e.to_string()))?;
+        match ForkId::parse(&claim.fork) {
+            Ok(f) if f == id => Ok(Some(claim)),
+            _ => Err(broken(format!("it names fork {:?}", claim.fork))),
+        }
+    }
+
+    /// Write the manifest a claim describes if it is not there yet (its creator
+    /// stopped between the claim and the manifest). Never overwrites.
+    pub(super) async fn complete_claim(&self, claim: &Claim) -> Result<(), ServiceError> {
+        let Ok(id) = ForkId::parse(&claim.fork) else {
+            return Ok(());
+        };
+        let path = path_for(&Namespace::Fork(id));
+        if let Written::Won(_) = self
+            .mirror
+            .write(&path, &claim.manifest, None)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?
+        {
+            tracing::info!(fork = %id, manifest = %path, "completed a fork whose creator stopped before writing its manifest");
+        }
+        Ok(())
+    }
+
+    /// Whether the fork exists in the object store, and under which spelling: the
+    /// claim's if there is one, else whichever spelling has a manifest (forks made
+    /// before claims existed). A manifest that does not parse still counts as
+    /// existing: the fork is then registered broken, never recreated.
+    pub(super) async fn find_fork(&self, id: ForkId) -> Result<Option<ForkId>, ServiceError> {
+        if let Some(claim) = self.read_claim(id).await? {
+            self.complete_claim(&claim).await?;
+            return Ok(ForkId::parse(&claim.fork).ok());
+        }
+        for fid in [id, other_spelling(id)] {
             let found = self
                 .mirror
-                .read(&path_for(&Namespace::Fork(fid)))
+                .read_bytes(&path_for(&Namespace::Fork(fid)))
                 .await
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?;
-            if let Some(v) = found {
-                return Ok(Some((fid, v)));
+            if found.is_some() {
+                return Ok(Some(fid));
             }
         }
         Ok(None)
     }
 
-    /// Register a fork found in the object store: it resumes at its ceiling.
-    /// The caller holds `bootstrap_lock`.
-    pub(super) async fn adopt(
-        &self,
-        fid: ForkId,
-        v: Versioned,
-    ) -> Result<Arc<NsEntry>, ServiceError> {
-        let entry = adopted_entry(fid, &v);
-        *entry.mirror.lock().await = super::ns::MirrorState {
-            cached: Some(v),
-            last_failure: None,
-        };
-        self.persist(&entry).await?;
+    /// Register a fork that exists in the object store. It serves nothing until
+    /// verified: verification moves its counters above every manifest of the fork
+    /// (both spellings) and reads its metadata. The caller holds `bootstrap_lock`.
+    pub(super) async fn adopt(&self, fid: ForkId) -> Result<Arc<NsEntry>, ServiceError> {
+        if let Some(e) = self.forks.read().unwrap().get(&fid) {
+            return Ok(e.clone());
+        }
+        let entry = NsEntry::new(
+            Namespace::Fork(fid),
+            NsState {
+                meta: ForkMeta::default(),
+                counters: [Counter::default(), Counter::default()],
+                stale: true,
+            },
+            false,
+        );
         self.forks.write().unwrap().insert(fid, entry.clone());
-        tracing::info!(fork = %fid, next_vid = entry.hwm().next_vid, next_eid = entry.hwm().next_eid, "adopted fork from the object store");
         Ok(entry)
     }
 
@@ -83,15 +165,9 @@ impl Engine {
             if self.forks.read().unwrap().contains_key(&id) {
                 continue;
             }
-            let found = self
-                .mirror
-                .read(&path_for(&Namespace::Fork(id)))
-                .await
-                .map_err(|e| store_err(e, self.retry_hint_ms()))?;
-            if let Some(v) = found {
-                self.adopt(id, v).await?;
-                adopted += 1;
-            }
+            let spelling = self.find_fork(id).await?.unwrap_or(id);
+            self.adopt(spelling).await?;
+            adopted += 1;
         }
         Ok(adopted)
     }
@@ -114,11 +190,11 @@ impl Engine {
         let _b = self.bootstrap_lock.lock().await;
         let existing = self.forks.read().unwrap().get(&fork).cloned();
         if let Some(e) = existing {
-            return existing_info(&e);
+            return self.existing_info(&e).await;
         }
-        if let Some((fid, v)) = self.find_in_store(fork).await? {
-            let e = self.adopt(fid, v).await?;
-            return existing_info(&e);
+        if let Some(spelling) = self.find_fork(fork).await? {
+            let e = self.adopt(spelling).await?;
+            return self.existing_info(&e).await;
         }
         let parent_entry = match parent {
             None => self.primary.clone(),
@@ -155,49 +231,73 @@ impl Engine {
         };
         let mut m = Manifest::new(meta.floor_vid, meta.floor_eid);
         m.set_fork_meta(&meta);
-        let ns = Namespace::Fork(fork);
-        let path = path_for(&ns);
-        match self
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let claim = Claim {
+            fork: fork.text(),
+            nonce: nonce.clone(),
+            manifest: m.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&claim).expect("claim serialises");
+        let won = match self
             .mirror
-            .write(&path, &m, None)
+            .create_bytes(&claim_path(fork), bytes)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?
         {
-            Written::Won(version) => {
-                let entry = NsEntry::new(
-                    ns,
-                    NsState {
-                        meta: meta.clone(),
-                        counters: [
-                            Counter::resume_at(meta.floor_vid),
-                            Counter::resume_at(meta.floor_eid),
-                        ],
-                    },
-                    true,
-                );
-                entry.mirror.lock().await.cached = Some(Versioned {
-                    manifest: m,
-                    version,
-                });
-                self.persist(&entry).await?;
-                self.forks.write().unwrap().insert(fork, entry.clone());
-                tracing::info!(%fork, parent = ?meta.parent, floor_vid = meta.floor_vid, floor_eid = meta.floor_eid, "fork created");
-                Ok(entry.info(true))
-            }
-            Written::Lost => {
-                // Someone created it first: theirs is the fork.
-                match self.find_in_store(fork).await? {
-                    Some((fid, v)) => {
-                        let e = self.adopt(fid, v).await?;
-                        existing_info(&e)
-                    }
-                    None => Err(ServiceError::unavailable(
-                        format!("fork {fork} was created concurrently but cannot be read back yet"),
-                        self.retry_hint_ms(),
-                    )),
+            Written::Won(_) => true,
+            // Either another caller claimed it first, or our own create landed and
+            // its reply was lost (then the retry found it): the nonce tells which.
+            Written::Lost => match self.read_claim(fork).await? {
+                Some(c) if c.nonce == nonce => true,
+                Some(c) => {
+                    self.complete_claim(&c).await?;
+                    let spelling = ForkId::parse(&c.fork).unwrap_or(fork);
+                    let e = self.adopt(spelling).await?;
+                    return self.existing_info(&e).await;
                 }
-            }
+                None => {
+                    return Err(ServiceError::unavailable(
+                        format!("the claim of fork {fork} was created concurrently but cannot be read back yet"),
+                        self.retry_hint_ms(),
+                    ))
+                }
+            },
+        };
+        debug_assert!(won);
+        let ns = Namespace::Fork(fork);
+        let path = path_for(&ns);
+        let written = self
+            .mirror
+            .write(&path, &m, None)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+        // Lost: the manifest is there already, written from our claim (by our own
+        // ambiguous attempt or by a daemon completing it). Its content is ours, but
+        // it may have been leased from since: verify before serving.
+        let verified = matches!(written, Written::Won(_));
+        let entry = NsEntry::new(
+            ns,
+            NsState {
+                meta: meta.clone(),
+                counters: [
+                    Counter::resume_at(meta.floor_vid),
+                    Counter::resume_at(meta.floor_eid),
+                ],
+                stale: !verified,
+            },
+            verified,
+        );
+        if let Written::Won(version) = written {
+            entry.mirror.lock().await.cached = Some(Versioned {
+                manifest: m,
+                version,
+            });
         }
+        self.persist(&entry).await?;
+        self.forks.write().unwrap().insert(fork, entry.clone());
+        tracing::info!(%fork, parent = ?meta.parent, floor_vid = meta.floor_vid, floor_eid = meta.floor_eid, "fork created");
+        self.ensure_verified(&entry).await?;
+        Ok(entry.info(true))
     }
 
     /// Tombstone a fork: later reservations in it fail with `DroppedFork`, here and,
@@ -205,6 +305,7 @@ impl Engine {
     pub async fn drop_fork(&self, fork: ForkId) -> Result<ForkInfo, ServiceError> {
         let _guard = self.enter()?;
         let entry = self.entry(Namespace::Fork(fork)).await?;
+        self.ensure_verified(&entry).await?;
         let hint = self.retry_hint_ms();
         let mut ms = entry.mirror.lock().await;
         if entry.snapshot().meta.dropped {
@@ -250,33 +351,15 @@ impl Engine {
             hint,
         ))
     }
-}
 
-fn existing_info(e: &NsEntry) -> Result<ForkInfo, ServiceError> {
-    let info = e.info(false);
-    if info.dropped {
-        return Err(ServiceError::DroppedFork(info.fork));
+    /// The reply to a bootstrap that found the fork existing: verified first, so
+    /// that its numbers are never below what was granted.
+    async fn existing_info(&self, e: &Arc<NsEntry>) -> Result<ForkInfo, ServiceError> {
+        self.ensure_verified(e).await?;
+        let info = e.info(false);
+        if info.dropped {
+            return Err(ServiceError::DroppedFork(info.fork));
+        }
+        Ok(info)
     }
-    Ok(info)
-}
-
-/// An entry for a fork read from the store: it resumes at its ceiling.
-pub(super) fn adopted_entry(fid: ForkId, v: &Versioned) -> Arc<NsEntry> {
-    let meta = v.manifest.fork_meta().unwrap_or(ForkMeta {
-        parent: None,
-        floor_vid: v.manifest.next_vid_batch,
-        floor_eid: v.manifest.next_eid_batch,
-        dropped: false,
-    });
-    NsEntry::new(
-        Namespace::Fork(fid),
-        NsState {
-            meta,
-            counters: [
-                Counter::resume_at(v.manifest.next_vid_batch),
-                Counter::resume_at(v.manifest.next_eid_batch),
-            ],
-        },
-        true,
-    )
 }

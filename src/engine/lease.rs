@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::error::ServiceError;
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::{Hwm, WriterMode};
+use crate::protocol::Hwm;
 
 use super::manifest::{ForkMeta, Manifest};
 use super::ns::{MirrorState, NsEntry};
@@ -209,99 +209,6 @@ impl Engine {
         });
     }
 
-    /// Check the manifest against local state once per namespace before serving it.
-    pub(super) async fn ensure_verified(&self, entry: &Arc<NsEntry>) -> Result<(), ServiceError> {
-        if entry.verified.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut ms = entry.mirror.lock().await;
-        if entry.verified.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.verify(entry, &mut ms).await
-    }
-
-    /// Reconcile local state (trusted) with the manifest:
-    /// - a ceiling below what we own is raised to it (a rolled-back file, or one
-    ///   lowered by hand), so nobody else can lease our ids;
-    /// - in single-writer mode a ceiling above what we own means sled is stale or
-    ///   someone else wrote: resume above the ceiling.
-    pub(super) async fn verify(
-        &self,
-        entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
-    ) -> Result<(), ServiceError> {
-        let path = entry.path();
-        let hint = self.retry_hint_ms();
-        for _ in 0..MAX_CONFLICTS {
-            let cur = self
-                .mirror
-                .read(&path)
-                .await
-                .map_err(|e| store_err(e, hint))?;
-            let mut raise = false;
-            {
-                let mut st = entry.state.lock().unwrap();
-                if let Some(meta) = cur.as_ref().and_then(|v| v.manifest.fork_meta()) {
-                    if meta.dropped {
-                        st.meta.dropped = true;
-                    }
-                }
-                for kind in Kind::ALL {
-                    let c = &mut st.counters[kind.index()];
-                    let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
-                    let owned = c.owned_end();
-                    if ceiling < owned {
-                        raise = true;
-                    } else if ceiling > owned && self.mirror.mode() == WriterMode::SingleWriter {
-                        tracing::warn!(
-                            namespace = %entry.ns, %kind, local = owned, manifest = ceiling,
-                            "manifest ceiling is above the lease recorded locally: local state is stale or another writer used this root; resuming above the ceiling"
-                        );
-                        c.jump_to(ceiling);
-                    }
-                }
-            }
-            if raise {
-                let st = entry.snapshot();
-                let mut m = manifest_to_rewrite(cur.as_ref(), entry, &st.meta);
-                for kind in Kind::ALL {
-                    let owned = st.counters[kind.index()].owned_end();
-                    if m.ceiling(kind) < owned {
-                        tracing::warn!(
-                            manifest = %path, %kind, ceiling = m.ceiling(kind), lease_end = owned,
-                            "manifest is below this daemon's lease; raising it before serving"
-                        );
-                        m.set_ceiling(kind, owned);
-                    }
-                }
-                match self
-                    .mirror
-                    .write(&path, &m, cur.as_ref().map(|v| &v.version))
-                    .await
-                    .map_err(|e| store_err(e, hint))?
-                {
-                    Written::Won(version) => {
-                        ms.cached = Some(Versioned {
-                            manifest: m,
-                            version,
-                        })
-                    }
-                    Written::Lost => continue,
-                }
-            } else {
-                ms.cached = cur;
-            }
-            self.persist(entry).await?;
-            entry.verified.store(true, Ordering::Release);
-            return Ok(());
-        }
-        Err(ServiceError::unavailable(
-            format!("could not verify {path}: too many writers contending"),
-            hint,
-        ))
-    }
-
     /// Release the unused part of the lease of `ns` and lower its manifest to what
     /// was granted, where the conditional write proves nobody else moved it.
     pub async fn checkpoint(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
@@ -309,7 +216,7 @@ impl Engine {
         self.ensure_verified(&entry).await?;
         let mut ms = entry.mirror.lock().await;
         self.checkpoint_locked(&entry, &mut ms).await?;
-        Ok(entry.hwm())
+        Ok(self.hwm_of(&entry))
     }
 
     /// [`Engine::checkpoint`] with the mirror lock held.
@@ -322,7 +229,7 @@ impl Engine {
         let before = entry.snapshot();
         if Kind::ALL
             .iter()
-            .all(|k| before.counters[k.index()].owned_end() == before.counters[k.index()].granted)
+            .all(|k| before.counters[k.index()].give_back_point().is_none())
         {
             return Ok(());
         }
@@ -336,27 +243,33 @@ impl Engine {
             // No manifest at all: nothing to lower.
             return Ok(());
         };
-        let lowerable: Vec<Kind> = Kind::ALL
-            .into_iter()
-            .filter(|k| {
-                let c = before.counters[k.index()];
-                c.owned_end() > c.granted && cur.manifest.ceiling(*k) == c.owned_end()
-            })
-            .collect();
-        if lowerable.is_empty() {
+        // Rule 9: lower a ceiling only from the top of our own highest lease, and only
+        // down to where our own never-granted ids begin. A ceiling above our lease
+        // means somebody leased after us: leave it.
+        // Grants go on meanwhile (they take no mirror lock), so the point is taken
+        // again under the state lock; leases cannot change while we hold the mirror
+        // lock, so `owned_end` is still the one compared with the ceiling.
+        let mut m = cur.manifest.clone();
+        let mut lowered = false;
+        {
+            let mut st = entry.state.lock().unwrap();
+            for k in Kind::ALL {
+                let c = &mut st.counters[k.index()];
+                if cur.manifest.ceiling(k) != c.owned_end() {
+                    continue;
+                }
+                if let Some(point) = c.give_back_point() {
+                    c.release_from(point);
+                    m.set_ceiling(k, point);
+                    lowered = true;
+                }
+            }
+        }
+        if !lowered {
             tracing::debug!(manifest = %path, "ceiling moved by another writer; leaving the manifest as it is");
             return Ok(());
         }
         // Local release first, durably: a crash after this point leaves a gap.
-        let mut m = cur.manifest.clone();
-        {
-            let mut st = entry.state.lock().unwrap();
-            for k in &lowerable {
-                let c = &mut st.counters[k.index()];
-                c.release();
-                m.set_ceiling(*k, c.granted);
-            }
-        }
         self.persist(entry).await?;
         match self.mirror.write(&path, &m, Some(&cur.version)).await {
             Ok(Written::Won(version)) => {

@@ -33,6 +33,9 @@ pub struct NsRecord {
     pub meta: ForkMeta,
     /// vid and eid counters.
     pub counters: [Counter; 2],
+    /// The counters may be behind the store; see `NsState::stale`.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// Daemon-wide facts used to decide whether sled can be trusted at the next start.
@@ -271,10 +274,35 @@ impl Local {
         self.writer.flushes.load(Ordering::Relaxed)
     }
 
+    /// Make everything sled has written durable with `fsync` — its own flush is
+    /// `sync_file_range`, which a power cut does not keep: every file under the
+    /// database directory, then the directories. For the end of a clean shutdown,
+    /// after the last commit.
+    pub async fn sync_all(&self, dir: &Path) -> Result<(), String> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || sync_tree(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("fsync of the local database: {e}"))
+    }
+
     /// The underlying database size on disk, for logs.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+}
+
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {

@@ -8,8 +8,12 @@
 //!   (never guess; leases owned only once written).
 //! - [`manifest`]: the reference-compatible `id_allocator.json`.
 //! - [`ns`]: one namespace in memory.
-//! - `lease`, `forks`, `recovery` (private): taking leases, fork bootstrap and drop,
-//!   start-up reconciliation and clean shutdown.
+//! - [`life_mark`]: the durable "this life is not clean" mark (trust rule).
+//! - [`root_lock`]: one daemon per `file://` root.
+//! - `lease`, `verify`, `forks`, `recovery`, `repair` (private): taking and giving
+//!   back leases (rule 9), checking a namespace against the store before it
+//!   serves, fork bootstrap (claims) and drop, start-up reconciliation and clean
+//!   shutdown, and the operator's explicit floor for a broken manifest.
 //!
 //! A reservation takes ids from the lease under a short lock, then waits for the
 //! group commit; only when the lease is short does it wait on the object store, and
@@ -19,13 +23,19 @@ mod config;
 pub mod counter;
 mod forks;
 mod lease;
+pub mod life_mark;
 pub mod local;
 pub mod manifest;
 pub mod ns;
 mod recovery;
+mod repair;
+pub mod root_lock;
 pub mod store;
+mod verify;
 
 use std::collections::BTreeMap;
+
+use futures::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Instant;
@@ -54,7 +64,7 @@ pub enum OpenError {
     #[error("object store unreachable at start-up and no usable local lease: {0}")]
     StoreUnreachable(String),
     /// A manifest exists but cannot be parsed; nothing is guessed.
-    #[error("manifest {path} cannot be parsed: {reason}; fix or remove it by hand (idalloc never guesses a counter)")]
+    #[error("manifest {path} cannot be parsed: {reason}; idalloc never guesses a counter: write an explicit floor with `idallocctl repair` (deleting the manifest would reset the counter)")]
     CorruptManifest {
         /// Object-store path of the manifest.
         path: String,
@@ -74,6 +84,17 @@ pub enum OpenError {
         "data directory {0} is locked by another idallocd process (one daemon per data directory)"
     )]
     Locked(String),
+    /// Another daemon holds the `file://` object-store root.
+    #[error("object store root {root} is in use by another idallocd ({holder}): a file:// root takes one daemon; give this one its own root, or use a multi-writer store (s3://, gs://, az://)")]
+    RootLocked {
+        /// The root directory.
+        root: String,
+        /// What the holder wrote in the lock file (pid, data directory).
+        holder: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 }
 
 impl From<StoreError> for OpenError {
@@ -106,7 +127,18 @@ pub struct Engine {
     idle: tokio::sync::Notify,
     started: Instant,
     boot_id: String,
+    /// Held for the engine's life on `file://` roots.
+    _root_lock: Option<root_lock::RootLock>,
+    /// Both tiers on one disk (the mirror is inside the data directory).
+    shared_disk: bool,
     me: Weak<Engine>,
+}
+
+/// The warning for a mirror inside the data directory (the embedded default).
+pub fn shared_disk_warning(url: &str) -> String {
+    format!(
+        "the object-store mirror {url} is inside the data directory: losing that disk loses the ceiling too and ids would be handed out again; set [object_store] url (or --object-store) to another disk or a bucket"
+    )
 }
 
 /// Counts a call in flight, so that shutdown can wait for it.
@@ -123,8 +155,24 @@ impl Drop for InFlight<'_> {
 fn store_err(e: StoreError, retry_after_ms: u64) -> ServiceError {
     match e {
         StoreError::Unavailable(m) => ServiceError::unavailable(m, retry_after_ms),
+        StoreError::Corrupt { path, reason } => {
+            ServiceError::BrokenManifest(broken_message(&path, &reason))
+        }
         other => ServiceError::Internal(other.to_string()),
     }
+}
+
+/// The one line a broken manifest answers with: what is wrong, and the way out
+/// that never lowers a counter.
+fn broken_message(path: &str, reason: &str) -> String {
+    let fork = path
+        .strip_prefix(&format!("{}/", manifest::FORKS_DIR))
+        .and_then(|rest| rest.split('/').next())
+        .map(|f| format!("--fork {f} "))
+        .unwrap_or_default();
+    format!(
+        "{path} cannot be parsed ({reason}): this namespace is unavailable until repaired (idalloc never guesses a counter; deleting the file would reset it). Repair: idallocctl repair {fork}--vid-floor N --eid-floor M, with N and M above the highest ids the database holds"
+    )
 }
 
 impl Engine {
@@ -214,29 +262,52 @@ impl Engine {
         Ok(range)
     }
 
-    /// The next ids this daemon would grant in `ns`.
+    /// The next ids this daemon would grant in `ns`, after verifying the namespace
+    /// against the store. In multi-writer mode other daemons grant from their own
+    /// leases: this is this daemon's next id, not the root's.
     pub async fn hwm(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
         let entry = self.entry(ns).await?;
-        Ok(entry.hwm())
+        self.ensure_verified(&entry).await?;
+        Ok(self.hwm_of(&entry))
+    }
+
+    /// The namespace's HWM as a reply (`root_wide` from the writer mode).
+    fn hwm_of(&self, entry: &NsEntry) -> Hwm {
+        Hwm {
+            root_wide: self.mirror.mode() == WriterMode::SingleWriter,
+            ..entry.hwm()
+        }
     }
 
     /// Forks known to this daemon, in id order, after `after`, at most `limit`.
-    pub fn list_forks(&self, after: Option<ForkId>, limit: usize) -> ForkPage {
+    /// Each is verified before it is reported; one that cannot be (its manifest is
+    /// broken, or the store is down) is listed with the error instead of numbers.
+    pub async fn list_forks(&self, after: Option<ForkId>, limit: usize) -> ForkPage {
         use std::ops::Bound;
-        let forks = self.forks.read().unwrap();
         let lower = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
         };
-        let mut page: Vec<ForkInfo> = Vec::new();
-        let mut more = false;
-        for (_, e) in forks.range((lower, Bound::Unbounded)) {
-            if page.len() == limit.max(1) {
-                more = true;
-                break;
-            }
-            page.push(e.info(false));
-        }
+        let mut entries: Vec<Arc<NsEntry>> = self
+            .forks
+            .read()
+            .unwrap()
+            .range((lower, Bound::Unbounded))
+            .take(limit.max(1) + 1)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let more = entries.len() > limit.max(1);
+        entries.truncate(limit.max(1));
+        let page: Vec<ForkInfo> = futures::stream::iter(entries)
+            .map(|e| async move {
+                match self.ensure_verified(&e).await {
+                    Ok(()) => e.info(false),
+                    Err(err) => e.unverified_info(err.to_string()),
+                }
+            })
+            .buffered(16)
+            .collect()
+            .await;
         let next_after = if more {
             page.last().map(|f| f.fork.clone())
         } else {
@@ -248,19 +319,52 @@ impl Engine {
         }
     }
 
-    /// Version, mode, mirror health, the primary's and the first forks' counters.
-    pub fn status(&self) -> Status {
-        let forks = self.forks.read().unwrap();
-        let mut namespaces = vec![self.primary.status()];
-        namespaces.extend(forks.values().take(100).map(|e| e.status()));
+    /// Version, mode, mirror health, the primary's and the first forks' counters,
+    /// each namespace verified before it is reported (or shown with its error).
+    pub async fn status(&self) -> Status {
+        let mut shown: Vec<Arc<NsEntry>> = vec![self.primary.clone()];
+        shown.extend(self.forks.read().unwrap().values().take(100).cloned());
+        let namespaces = futures::stream::iter(shown)
+            .map(|e| async move {
+                let res = self.ensure_verified(&e).await;
+                e.status(res.err().map(|err| err.to_string()))
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        self.status_with(namespaces)
+    }
+
+    /// [`Engine::status`] without verifying anything, for metrics: namespaces not
+    /// verified yet carry an error saying so instead of being checked now.
+    pub fn status_now(&self) -> Status {
+        let namespaces = self
+            .all_entries()
+            .into_iter()
+            .take(101)
+            .map(|e| {
+                let unverified = (!e.verified.load(Ordering::Acquire))
+                    .then(|| "not verified against the object store yet".to_string());
+                e.status(unverified)
+            })
+            .collect();
+        self.status_with(namespaces)
+    }
+
+    fn status_with(&self, namespaces: Vec<crate::protocol::NamespaceStatus>) -> Status {
+        let mut warnings = Vec::new();
+        if self.shared_disk {
+            warnings.push(shared_disk_warning(self.mirror.display_url()));
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             mode: self.mirror.mode(),
             object_store: self.mirror.display_url().to_string(),
             mirror: self.mirror.health(),
-            namespaces_total: 1 + forks.len() as u64,
+            namespaces_total: 1 + self.forks.read().unwrap().len() as u64,
             namespaces,
+            warnings,
         }
     }
 
@@ -314,8 +418,8 @@ impl Engine {
         if let Some(e) = self.forks.read().unwrap().get(&id) {
             return Ok(e.clone());
         }
-        match self.find_in_store(id).await? {
-            Some((fid, v)) => self.adopt(fid, v).await,
+        match self.find_fork(id).await? {
+            Some(spelling) => self.adopt(spelling).await,
             None => Err(ServiceError::UnknownFork(id.text())),
         }
     }

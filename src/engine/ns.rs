@@ -4,7 +4,9 @@
 //! short std mutex (never held across an await), and every object-store operation
 //! on the namespace's manifest is serialised by one async mutex, so at most one
 //! lease write per namespace is in flight from this daemon and leases are installed
-//! in the order they were won.
+//! in the order they were won. *Never guess* (8): a namespace serves nothing, and
+//! reports nothing, until it has been verified against its manifest; `stale`
+//! (local counters that may be behind the store) survives restarts until then.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,10 @@ pub struct NsState {
     pub meta: ForkMeta,
     /// vid and eid counters, indexed by [`Kind::index`].
     pub counters: [Counter; 2],
+    /// The counters may be behind what was granted (local state not trusted at
+    /// start-up): the next verification moves them above the manifest's ceiling
+    /// instead of trusting them. Persisted, so a crash before that keeps it.
+    pub stale: bool,
 }
 
 /// What this daemon last knew of the namespace's manifest.
@@ -40,8 +46,14 @@ pub struct MirrorState {
 
 /// A namespace.
 pub struct NsEntry {
-    /// The namespace; a fork's id carries the text form used in its path.
+    /// The namespace (its identity; for the spelling in paths see [`NsEntry::fork`]).
     pub ns: Namespace,
+    /// A fork's id in the text form its manifest lives under. It can change once,
+    /// at verification, when a fork's creation claim names the other spelling.
+    spelling: Mutex<Option<ForkId>>,
+    /// The last "cannot be parsed" error logged for this namespace, so a broken
+    /// manifest is logged once per change, not once per call.
+    pub broken: Mutex<Option<String>>,
     /// sled key of its record.
     pub key: Vec<u8>,
     /// Counters and fork metadata.
@@ -59,6 +71,8 @@ impl NsEntry {
     pub fn new(ns: Namespace, state: NsState, verified: bool) -> Arc<NsEntry> {
         Arc::new(NsEntry {
             ns,
+            spelling: Mutex::new(ns.fork()),
+            broken: Mutex::new(None),
             key: ns_key(ns.fork().map(|f| f.value())),
             state: Mutex::new(state),
             mirror: tokio::sync::Mutex::new(MirrorState::default()),
@@ -78,19 +92,29 @@ impl NsEntry {
             NsState {
                 meta: rec.meta,
                 counters: rec.counters,
+                stale: rec.stale,
             },
             false,
         ))
     }
 
-    /// The fork id, if a fork.
+    /// The fork id, if a fork, in the spelling its manifest lives under.
     pub fn fork(&self) -> Option<ForkId> {
-        self.ns.fork()
+        *self.spelling.lock().unwrap()
+    }
+
+    /// Use `id`'s spelling from now on (the value is the same fork).
+    pub fn set_spelling(&self, id: ForkId) {
+        debug_assert_eq!(self.ns.fork(), Some(id));
+        *self.spelling.lock().unwrap() = Some(id);
     }
 
     /// Object-store path of the manifest.
     pub fn path(&self) -> object_store::path::Path {
-        path_for(&self.ns)
+        match self.fork() {
+            Some(f) => path_for(&Namespace::Fork(f)),
+            None => path_for(&Namespace::Primary),
+        }
     }
 
     /// A copy of the current state.
@@ -107,6 +131,7 @@ impl NsEntry {
                 fork: me.fork().map(|f| f.text()),
                 meta: st.meta,
                 counters: st.counters,
+                stale: st.stale,
             };
             serde_json::to_vec(&rec).expect("record serialises")
         })
@@ -119,6 +144,7 @@ impl NsEntry {
             fork: self.fork().map(|f| f.text()),
             next_vid: st.counters[Kind::Vid.index()].granted,
             next_eid: st.counters[Kind::Eid.index()].granted,
+            root_wide: false,
         }
     }
 
@@ -134,28 +160,51 @@ impl NsEntry {
             floor_eid: st.meta.floor_eid,
             created,
             dropped: st.meta.dropped,
+            error: None,
         }
     }
 
-    /// Status line of this namespace.
-    pub fn status(&self) -> NamespaceStatus {
+    /// Fork info for a fork that could not be verified: no numbers, the reason.
+    pub fn unverified_info(&self, error: String) -> ForkInfo {
+        let st = self.snapshot();
+        ForkInfo {
+            fork: self.fork().map(|f| f.text()).unwrap_or_default(),
+            parent: st.meta.parent.clone(),
+            next_vid: 0,
+            next_eid: 0,
+            floor_vid: st.meta.floor_vid,
+            floor_eid: st.meta.floor_eid,
+            created: false,
+            dropped: st.meta.dropped,
+            error: Some(error),
+        }
+    }
+
+    /// Status line of this namespace; `error` when it could not be verified (its
+    /// counters are then left out).
+    pub fn status(&self, error: Option<String>) -> NamespaceStatus {
         let st = self.snapshot();
         NamespaceStatus {
             fork: self.fork().map(|f| f.text()),
             dropped: st.meta.dropped,
-            counters: Kind::ALL
-                .iter()
-                .map(|k| {
-                    let c = st.counters[k.index()];
-                    CounterStatus {
-                        kind: *k,
-                        granted: c.granted,
-                        lease_start: c.lease_start,
-                        lease_end: c.owned_end(),
-                        headroom: c.headroom(),
-                    }
-                })
-                .collect(),
+            counters: if error.is_some() {
+                vec![]
+            } else {
+                Kind::ALL
+                    .iter()
+                    .map(|k| {
+                        let c = st.counters[k.index()];
+                        CounterStatus {
+                            kind: *k,
+                            granted: c.granted,
+                            lease_start: c.lease_start,
+                            lease_end: c.owned_end(),
+                            headroom: c.headroom(),
+                        }
+                    })
+                    .collect()
+            },
+            error,
         }
     }
 }

@@ -3,16 +3,20 @@
 //! Invariants protected: *unique* (1) and *never guess* (8) across restarts, lost
 //! data directories and power cuts:
 //!
-//! - sled is trusted only when it can be current: after a clean shutdown, or after
-//!   an unclean stop *in this boot* (sled's `sync_file_range` survives a process
-//!   crash, not a power cut — sled issue 1452). After an unclean stop in an earlier
-//!   boot every namespace resumes above its object-store ceiling.
+//! - sled is trusted only when it can be current (`trust`): no unclean-life mark
+//!   and a clean record (the last life ended with a full fsync), or a mark from
+//!   *this* boot (a process crash, which sled's `sync_file_range` survives; a power
+//!   cut does not — sled issue 1452). Otherwise every namespace is marked `stale`
+//!   and resumes above its object-store ceiling, in both writer modes.
+//! - The mark (`life_mark`) is durable before the first grant of a life, and the
+//!   `stale` marks are persisted before it, so a crash in between keeps them.
 //! - With sled empty (new or lost data directory), every manifest is adopted: the
 //!   primary and every fork under `catalog/forks/`.
-//! - A trusted namespace is verified against its manifest before it serves
-//!   (`Engine::verify`): lazily on first use, eagerly for the primary.
-//! - *Bounded gap* (7): clean shutdown gives unused leases back (checkpoint) and
-//!   marks the state clean, so the next start continues where this one stopped.
+//! - Every namespace is verified against its manifests before it serves or is
+//!   reported (`verify`): the primary now, forks in the background or on first use.
+//! - *Bounded gap* (7): clean shutdown gives unused leases back where rule 9
+//!   allows, fsyncs sled, and only then removes the mark, so the next start
+//!   continues where this one stopped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,15 +27,16 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
+use crate::namespace::Namespace;
 use crate::protocol::WriterMode;
 
 use super::counter::Counter;
-use super::forks::adopted_entry;
+use super::life_mark::{self, Mark};
 use super::local::{Local, MetaRecord};
-use super::manifest::{fork_from_dir, fork_path, ForkMeta, PRIMARY_PATH};
+use super::manifest::{fork_from_dir, ForkMeta};
 use super::ns::{NsEntry, NsState};
-use super::store::{Mirror, RetryPolicy, StoreHandle, Versioned};
+use super::root_lock::RootLock;
+use super::store::{Mirror, RetryPolicy, StoreHandle};
 use super::{Engine, EngineConfig, OpenError};
 
 /// Store reads in flight at once during recovery.
@@ -48,12 +53,8 @@ fn read_boot_id(path: &std::path::Path) -> String {
 }
 
 pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<Engine>, OpenError> {
-    if cfg.lease_size == 0 || cfg.max_count == 0 || !(0.0..1.0).contains(&cfg.prefetch_at) {
-        return Err(OpenError::DataDir {
-            path: cfg.data_dir.display().to_string(),
-            reason: "lease_size and max_count must be at least 1 and prefetch_at in [0, 1)".into(),
-        });
-    }
+    cfg.validate()
+        .map_err(|(key, reason)| OpenError::InvalidConfig(format!("{key}: {reason}")))?;
     let mirror = Mirror::new(
         store,
         RetryPolicy {
@@ -65,12 +66,24 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
     match mirror.mode() {
         WriterMode::SingleWriter => tracing::info!(
             store = mirror.display_url(),
-            "object store has no conditional update: running SINGLE-WRITER (one daemon per root; the data directory lock guards it)"
+            "object store has no conditional update: running SINGLE-WRITER (one daemon per root; a lock inside the root guards it)"
         ),
         WriterMode::MultiWriter => tracing::info!(
             store = mirror.display_url(),
             "object store supports conditional update: running MULTI-WRITER (several daemons may share this root)"
         ),
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| OpenError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let shared_disk = mirror.local_root().is_some_and(|root| {
+        let canon =
+            |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        canon(root).starts_with(canon(&cfg.data_dir))
+    });
+    if shared_disk {
+        tracing::warn!("{}", super::shared_disk_warning(mirror.display_url()));
     }
     let sled_dir = cfg.data_dir.join("sled");
     let local_dir = sled_dir.clone();
@@ -81,7 +94,21 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
             path: sled_dir.display().to_string(),
             reason: e.to_string(),
         })??;
+    // After sled's own lock, so that a second daemon on one data directory is
+    // told that first.
+    let root_lock = match mirror.local_root() {
+        Some(root) => Some(RootLock::acquire(root, &cfg.data_dir)?),
+        None => None,
+    };
     let boot_id = read_boot_id(&cfg.boot_id_path);
+    let mark = life_mark::read(&cfg.data_dir).map_err(|e| OpenError::DataDir {
+        path: cfg
+            .data_dir
+            .join(life_mark::MARK_FILE)
+            .display()
+            .to_string(),
+        reason: e.to_string(),
+    })?;
 
     let mut primary: Option<Arc<NsEntry>> = None;
     let mut forks: BTreeMap<ForkId, Arc<NsEntry>> = BTreeMap::new();
@@ -98,51 +125,25 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         }
     }
 
-    let trusted = match &loaded.meta {
-        None => false,
-        Some(m) => m.clean || (!boot_id.is_empty() && m.boot_id == boot_id),
-    };
+    let trusted = trust(&mark, loaded.meta.as_ref(), &boot_id);
     let fresh = loaded.meta.is_none() && primary.is_none() && forks.is_empty();
-    // Namespaces whose state comes from the store rather than sled: persisted
-    // before serving.
-    let mut from_store: Vec<Arc<NsEntry>> = Vec::new();
     if fresh {
         tracing::info!(dir = %cfg.data_dir.display(), "no local state: adopting every manifest from the object store");
-        let (p, f) = adopt_all(&mirror).await?;
-        from_store.push(p.clone());
-        from_store.extend(f.values().cloned());
-        primary = Some(p);
-        forks = f;
-    } else {
-        let mut resume: Vec<Arc<NsEntry>> = Vec::new();
-        if !trusted {
-            let previous = loaded
-                .meta
-                .as_ref()
-                .map(|m| m.boot_id.clone())
-                .unwrap_or_default();
-            tracing::warn!(
-                previous_boot = %previous, current_boot = %boot_id,
-                "the last run stopped uncleanly in an earlier boot (or its state is incomplete): local counters may have lost writes; every namespace resumes above its object-store ceiling"
-            );
-            resume.extend(primary.iter().cloned());
-            resume.extend(forks.values().cloned());
+        forks = adopt_all(&mirror).await?;
+    } else if !trusted {
+        tracing::warn!(
+            mark = ?mark, current_boot = %boot_id,
+            "the last run stopped uncleanly in an earlier boot (or its state is incomplete): local counters may have lost writes; every namespace resumes above its object-store ceiling"
+        );
+        for e in primary.iter().chain(forks.values()) {
+            e.state.lock().unwrap().stale = true;
+            e.verified.store(false, Ordering::Release);
         }
-        if primary.is_none() {
-            // No primary record (a run that stopped before its first write): the
-            // primary resumes at its ceiling like an adopted namespace.
-            let p = new_primary(Counter::default());
-            resume.push(p.clone());
-            primary = Some(p);
-        }
-        futures::stream::iter(resume.clone())
-            .map(|e| resume_above_ceiling(&mirror, e))
-            .buffer_unordered(RECOVERY_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        from_store = resume;
     }
-    let primary = primary.expect("primary set above");
+    let primary_created = primary.is_none();
+    // No primary record (new, lost, or a run that stopped before its first write):
+    // the primary resumes above its ceiling like an adopted namespace.
+    let primary = primary.unwrap_or_else(new_primary);
 
     let engine = Arc::new_cyclic(|me| Engine {
         cfg,
@@ -156,42 +157,101 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         idle: tokio::sync::Notify::new(),
         started: Instant::now(),
         boot_id: boot_id.clone(),
+        _root_lock: root_lock,
+        shared_disk,
         me: me.clone(),
     });
 
-    // Everything recovered is made durable, and the state marked unclean (with this
-    // boot's id), before anything is served.
-    let persisted = futures::stream::iter(from_store)
+    // Before the mark names this boot, every record that must not be trusted says
+    // so itself (`stale`, persisted): a crash later in this boot then trusts sled
+    // but still moves those namespaces above their ceilings.
+    let to_persist: Vec<Arc<NsEntry>> = if fresh || !trusted {
+        engine.all_entries()
+    } else if primary_created {
+        vec![engine.primary.clone()]
+    } else {
+        vec![]
+    };
+    let data_err = |path: &std::path::Path, reason: String| OpenError::DataDir {
+        path: path.display().to_string(),
+        reason,
+    };
+    futures::stream::iter(to_persist)
         .map(|e| {
             let engine = engine.clone();
             async move { engine.persist(&e).await }
         })
         .buffer_unordered(RECOVERY_CONCURRENCY)
         .try_collect::<Vec<()>>()
-        .await;
+        .await
+        .map_err(|e| data_err(&engine.cfg.data_dir, e.to_string()))?;
     let meta = MetaRecord {
-        boot_id,
+        boot_id: boot_id.clone(),
         clean: false,
     };
-    persisted
-        .and(
-            engine
-                .local
-                .write_meta(&meta)
-                .await
-                .map_err(ServiceError::Internal),
-        )
-        .map_err(|e| OpenError::DataDir {
-            path: engine.cfg.data_dir.display().to_string(),
-            reason: e.to_string(),
+    engine
+        .local
+        .write_meta(&meta)
+        .await
+        .map_err(|e| data_err(&engine.cfg.data_dir, e))?;
+    // The mark is durable before the first grant of this life.
+    let dir = engine.cfg.data_dir.clone();
+    let b = boot_id.clone();
+    tokio::task::spawn_blocking(move || life_mark::write(&dir, &b))
+        .await
+        .map_err(|e| data_err(&engine.cfg.data_dir, e.to_string()))?
+        .map_err(|e| {
+            data_err(
+                &engine.cfg.data_dir.join(life_mark::MARK_FILE),
+                format!("cannot write the unclean-life mark: {e}"),
+            )
         })?;
 
     // The primary is checked now, so a rolled-back manifest is raised before the
-    // first request. An unreachable store is not fatal here: local state is trusted,
-    // and the primary answers "unavailable" until the check succeeds.
-    if let Err(e) = engine.ensure_verified(&engine.primary).await {
-        tracing::warn!(error = %e, "could not verify the primary's manifest at start-up; it will be retried on first use");
+    // first request. With trusted local state an unreachable store is not fatal:
+    // the primary answers "unavailable" until the check succeeds. Without it there
+    // is no usable lease, and the daemon says so rather than start blind.
+    let stale_primary = engine.primary.snapshot().stale;
+    match engine.ensure_verified(&engine.primary).await {
+        Ok(()) => {}
+        Err(ServiceError::Unavailable { message, .. }) if stale_primary => {
+            return Err(OpenError::StoreUnreachable(format!(
+                "{message} (local state cannot be trusted, so the primary's ceiling must be read before serving)"
+            )));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not verify the primary's manifest at start-up; it answers with this error until it can")
+        }
     }
+    // Forks are verified in the background (and on first use, whichever comes
+    // first), so that start-up does not wait on one read per fork.
+    let weak = Arc::downgrade(&engine);
+    tokio::spawn(async move {
+        let Some(engine) = weak.upgrade() else { return };
+        let pending: Vec<Arc<NsEntry>> = engine
+            .forks
+            .read()
+            .unwrap()
+            .values()
+            .filter(|e| !e.verified.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        drop(engine);
+        futures::stream::iter(pending)
+            .for_each_concurrent(16, |e| {
+                let weak = weak.clone();
+                async move {
+                    let Some(engine) = weak.upgrade() else { return };
+                    if engine.shutting_down.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Err(err) = engine.ensure_verified(&e).await {
+                        tracing::warn!(namespace = %e.ns, error = %err, "could not verify a fork at start-up; it answers with this error until it can");
+                    }
+                }
+            })
+            .await;
+    });
     let forks_n = engine.forks.read().unwrap().len();
     let h = engine.primary.hwm();
     tracing::info!(
@@ -205,108 +265,58 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
     Ok(engine)
 }
 
-fn new_primary(c: Counter) -> Arc<NsEntry> {
+/// Whether sled's counters can be current (DESIGN.md, "Trust sled only when it can
+/// be current").
+fn trust(mark: &Mark, meta: Option<&MetaRecord>, boot_id: &str) -> bool {
+    match mark {
+        // A life began in this boot and did not stop cleanly: a process crash,
+        // which sled's `sync_file_range` survives.
+        Mark::Present(b) => !b.is_empty() && b == boot_id,
+        // No life since the last clean shutdown fsynced everything (or, for data
+        // directories written before the mark existed, sled's own record).
+        Mark::Absent => {
+            meta.is_some_and(|m| m.clean || (!boot_id.is_empty() && m.boot_id == boot_id))
+        }
+    }
+}
+
+fn new_primary() -> Arc<NsEntry> {
     NsEntry::new(
         Namespace::Primary,
         NsState {
             meta: ForkMeta::default(),
-            counters: [c, c],
+            counters: [Counter::default(), Counter::default()],
+            stale: true,
         },
         false,
     )
 }
 
-/// Untrusted local state: move every counter above the ceiling, with no lease.
-async fn resume_above_ceiling(mirror: &Mirror, e: Arc<NsEntry>) -> Result<(), OpenError> {
-    let cur = mirror.read(&e.path()).await?;
-    let mut st = e.state.lock().unwrap();
-    for k in Kind::ALL {
-        let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(k));
-        st.counters[k.index()].jump_to(ceiling);
-    }
-    if let Some(meta) = cur.as_ref().and_then(|v| v.manifest.fork_meta()) {
-        st.meta.dropped |= meta.dropped;
-    }
-    drop(st);
-    e.verified.store(true, Ordering::Release);
-    if let Some(v) = cur {
-        // The version is known now; leases can be conditional on it.
-        if let Ok(mut ms) = e.mirror.try_lock() {
-            ms.cached = Some(v);
-        }
-    }
-    Ok(())
-}
-
-/// Empty sled: the primary and every fork resume at their ceilings.
-async fn adopt_all(
-    mirror: &Mirror,
-) -> Result<(Arc<NsEntry>, BTreeMap<ForkId, Arc<NsEntry>>), OpenError> {
-    let primary_manifest = mirror
-        .read(&object_store::path::Path::from(PRIMARY_PATH))
-        .await?;
-    let primary = match &primary_manifest {
-        Some(v) => NsEntry::new(
-            Namespace::Primary,
-            NsState {
-                meta: ForkMeta::default(),
-                counters: [
-                    Counter::resume_at(v.manifest.next_vid_batch),
-                    Counter::resume_at(v.manifest.next_eid_batch),
-                ],
-            },
-            true,
-        ),
-        None => {
-            let p = new_primary(Counter::default());
-            p.verified.store(true, Ordering::Release);
-            p
-        }
-    };
-    if let Some(v) = primary_manifest {
-        primary.mirror.try_lock().expect("new entry").cached = Some(v);
-    }
+/// Empty sled: every fork under `catalog/forks/` is registered, to resume above
+/// its ceilings once verified (one entry per 128-bit value, whichever spellings
+/// it has). The primary is `new_primary`.
+async fn adopt_all(mirror: &Mirror) -> Result<BTreeMap<ForkId, Arc<NsEntry>>, OpenError> {
     let dirs = mirror.list_fork_dirs().await?;
-    let found: Vec<(ForkId, Versioned)> = futures::stream::iter(dirs)
-        .filter_map(|d| async move {
-            match fork_from_dir(&d) {
-                Some(id) => Some(id),
-                None => {
-                    tracing::warn!(dir = %d, "ignoring a directory under catalog/forks/ that is not a fork id");
-                    None
-                }
-            }
-        })
-        .map(|id| async move {
-            let v = mirror.read(&fork_path(&id.text())).await?;
-            Ok::<_, OpenError>(v.map(|v| (id, v)))
-        })
-        .buffer_unordered(RECOVERY_CONCURRENCY)
-        .try_filter_map(|x| async move { Ok(x) })
-        .try_collect()
-        .await?;
     let mut forks: BTreeMap<ForkId, Arc<NsEntry>> = BTreeMap::new();
-    for (id, v) in found {
-        let e = adopted_entry(id, &v);
-        if let Some(prev) = forks.get(&id) {
-            // Two spellings of one fork id: one namespace, resuming above both.
-            tracing::warn!(fork = %id, other = %prev.ns, "fork has manifests under both id spellings; using the higher ceilings");
-            let mut st = prev.state.lock().unwrap();
-            for k in Kind::ALL {
-                st.counters[k.index()].jump_to(v.manifest.ceiling(k));
-            }
+    for d in dirs {
+        let Some(id) = fork_from_dir(&d) else {
+            tracing::warn!(dir = %d, "ignoring a directory under catalog/forks/ that is not a fork id");
             continue;
-        }
-        e.mirror.try_lock().expect("new entry").cached = Some(v);
-        forks.insert(id, e);
+        };
+        forks.entry(id).or_insert_with(|| {
+            NsEntry::new(
+                Namespace::Fork(id),
+                NsState {
+                    meta: ForkMeta::default(),
+                    counters: [Counter::default(), Counter::default()],
+                    stale: true,
+                },
+                false,
+            )
+        });
     }
-    tracing::info!(
-        forks = forks.len(),
-        primary_vid = primary.hwm().next_vid,
-        primary_eid = primary.hwm().next_eid,
-        "adopted manifests from the object store"
-    );
-    Ok((primary, forks))
+    tracing::info!(forks = forks.len(), "found forks in the object store");
+    Ok(forks)
 }
 
 impl Engine {
@@ -351,6 +361,19 @@ impl Engine {
             .write_meta(&meta)
             .await
             .map_err(ServiceError::Internal)?;
+        // sled's flush is not enough to survive a power cut: fsync it all, and only
+        // then remove the mark that says this life is not clean.
+        self.local
+            .sync_all(&self.cfg.data_dir.join("sled"))
+            .await
+            .map_err(ServiceError::Internal)?;
+        let dir = self.cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || life_mark::remove(&dir))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(|e| {
+                ServiceError::Internal(format!("cannot remove the unclean-life mark: {e}"))
+            })?;
         tracing::info!("allocation engine stopped cleanly");
         Ok(())
     }

@@ -72,8 +72,13 @@ impl StoreHandle {
                     .map_err(|_| bad(format!("object store URL {url:?} is not an absolute file path")))?;
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| bad(format!("cannot create object store directory {}: {e}", dir.display())))?;
+                // with_fsync: the staging file is fsynced before it is renamed into
+                // place, then its directory, and new directories up to the first one
+                // that existed. Without it a power cut after the rename leaves an
+                // empty manifest: the previous ceiling is gone (DESIGN.md).
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| bad(format!("object store directory {}: {e}", dir.display())))?;
+                    .map_err(|e| bad(format!("object store directory {}: {e}", dir.display())))?
+                    .with_fsync(true);
                 Ok(StoreHandle {
                     store: Arc::new(fs),
                     mode: WriterMode::SingleWriter,
@@ -355,6 +360,24 @@ impl Mirror {
 
     /// Read a manifest. `Ok(None)` only when the store says the object is not there.
     pub async fn read(&self, path: &Path) -> Result<Option<Versioned>, StoreError> {
+        match self.read_bytes(path).await? {
+            None => Ok(None),
+            Some((bytes, version)) => match Manifest::parse(path, &bytes) {
+                Ok(manifest) => Ok(Some(Versioned { manifest, version })),
+                Err(reason) => Err(StoreError::Corrupt {
+                    path: path.to_string(),
+                    reason,
+                }),
+            },
+        }
+    }
+
+    /// Read any object with its version. `Ok(None)` only when the store says the
+    /// object is not there.
+    pub async fn read_bytes(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(bytes::Bytes, UpdateVersion)>, StoreError> {
         let store = &self.handle.store;
         self.retry("get", path, || async {
             let res = match store.get(path).await {
@@ -366,19 +389,19 @@ impl Mirror {
                 e_tag: res.meta.e_tag.clone(),
                 version: res.meta.version.clone(),
             };
-            let bytes = match res.bytes().await {
-                Ok(b) => b,
-                Err(e) => return classify("get", path, e),
-            };
-            match Manifest::parse(path, &bytes) {
-                Ok(manifest) => Attempt::Done(Some(Versioned { manifest, version })),
-                Err(reason) => Attempt::Fatal(StoreError::Corrupt {
-                    path: path.to_string(),
-                    reason,
-                }),
+            match res.bytes().await {
+                Ok(b) => Attempt::Done(Some((b, version))),
+                Err(e) => classify("get", path, e),
             }
         })
         .await
+    }
+
+    /// Create `bytes` at `path` only if no object is there (`PutMode::Create`).
+    /// `Lost` when one is: possibly our own earlier attempt, whose reply was lost.
+    pub async fn create_bytes(&self, path: &Path, bytes: Vec<u8>) -> Result<Written, StoreError> {
+        self.put(path, bytes::Bytes::from(bytes), PutMode::Create, "create")
+            .await
     }
 
     /// Write `manifest` at `path`: create it when `expected` is `None`, else replace
@@ -395,61 +418,62 @@ impl Mirror {
             (Some(_), WriterMode::SingleWriter) => PutMode::Overwrite,
             (Some(v), WriterMode::MultiWriter) => PutMode::Update(v.clone()),
         };
-        let bytes = bytes::Bytes::from(manifest.to_bytes());
-        let store = &self.handle.store;
         let op = if expected.is_none() {
             "create"
         } else {
             "update"
         };
-        let won = self
-            .retry(op, path, || {
-                let opts = PutOptions::from(mode.clone());
-                let payload = PutPayload::from(bytes.clone());
-                async move {
-                    match store.put_opts(path, payload, opts).await {
-                        Ok(r) => Attempt::Done(Written::Won(UpdateVersion {
-                            e_tag: r.e_tag,
-                            version: r.version,
-                        })),
-                        Err(object_store::Error::Precondition { .. })
-                        | Err(object_store::Error::AlreadyExists { .. }) => {
-                            Attempt::Done(Written::Lost)
-                        }
-                        Err(e) => classify(op, path, e),
-                    }
-                }
-            })
-            .await?;
-        if let (Written::Won(_), Some(root)) = (&won, &self.handle.local_root) {
-            self.fsync_local(root, path).await?;
-        }
-        Ok(won)
+        self.put(path, bytes::Bytes::from(manifest.to_bytes()), mode, op)
+            .await
     }
 
-    /// `LocalFileSystem` renames a temporary file into place without fsync; make the
-    /// new ceiling survive a power cut by syncing the file and its directory.
-    async fn fsync_local(&self, root: &std::path::Path, path: &Path) -> Result<(), StoreError> {
-        let file = root.join(path.as_ref());
-        let started = Instant::now();
-        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::File::open(&file)?.sync_all()?;
-            if let Some(dir) = file.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
+    async fn put(
+        &self,
+        path: &Path,
+        bytes: bytes::Bytes,
+        mode: PutMode,
+        op: &'static str,
+    ) -> Result<Written, StoreError> {
+        let store = &self.handle.store;
+        self.retry(op, path, || {
+            let opts = PutOptions::from(mode.clone());
+            let payload = PutPayload::from(bytes.clone());
+            async move {
+                match store.put_opts(path, payload, opts).await {
+                    Ok(r) => Attempt::Done(Written::Won(UpdateVersion {
+                        e_tag: r.e_tag,
+                        version: r.version,
+                    })),
+                    Err(object_store::Error::Precondition { .. })
+                    | Err(object_store::Error::AlreadyExists { .. }) => {
+                        Attempt::Done(Written::Lost)
+                    }
+                    Err(e) => classify(op, path, e),
+                }
             }
-            Ok(())
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        match res {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let msg = format!("fsync of {path} failed: {e}");
-                self.note("fsync", started, Some(&msg));
-                Err(StoreError::Unavailable(msg))
-            }
-        }
+    }
+
+    /// Replace the object at `path` only if it is still the version read (an
+    /// overwrite in single-writer mode, where the root lock excludes others).
+    pub async fn replace_bytes(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        expected: &UpdateVersion,
+    ) -> Result<Written, StoreError> {
+        let mode = match self.handle.mode {
+            WriterMode::SingleWriter => PutMode::Overwrite,
+            WriterMode::MultiWriter => PutMode::Update(expected.clone()),
+        };
+        self.put(path, bytes::Bytes::from(bytes), mode, "update")
+            .await
+    }
+
+    /// For `file://` roots: the directory.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.handle.local_root.as_deref()
     }
 
     /// Directory names under `catalog/forks/` (one per fork manifest spelling).

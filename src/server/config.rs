@@ -408,18 +408,6 @@ impl Config {
             ));
         }
         let a = &self.allocation;
-        if a.lease_size == 0 {
-            return Err(invalid("allocation.lease_size", "must be at least 1"));
-        }
-        if a.max_count == 0 {
-            return Err(invalid("allocation.max_count", "must be at least 1"));
-        }
-        if !(a.prefetch_at > 0.0 && a.prefetch_at <= 1.0) {
-            return Err(invalid(
-                "allocation.prefetch_at",
-                format!("{} is not a fraction in (0, 1]", a.prefetch_at),
-            ));
-        }
         let o = &self.object_store;
         let store_url = match &o.url {
             Some(u) if u.trim().is_empty() => return Err(invalid("object_store.url", "is empty")),
@@ -441,6 +429,9 @@ impl Config {
             boot_id_path: self.boot_id_path.clone(),
             sled_cache_bytes: self.sled_cache_bytes,
         };
+        engine
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if engine.store_timeout.is_zero() {
             return Err(invalid("object_store.timeout", "must be above zero"));
         }

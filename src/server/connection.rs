@@ -97,6 +97,7 @@ mod tests {
                 fork,
                 next_vid: self.next.load(Ordering::SeqCst),
                 next_eid: 0,
+                root_wide: true,
             })
         }
         async fn bootstrap_fork(
@@ -137,7 +138,15 @@ mod tests {
                 },
                 namespaces_total: 1,
                 namespaces: vec![],
+                warnings: vec![],
             })
+        }
+        async fn repair(
+            self,
+            _: Context,
+            _: crate::protocol::RepairRequest,
+        ) -> Result<crate::protocol::RepairReport, ServiceError> {
+            Err(ServiceError::Internal("not in the fake".into()))
         }
     }
 

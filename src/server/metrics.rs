@@ -112,7 +112,7 @@ pub fn spawn_gauges(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let st = engine.status();
+            let st = engine.status_now();
             if let Some(primary) = st.namespaces.first() {
                 for c in &primary.counters {
                     metrics::gauge!("idalloc_lease_headroom", "namespace" => "primary", "kind" => c.kind.as_str())

@@ -12,7 +12,10 @@ use crate::engine::Engine;
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::{BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, Status};
+use crate::protocol::{
+    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, RepairReport, RepairRequest,
+    Status,
+};
 
 /// Largest `list_forks` page served, whatever the client asks: bounds one reply's
 /// size (~150 bytes a fork) well under the reply frame limit.
@@ -106,7 +109,7 @@ impl IdAlloc for Service {
                 tracing::warn!(error = %e, "could not list forks in the object store; listing the forks known locally");
             }
         }
-        Ok(self.engine.list_forks(after, page_limit(limit)))
+        Ok(self.engine.list_forks(after, page_limit(limit)).await)
     }
 
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
@@ -120,7 +123,12 @@ impl IdAlloc for Service {
     }
 
     async fn status(self, _: Context) -> Result<Status, ServiceError> {
-        Ok(self.engine.status())
+        Ok(self.engine.status().await)
+    }
+
+    async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
+        let ns = namespace(req.fork.as_deref())?;
+        self.engine.repair(ns, req.vid_floor, req.eid_floor).await
     }
 }
 

@@ -68,6 +68,7 @@ impl Service {
             fork,
             next_vid: c[0],
             next_eid: c[1],
+            root_wide: true,
         }
     }
 }
@@ -155,6 +156,7 @@ impl IdAlloc for Service {
             floor_eid: e,
             created: true,
             dropped: false,
+            error: None,
         };
         let mut stored = info.clone();
         stored.created = false;
@@ -227,7 +229,18 @@ impl IdAlloc for Service {
             },
             namespaces_total: 1 + self.0.forks.lock().unwrap().len() as u64,
             namespaces: Vec::new(),
+            warnings: Vec::new(),
         })
+    }
+
+    async fn repair(
+        self,
+        _: tarpc::context::Context,
+        _: idalloc::protocol::RepairRequest,
+    ) -> Result<idalloc::protocol::RepairReport, ServiceError> {
+        Err(ServiceError::Internal(
+            "the fake daemon does not repair".into(),
+        ))
     }
 }
 

@@ -25,6 +25,7 @@ Examples:
   idallocctl fork list --json
   idallocctl fork drop 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203
   idallocctl checkpoint
+  idallocctl repair --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --vid-floor 120000 --eid-floor 450000
   idallocctl --endpoint tcp:127.0.0.1:7420 status
   idallocctl bench --clients 4 --concurrency 4 --duration 10s
 
@@ -70,12 +71,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the next ids the daemon would grant (high-water marks)
+    /// Show the next ids this daemon would grant (high-water marks)
+    ///
+    /// The namespace is checked against the object store first. With several daemons
+    /// on one root (multi-writer), each grants from its own leases: this is the next
+    /// id of the daemon asked, not of the whole root; the root's bound is the
+    /// manifest's ceiling (`idallocctl status` shows this daemon's lease).
     Hwm {
         /// The fork [default: the primary]
         #[arg(long, value_name = "ID")]
         fork: Option<String>,
-        /// Print {"fork","next_vid","next_eid"}
+        /// Print {"fork","next_vid","next_eid","root_wide"}
         #[arg(long)]
         json: bool,
     },
@@ -87,6 +93,31 @@ enum Command {
         /// The fork [default: the primary]
         #[arg(long, value_name = "ID")]
         fork: Option<String>,
+    },
+    /// Write a namespace's manifest from an explicit floor, only upward
+    ///
+    /// The way out when a manifest cannot be parsed (empty, truncated, not JSON):
+    /// that namespace answers every call with an error until it is repaired. Give
+    /// floors above the highest ids the database holds. The manifest written holds,
+    /// per kind, the highest of the floor, the old manifest (if it parses), the
+    /// fork's other spelling, its creation claim and this daemon's local state;
+    /// nothing is ever lowered. Never delete a manifest instead: that resets it.
+    #[command(
+        after_help = "Examples:\n  idallocctl repair --vid-floor 5000000 --eid-floor 9000000\n  idallocctl repair --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --vid-floor 120000 --eid-floor 0 --json"
+    )]
+    Repair {
+        /// The fork (UUID or ULID) [default: the primary]
+        #[arg(long, value_name = "ID")]
+        fork: Option<String>,
+        /// Vertex ids resume at or above this (one above the highest the database holds)
+        #[arg(long, value_name = "N")]
+        vid_floor: u64,
+        /// Edge ids resume at or above this
+        #[arg(long, value_name = "M")]
+        eid_floor: u64,
+        /// Print {"manifest","before","vid_ceiling","eid_ceiling","evidence"}
+        #[arg(long)]
+        json: bool,
     },
     /// Daemon version, mode, object-store health and counters
     Status {
@@ -305,6 +336,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 h.next_eid
             );
         }
+        Command::Repair {
+            fork,
+            vid_floor,
+            eid_floor,
+            json,
+        } => {
+            let r = client
+                .repair(idalloc::protocol::RepairRequest {
+                    fork,
+                    vid_floor,
+                    eid_floor,
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::to_value(&r)?);
+            } else {
+                println!(
+                    "repaired {}: was {}; now vid ceiling {}, eid ceiling {}",
+                    r.manifest, r.before, r.vid_ceiling, r.eid_ceiling
+                );
+                for e in &r.evidence {
+                    println!("  evidence: {e}");
+                }
+            }
+        }
         Command::Status { json } => {
             let status = client.status().await?;
             if json {
@@ -324,11 +380,18 @@ fn print_json(v: &serde_json::Value) {
 
 fn print_hwm(h: &Hwm, json: bool) {
     if json {
-        print_json(&json!({ "fork": h.fork, "next_vid": h.next_vid, "next_eid": h.next_eid }));
+        print_json(&json!({
+            "fork": h.fork, "next_vid": h.next_vid, "next_eid": h.next_eid, "root_wide": h.root_wide,
+        }));
     } else {
         println!("namespace {}", h.fork.as_deref().unwrap_or("primary"));
         println!("next_vid  {}", h.next_vid);
         println!("next_eid  {}", h.next_eid);
+        if !h.root_wide {
+            println!(
+                "(this daemon's next ids: other daemons on this root grant from their own leases)"
+            );
+        }
     }
 }
 
@@ -336,6 +399,7 @@ fn fork_json(f: &ForkInfo) -> serde_json::Value {
     json!({
         "fork": f.fork, "parent": f.parent, "next_vid": f.next_vid, "next_eid": f.next_eid,
         "floor_vid": f.floor_vid, "floor_eid": f.floor_eid, "created": f.created, "dropped": f.dropped,
+        "error": f.error,
     })
 }
 
@@ -349,6 +413,16 @@ fn print_fork_table(forks: &[ForkInfo]) {
         "FORK", "PARENT", "NEXT_VID", "NEXT_EID"
     );
     for f in forks {
+        if let Some(e) = &f.error {
+            println!(
+                "{:<36}  {:<36}  {:>20}  {:>20}  unavailable: {e}",
+                f.fork,
+                f.parent.as_deref().unwrap_or("primary"),
+                "-",
+                "-"
+            );
+            continue;
+        }
         println!(
             "{:<36}  {:<36}  {:>20}  {:>20}  {}",
             f.fork,
@@ -380,6 +454,9 @@ fn print_status(endpoint: &str, s: &Status) {
         _ => println!("mirror        {mirror}"),
     }
     println!("namespaces    {}", s.namespaces_total);
+    for w in &s.warnings {
+        println!("WARNING       {w}");
+    }
     if s.namespaces.is_empty() {
         return;
     }
@@ -394,6 +471,9 @@ fn print_status(endpoint: &str, s: &Status) {
             (Some(f), false) => f.clone(),
             (Some(f), true) => format!("{f} (dropped)"),
         };
+        if let Some(e) = &ns.error {
+            println!("{name:<36}  unavailable: {e}");
+        }
         for c in &ns.counters {
             println!(
                 "{:<36}  {:<4}  {:>20}  {:>20}  {:>20}  {:>12}",

@@ -1,0 +1,192 @@
+//! The operator's way out of a broken manifest: an explicit floor, written only
+//! upward.
+//!
+//! Invariant protected: *never guess* (8) without ever lowering a counter. The
+//! manifest written holds, per kind, the highest of: the floor the operator gave
+//! (the highest id the database holds, plus one), the manifest's own ceiling if
+//! it parses, the other spelling's manifest, the fork's claim, and everything
+//! this daemon's local state has granted or leased. The namespace then resumes
+//! above it, with no lease.
+
+use std::sync::atomic::Ordering;
+
+use crate::error::ServiceError;
+use crate::fork_id::ForkId;
+use crate::namespace::{Kind, Namespace};
+use crate::protocol::RepairReport;
+
+use super::forks::{claim_path, other_spelling, Claim};
+use super::manifest::{path_for, Manifest};
+use super::store::{Versioned, Written};
+use super::{store_err, Engine};
+
+impl Engine {
+    /// Write `ns`'s manifest at or above the given floors and every other
+    /// evidence, and resume the namespace above it.
+    pub async fn repair(
+        &self,
+        ns: Namespace,
+        vid_floor: u64,
+        eid_floor: u64,
+    ) -> Result<RepairReport, ServiceError> {
+        let _guard = self.enter()?;
+        let entry = match ns {
+            Namespace::Primary => self.primary.clone(),
+            Namespace::Fork(id) => {
+                let _b = self.bootstrap_lock.lock().await;
+                let known = self.forks.read().unwrap().get(&id).cloned();
+                match known {
+                    Some(e) => e,
+                    None => match self.find_fork(id).await {
+                        Ok(Some(spelling)) => self.adopt(spelling).await?,
+                        Ok(None) => return Err(ServiceError::UnknownFork(id.text())),
+                        // A broken claim still names the fork: repair it under
+                        // the spelling given.
+                        Err(ServiceError::BrokenManifest(_)) => self.adopt(id).await?,
+                        Err(e) => return Err(e),
+                    },
+                }
+            }
+        };
+        let hint = self.retry_hint_ms();
+        let mut ms = entry.mirror.lock().await;
+        let path = entry.path();
+        let raw = self
+            .mirror
+            .read_bytes(&path)
+            .await
+            .map_err(|e| store_err(e, hint))?;
+        let mut evidence = vec![format!("floor given: vid {vid_floor}, eid {eid_floor}")];
+        let mut target = [vid_floor, eid_floor];
+        let raise =
+            |what: String, vals: [u64; 2], target: &mut [u64; 2], evidence: &mut Vec<String>| {
+                evidence.push(format!("{what}: vid {}, eid {}", vals[0], vals[1]));
+                target[0] = target[0].max(vals[0]);
+                target[1] = target[1].max(vals[1]);
+            };
+        let (before, base) = match &raw {
+            None => ("no manifest".to_string(), None),
+            Some((bytes, _)) => match Manifest::parse(&path, bytes) {
+                Ok(m) => {
+                    let vals = [m.next_vid_batch, m.next_eid_batch];
+                    raise(format!("{path}"), vals, &mut target, &mut evidence);
+                    (format!("vid {}, eid {}", vals[0], vals[1]), Some(m))
+                }
+                Err(reason) => (format!("unparseable ({reason})"), None),
+            },
+        };
+        if let Some(id) = entry.fork() {
+            let alt: ForkId = other_spelling(id);
+            let alt_path = path_for(&Namespace::Fork(alt));
+            // The other spelling is evidence only if it parses; a broken one is
+            // repaired by naming that spelling.
+            if let Ok(Some(v)) = self.mirror.read(&alt_path).await {
+                raise(
+                    format!("{alt_path}"),
+                    [v.manifest.next_vid_batch, v.manifest.next_eid_batch],
+                    &mut target,
+                    &mut evidence,
+                );
+            }
+            match self.read_claim(id).await {
+                Ok(Some(c)) => raise(
+                    "the fork's claim (its initial floors)".to_string(),
+                    [c.manifest.next_vid_batch, c.manifest.next_eid_batch],
+                    &mut target,
+                    &mut evidence,
+                ),
+                Ok(None) => {}
+                Err(ServiceError::BrokenManifest(_)) => {
+                    self.rewrite_broken_claim(id).await?;
+                    evidence.push(format!(
+                        "{}: unparseable, rewritten to name {id}",
+                        claim_path(id)
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let st = entry.snapshot();
+        let local = Kind::ALL.map(|k| {
+            let c = st.counters[k.index()];
+            c.owned_end().max(c.granted)
+        });
+        raise(
+            "this daemon's local state".to_string(),
+            local,
+            &mut target,
+            &mut evidence,
+        );
+        let mut m = base.unwrap_or_else(|| Manifest::new(0, 0));
+        if entry.fork().is_some() && m.fork_meta().is_none() {
+            m.set_fork_meta(&st.meta);
+        }
+        for k in Kind::ALL {
+            m.set_ceiling(k, target[k.index()]);
+        }
+        // Replace exactly what was read (its version), whatever it held: a
+        // concurrent writer makes this fail rather than be overwritten.
+        let written = match &raw {
+            None => self.mirror.write(&path, &m, None).await,
+            Some((_, version)) => self.mirror.write(&path, &m, Some(version)).await,
+        }
+        .map_err(|e| store_err(e, hint))?;
+        let version = match written {
+            Written::Won(v) => v,
+            Written::Lost => {
+                return Err(ServiceError::unavailable(
+                    format!("{path} changed while it was being repaired; run the repair again"),
+                    hint,
+                ))
+            }
+        };
+        {
+            let mut st = entry.state.lock().unwrap();
+            for k in Kind::ALL {
+                st.counters[k.index()].jump_to(target[k.index()]);
+            }
+            st.stale = false;
+        }
+        ms.cached = Some(Versioned {
+            manifest: m,
+            version,
+        });
+        self.persist(&entry).await?;
+        entry.verified.store(true, Ordering::Release);
+        *entry.broken.lock().unwrap() = None;
+        tracing::warn!(manifest = %path, before = %before, vid = target[0], eid = target[1], "manifest repaired from an explicit floor (only upward)");
+        Ok(RepairReport {
+            manifest: path.to_string(),
+            before,
+            vid_ceiling: target[0],
+            eid_ceiling: target[1],
+            evidence,
+        })
+    }
+
+    /// Replace a fork claim that does not parse with one naming `id`'s spelling
+    /// (conditional on the broken version, so a concurrent fix wins instead).
+    async fn rewrite_broken_claim(&self, id: ForkId) -> Result<(), ServiceError> {
+        let hint = self.retry_hint_ms();
+        let path = claim_path(id);
+        let Some((_, version)) = self
+            .mirror
+            .read_bytes(&path)
+            .await
+            .map_err(|e| store_err(e, hint))?
+        else {
+            return Ok(());
+        };
+        let claim = Claim {
+            fork: id.text(),
+            nonce: format!("{:032x}", rand::random::<u128>()),
+            manifest: Manifest::new(0, 0),
+        };
+        let bytes = serde_json::to_vec_pretty(&claim).expect("claim serialises");
+        self.mirror
+            .replace_bytes(&path, bytes, &version)
+            .await
+            .map_err(|e| store_err(e, hint))?;
+        Ok(())
+    }
+}
