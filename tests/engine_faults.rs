@@ -239,14 +239,30 @@ async fn a_corrupt_read_is_an_error_not_a_zero() {
     let env = Env::new();
     let (_inner, ctl, h) = faulty();
     let e = open(env.config("a", 50), &h).await.unwrap();
-    e.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
+    let first = e.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
     crash(e).await;
-    ctl.next(Op::Get, Fault::Corrupt, 1);
-    match open(env.config("b", 50), &h).await {
-        Err(OpenError::CorruptManifest { path, .. }) => assert_eq!(path, "id_allocator.json"),
-        Err(other) => panic!("{other}"),
-        Ok(_) => panic!("opened on corrupt bytes"),
+    // A new data directory, and every read returns garbage: the daemon starts (one
+    // broken namespace does not stop it), and the primary answers with the error
+    // naming its manifest, never with counters from zero.
+    ctl.set(Op::Get, Some(Fault::Corrupt));
+    let e = open(env.config("b", 50), &h).await.unwrap();
+    for _ in 0..2 {
+        match e.reserve(Namespace::Primary, Kind::Vid, 1).await {
+            Err(ServiceError::BrokenManifest(m)) => {
+                assert!(m.contains("id_allocator.json"), "{m}");
+                assert!(m.contains("idallocctl repair"), "{m}");
+                assert!(!m.contains("remove it"), "{m}");
+            }
+            other => panic!("served from a corrupt manifest: {other:?}"),
+        }
     }
+    assert!(
+        e.hwm(Namespace::Primary).await.is_err(),
+        "hwm reported unverified counters"
+    );
+    ctl.clear();
+    let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
+    assert!(r.start >= first.end, "{r:?} re-uses {first:?}");
 }
 
 #[tokio::test]

@@ -71,7 +71,7 @@ fn should_spin(budget: Duration) -> (bool, u32) {
     let average = u128::from(ROUND_TRIP_NS.load(Ordering::Relaxed));
     if average < budget.as_nanos() * 3 / 4 {
         (true, STEP)
-    } else if n % PROBE_EVERY == 0 {
+    } else if n.is_multiple_of(PROBE_EVERY) {
         (true, PROBE_STEP)
     } else {
         (false, STEP)

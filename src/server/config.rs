@@ -643,6 +643,10 @@ mod tests {
             ("busy_poll = \"fast\"", "busy_poll"),
             ("busy_poll = \"1s\"", "busy_poll"),
             ("[allocation]\nprefetch_at = 1.5", "allocation.prefetch_at"),
+            // The engine refused 1.0 after check-config accepted it: one range now.
+            ("[allocation]\nprefetch_at = 1.0", "allocation.prefetch_at"),
+            ("[allocation]\nprefetch_at = 0.0", "allocation.prefetch_at"),
+            ("[allocation]\nmax_count = 0", "allocation.max_count"),
             ("[allocation]\nlease_size = 0", "allocation.lease_size"),
             (
                 "[object_store]\ntimeout = \"5 parsecs\"",
