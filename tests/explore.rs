@@ -32,6 +32,7 @@
 //!   landed). A request is retried like a client would, on retryable errors;
 //! - `hwm`: `Engine::hwm` (and checkpoint's reply) never below what that engine
 //!   granted in that namespace (over all its lives).
+//!
 //! Errors of operations are fine; only acknowledged ranges count.
 //!
 //! Run: `cargo test --test explore` (200 cases of 40 steps). Environment:
@@ -94,7 +95,7 @@ enum CreateFault {
 enum Yields {
     None,
     Fixed(usize),
-    Random(StdRng),
+    Random(Box<StdRng>),
 }
 
 struct TestStore {
@@ -118,7 +119,7 @@ impl TestStore {
     /// stream, so that dropping other steps while shrinking leaves it as it was).
     fn reseed(&self, seed: u64) {
         if let Yields::Random(rng) = &mut *self.yields.lock().unwrap() {
-            *rng = StdRng::seed_from_u64(seed);
+            **rng = StdRng::seed_from_u64(seed);
         }
     }
 
@@ -276,8 +277,8 @@ fn handle(store: Arc<dyn ObjectStore>) -> StoreHandle {
     StoreHandle::custom(store, WriterMode::MultiWriter, "memory://explore")
 }
 
-fn short_err(e: &ServiceError) -> String {
-    let kind = match e {
+fn error_kind(e: &ServiceError) -> &'static str {
+    match e {
         ServiceError::InvalidArgument(_) => "InvalidArgument",
         ServiceError::UnknownFork(_) => "UnknownFork",
         ServiceError::DroppedFork(_) => "DroppedFork",
@@ -286,7 +287,11 @@ fn short_err(e: &ServiceError) -> String {
         ServiceError::ShuttingDown => "ShuttingDown",
         ServiceError::Internal(_) => "Internal",
         _ => "Other",
-    };
+    }
+}
+
+fn short_err(e: &ServiceError) -> String {
+    let kind = error_kind(e);
     let mut s = e.to_string();
     if s.len() > 110 {
         let mut cut = 110;
@@ -412,11 +417,11 @@ enum Step {
         fork: usize,
         form: IdForm,
     },
+    /// Faults for this engine's next calls of one kind, in order.
     Fault {
         e: usize,
         op: FaultOp,
-        fault: FaultSpec,
-        n: usize,
+        faults: Vec<FaultSpec>,
     },
     Clear {
         e: usize,
@@ -526,21 +531,27 @@ impl fmt::Display for Step {
             Step::Drop { e, fork, form } => {
                 write!(f, "{} drop f{fork}/{}", n(e), form_str(*form))
             }
-            Step::Fault { e, op, fault, n: k } => write!(
-                f,
-                "{} store fault: next {k} {} {}",
-                n(e),
-                match op {
-                    FaultOp::Get => "get(s)",
-                    FaultOp::Put => "put(s)",
-                    FaultOp::List => "list(s)",
-                },
-                match fault {
-                    FaultSpec::FailAfterWrite => "land, then reply with an error".to_string(),
-                    FaultSpec::Fail => "fail".to_string(),
-                    FaultSpec::Stall(ms) => format!("stall {ms} ms"),
-                }
-            ),
+            Step::Fault { e, op, faults } => {
+                let list: Vec<String> = faults
+                    .iter()
+                    .map(|f| match f {
+                        FaultSpec::FailAfterWrite => "land, then reply with an error".to_string(),
+                        FaultSpec::Fail => "fail".to_string(),
+                        FaultSpec::Stall(ms) => format!("stall {ms} ms"),
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "{} store faults, its next {}: {}",
+                    n(e),
+                    match op {
+                        FaultOp::Get => "gets",
+                        FaultOp::Put => "puts",
+                        FaultOp::List => "lists",
+                    },
+                    list.join(", ")
+                )
+            }
             Step::Clear { e } => write!(f, "{} store faults cleared", n(e)),
         }
     }
@@ -555,11 +566,32 @@ struct Case {
     steps: Vec<Step>,
 }
 
-fn gen_ns(rng: &mut StdRng) -> NsSel {
-    if rng.gen_bool(0.6) {
+/// A fork some earlier step bootstraps (mostly), or any fork.
+fn gen_known_fork(rng: &mut StdRng, known: &[bool]) -> usize {
+    let k: Vec<usize> = (0..FORKS).filter(|i| known[*i]).collect();
+    if k.is_empty() || rng.gen_bool(0.05) {
+        rng.gen_range(0..FORKS)
+    } else {
+        k[rng.gen_range(0..k.len())]
+    }
+}
+
+/// A fork no earlier step bootstraps (mostly), or any fork.
+fn gen_new_fork(rng: &mut StdRng, known: &[bool]) -> usize {
+    let k: Vec<usize> = (0..FORKS).filter(|i| !known[*i]).collect();
+    if k.is_empty() || rng.gen_bool(0.4) {
+        rng.gen_range(0..FORKS)
+    } else {
+        k[rng.gen_range(0..k.len())]
+    }
+}
+
+fn gen_ns(rng: &mut StdRng, known: &[bool]) -> NsSel {
+    let p_fork = if known.iter().any(|k| *k) { 0.4 } else { 0.05 };
+    if rng.gen_bool(1.0 - p_fork) {
         NsSel::Primary
     } else {
-        NsSel::Fork(rng.gen_range(0..FORKS), gen_form(rng))
+        NsSel::Fork(gen_known_fork(rng, known), gen_form(rng))
     }
 }
 
@@ -587,16 +619,26 @@ fn gen_floor(rng: &mut StdRng) -> u64 {
     }
 }
 
-fn gen_parent(rng: &mut StdRng) -> Option<(usize, IdForm)> {
-    rng.gen_bool(0.3)
-        .then(|| (rng.gen_range(0..FORKS), gen_form(rng)))
+fn gen_parent(rng: &mut StdRng, fork: usize, known: &[bool]) -> Option<(usize, IdForm)> {
+    if !rng.gen_bool(0.3) {
+        return None;
+    }
+    let p = gen_known_fork(rng, known);
+    // A fork as its own parent (refused) now and then, else another fork.
+    let p = if p == fork && rng.gen_bool(0.8) {
+        (p + 1 + rng.gen_range(0..FORKS - 1)) % FORKS
+    } else {
+        p
+    };
+    Some((p, gen_form(rng)))
 }
 
 fn gen_other(rng: &mut StdRng, a: usize, engines: usize) -> usize {
     (a + 1 + rng.gen_range(0..engines - 1)) % engines
 }
 
-fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13]) -> Step {
+/// One random step; `known[i]`: some earlier step bootstraps fork `i`.
+fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [bool]) -> Step {
     let total: u32 = weights.iter().sum();
     let mut pick = rng.gen_range(0..total);
     let mut which = 0;
@@ -611,21 +653,24 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13]) -> Step {
     match STEP_KINDS[which] {
         "reserve" => Step::Reserve {
             e,
-            ns: gen_ns(rng),
+            ns: gen_ns(rng, known),
             kind: gen_kind(rng),
             count: rng.gen_range(1..=LEASE),
         },
         "reserve-pair" => Step::ReservePair {
             a: e,
             b: gen_other(rng, e, engines),
-            ns: gen_ns(rng),
+            ns: gen_ns(rng, known),
             kind: gen_kind(rng),
             counts: (rng.gen_range(1..=LEASE), rng.gen_range(1..=LEASE)),
         },
         "wait" => Step::Wait {
             ms: rng.gen_range(5..=30),
         },
-        "checkpoint" => Step::Checkpoint { e, ns: gen_ns(rng) },
+        "checkpoint" => Step::Checkpoint {
+            e,
+            ns: gen_ns(rng, known),
+        },
         "restart" => Step::Restart { e },
         "crash" => Step::Crash { e },
         "wipe" => Step::Wipe { e },
@@ -634,44 +679,55 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13]) -> Step {
             pick: rng.gen_range(0..8),
             lose_all: rng.gen_bool(0.3),
         },
-        "bootstrap" => Step::Bootstrap {
-            e,
-            fork: rng.gen_range(0..FORKS),
-            form: gen_form(rng),
-            parent: gen_parent(rng),
-            floors: (gen_floor(rng), gen_floor(rng)),
-        },
-        "bootstrap-pair" => Step::BootstrapPair {
-            a: e,
-            // Mostly two engines; now and then both through one.
-            b: if rng.gen_bool(0.85) {
-                gen_other(rng, e, engines)
-            } else {
-                e
-            },
-            fork: rng.gen_range(0..FORKS),
-            form_a: gen_form(rng),
-            parent: gen_parent(rng),
-            floors: (gen_floor(rng), gen_floor(rng)),
-        },
+        "bootstrap" => {
+            let fork = gen_new_fork(rng, known);
+            let parent = gen_parent(rng, fork, known);
+            known[fork] = true;
+            Step::Bootstrap {
+                e,
+                fork,
+                form: gen_form(rng),
+                parent,
+                floors: (gen_floor(rng), gen_floor(rng)),
+            }
+        }
+        "bootstrap-pair" => {
+            let fork = gen_new_fork(rng, known);
+            let parent = gen_parent(rng, fork, known);
+            known[fork] = true;
+            Step::BootstrapPair {
+                a: e,
+                // Mostly two engines; now and then both through one.
+                b: if rng.gen_bool(0.85) {
+                    gen_other(rng, e, engines)
+                } else {
+                    e
+                },
+                fork,
+                form_a: gen_form(rng),
+                parent,
+                floors: (gen_floor(rng), gen_floor(rng)),
+            }
+        }
         "drop" => Step::Drop {
             e,
-            fork: rng.gen_range(0..FORKS),
+            fork: gen_known_fork(rng, known),
             form: gen_form(rng),
         },
         "fault" => {
             let put = rng.gen_bool(0.7);
-            let fault = match (put, rng.gen_range(0..100)) {
-                (true, 0..=44) => FaultSpec::FailAfterWrite,
-                (_, 0..=74) => FaultSpec::Fail,
-                // Shorter than the store time-out (slow), or longer (a time-out).
-                _ => FaultSpec::Stall(if rng.gen_bool(0.5) { 10 } else { 120 }),
-            };
+            let faults = (0..rng.gen_range(1..=3))
+                .map(|_| match (put, rng.gen_range(0..100)) {
+                    (true, 0..=44) => FaultSpec::FailAfterWrite,
+                    (_, 0..=74) => FaultSpec::Fail,
+                    // Shorter than the store time-out (slow), or longer (a time-out).
+                    _ => FaultSpec::Stall(if rng.gen_bool(0.5) { 10 } else { 120 }),
+                })
+                .collect();
             Step::Fault {
                 e,
                 op: if put { FaultOp::Put } else { FaultOp::Get },
-                fault,
-                n: rng.gen_range(1..=3),
+                faults,
             }
         }
         "clear" => Step::Clear { e },
@@ -684,8 +740,9 @@ fn gen_case(seed: u64, steps: usize, weights: &[u32; 13]) -> Case {
     let engines = rng.gen_range(2..=3);
     let multi_thread = rng.gen_bool(0.25);
     let forks = (0..FORKS).map(|_| rng.gen::<u128>()).collect();
+    let mut known = [false; FORKS];
     let steps = (0..steps)
-        .map(|_| gen_step(&mut rng, engines, weights))
+        .map(|_| gen_step(&mut rng, engines, weights, &mut known))
         .collect();
     Case {
         seed,
@@ -1062,9 +1119,23 @@ struct Stats {
     created: AtomicU64,
     rollbacks: AtomicU64,
     faults_injected: AtomicU64,
+    /// Errors by operation and kind.
+    error_kinds: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
     /// Wall time of the first run of each case, in ms, and how many.
     first_run_ms: AtomicU64,
     first_runs: AtomicU64,
+}
+
+impl Stats {
+    fn error(&self, op: &'static str, e: &ServiceError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .error_kinds
+            .lock()
+            .unwrap()
+            .entry((op, error_kind(e)))
+            .or_default() += 1;
+    }
 }
 
 fn explorer_config(env: &Env, e: usize) -> EngineConfig {
@@ -1119,13 +1190,13 @@ impl World {
         let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let shared = TestStore::new(
             mem,
-            Yields::Random(StdRng::seed_from_u64(case.seed ^ 0x5eed)),
+            Yields::Random(Box::new(StdRng::seed_from_u64(case.seed ^ 0x5eed))),
         );
         let mut slots = Vec::new();
-        for e in 0..case.engines {
+        for (e, name) in NAMES.iter().enumerate().take(case.engines) {
             let (faulty, ctl) = FaultyStore::wrap(shared.clone() as Arc<dyn ObjectStore>);
             let cfg = explorer_config(&env, e);
-            std::fs::write(&cfg.boot_id_path, format!("{}-boot-1\n", NAMES[e])).unwrap();
+            std::fs::write(&cfg.boot_id_path, format!("{name}-boot-1\n")).unwrap();
             slots.push(Slot {
                 cfg,
                 handle: handle(faulty),
@@ -1206,6 +1277,7 @@ impl World {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         pos: usize,
@@ -1225,7 +1297,7 @@ impl World {
                 Ok(format!("[{}, {})", r.start, r.end))
             }
             Err(err) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.error("reserve", err);
                 Ok(short_err(err))
             }
         }
@@ -1324,7 +1396,7 @@ impl World {
                         Ok(format!("next (vid {}, eid {})", h.next_vid, h.next_eid))
                     }
                     Err(err) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        stats.error("checkpoint", &err);
                         Ok(short_err(&err))
                     }
                 }
@@ -1491,18 +1563,20 @@ impl World {
                         Ok("dropped".into())
                     }
                     Err(err) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        stats.error("drop", &err);
                         Ok(short_err(&err))
                     }
                 }
             }
-            Step::Fault { e, op, fault, n } => {
-                let f = match fault {
-                    FaultSpec::FailAfterWrite => Fault::FailAfterWrite,
-                    FaultSpec::Fail => Fault::Fail,
-                    FaultSpec::Stall(ms) => Fault::Stall(Duration::from_millis(*ms)),
-                };
-                self.slots[*e].ctl.next(*op, f, *n);
+            Step::Fault { e, op, faults } => {
+                for fault in faults {
+                    let f = match fault {
+                        FaultSpec::FailAfterWrite => Fault::FailAfterWrite,
+                        FaultSpec::Fail => Fault::Fail,
+                        FaultSpec::Stall(ms) => Fault::Stall(Duration::from_millis(*ms)),
+                    };
+                    self.slots[*e].ctl.next(*op, f, 1);
+                }
                 Ok(String::new())
             }
             Step::Clear { e } => {
@@ -1517,9 +1591,7 @@ impl World {
             Some(Ok(i)) if i.created => {
                 stats.created.fetch_add(1, Ordering::Relaxed);
             }
-            Some(Err(_)) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
+            Some(Err(err)) => stats.error("bootstrap", err),
             _ => {}
         }
     }
@@ -1869,6 +1941,14 @@ fn explore_random_histories() {
         stats.faults_injected.load(Ordering::Relaxed),
         reports.len()
     );
+    let kinds: Vec<String> = stats
+        .error_kinds
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|((op, kind), n)| format!("{op} {kind}: {n}"))
+        .collect();
+    eprintln!("explore: errors by operation: {}", kinds.join(", "));
     if !reports.is_empty() {
         panic!("{}", reports.join("\n"));
     }
