@@ -94,7 +94,11 @@ pub struct ForkPage {
 }
 
 /// Whether other daemons may share the object-store root.
+///
+/// Spelled as the text output does (`"single-writer"`) in JSON; bincode encodes
+/// the variant index, so the spelling is not part of the wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WriterMode {
     /// The store has no conditional update (`file://`): one daemon per root.
     SingleWriter,

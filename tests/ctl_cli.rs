@@ -125,8 +125,79 @@ async fn errors_are_one_line_with_a_hint() {
     );
     let err = one_line_error(&ctl(Some(&ep), &["alloc", "vertex"]).await);
     assert!(err.contains("--help"), "{err}");
-    let err = one_line_error(&ctl(Some("http://x"), &["hwm"]).await);
+    let out = ctl(Some("http://x"), &["hwm"]).await;
+    let err = one_line_error(&out);
     assert!(err.contains("unix:PATH or tcp:HOST:PORT"), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad endpoint is a usage error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_has_json_spelled_as_the_text_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let endpoint = daemon.endpoint();
+    let ep = Some(endpoint.as_str());
+    let fork = ForkId::generate().to_string();
+    json(&ctl(ep, &["fork", "bootstrap", &fork, "--json"]).await);
+    let c = json(&ctl(ep, &["checkpoint", "--fork", &fork, "--json"]).await);
+    assert_eq!(c["fork"], fork.as_str());
+    assert!(c["next_vid"].is_u64() && c["root_wide"].is_boolean(), "{c}");
+    let list = json(&ctl(ep, &["fork", "list", "--json"]).await);
+    assert!(
+        list[0].get("created").is_none(),
+        "`created` means nothing in a listing: {list}"
+    );
+    let d = json(&ctl(ep, &["fork", "drop", &fork, "--json"]).await);
+    assert_eq!(
+        (d["fork"].as_str(), d["dropped"].as_bool()),
+        (Some(fork.as_str()), Some(true))
+    );
+    let s = json(&ctl(ep, &["status", "--json"]).await);
+    assert_eq!(s["mode"], "single-writer", "as the text output spells it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_program_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let endpoint = daemon.endpoint();
+    for _ in 0..3 {
+        let out = ctl(
+            Some(&endpoint),
+            &["fork", "bootstrap", &ForkId::generate().to_string()],
+        )
+        .await;
+        assert!(out.status.success());
+    }
+    // `idallocctl fork list | head -0`: the reader is gone before the first line.
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} fork list; echo \"exit=$?\" >&2",
+            env!("CARGO_BIN_EXE_idallocctl")
+        ))
+        .env("IDALLOC_ENDPOINT", &endpoint)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(|mut child| {
+            drop(child.stdout.take());
+            child
+        })
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+    assert!(err.contains("exit=141"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

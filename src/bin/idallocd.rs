@@ -157,11 +157,12 @@ fn init_logging(level: &str, format: LogFormat) {
     // systemd sets JOURNAL_STREAM when stderr goes to the journal, which timestamps
     // every line itself and shows escape codes literally.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let ansi = match format {
-        LogFormat::Auto => std::io::stderr().is_terminal() && !journald,
-        LogFormat::Plain => false,
-        LogFormat::Color => true,
-    };
+    let ansi = colour(
+        format,
+        std::io::stderr().is_terminal(),
+        journald,
+        std::env::var_os("NO_COLOR"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -173,9 +174,34 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
+/// Whether log lines are coloured: `auto` colours a terminal, unless the journal
+/// takes stderr or a non-empty `NO_COLOR` is set (https://no-color.org).
+fn colour(
+    format: LogFormat,
+    terminal: bool,
+    journald: bool,
+    no_color: Option<std::ffi::OsString>,
+) -> bool {
+    match format {
+        LogFormat::Auto => terminal && !journald && no_color.is_none_or(|v| v.is_empty()),
+        LogFormat::Plain => false,
+        LogFormat::Color => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::names_tarpc;
+    use super::{colour, names_tarpc, LogFormat};
+
+    #[test]
+    fn no_color_turns_colour_off_on_a_terminal() {
+        assert!(colour(LogFormat::Auto, true, false, None));
+        assert!(!colour(LogFormat::Auto, true, false, Some("1".into())));
+        assert!(colour(LogFormat::Auto, true, false, Some("".into())));
+        assert!(!colour(LogFormat::Auto, true, true, None));
+        assert!(!colour(LogFormat::Auto, false, false, None));
+        assert!(colour(LogFormat::Color, false, false, Some("1".into())));
+    }
 
     #[test]
     fn tarpc_spans_are_quiet_unless_asked_for() {

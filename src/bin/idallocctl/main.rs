@@ -4,12 +4,31 @@
 //! where listed, plus `bench`. Contract kept here: on failure, exit non-zero and
 //! print exactly one line on stderr saying what was wrong and what to do.
 
+/// `println!` that ends the program quietly when stdout is closed (`| head`),
+/// instead of panicking: exit status 141, as a process killed by SIGPIPE.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(e)
+        }
+    }};
+}
+
 mod bench;
+
+/// What to do when writing to stdout fails.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("idallocctl: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use idalloc::client::{self, Client, ClientConfig, ClientError};
 use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, Status};
@@ -36,7 +55,8 @@ The endpoint is unix:PATH or tcp:HOST:PORT. Without --endpoint or IDALLOC_ENDPOI
 it is the daemon's default socket: $RUNTIME_DIRECTORY/idallocd.sock under systemd,
 else $STATE_DIRECTORY/idallocd.sock, else ./idallocd-data/idallocd.sock.
 
-Errors: exit status 1 (2 for bad usage) and one line on stderr.";
+Errors: exit status 1 (2 for bad usage, a bad --endpoint included) and one line
+on stderr. A closed stdout (`| head`) ends the program quietly with status 141.";
 
 /// Allocate ids from, and administer, an idalloc daemon (idallocd).
 #[derive(Parser, Debug)]
@@ -93,6 +113,9 @@ enum Command {
         /// The fork [default: the primary]
         #[arg(long, value_name = "ID")]
         fork: Option<String>,
+        /// Print {"fork","next_vid","next_eid","root_wide"}
+        #[arg(long)]
+        json: bool,
     },
     /// Write a namespace's manifest from an explicit floor, only upward
     ///
@@ -146,6 +169,9 @@ enum ForkCommand {
     Drop {
         /// The fork (UUID or ULID)
         id: String,
+        /// Print the dropped fork as {"fork","parent","next_vid",...,"dropped"}
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -210,6 +236,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A bad endpoint is a usage error (2), like any other bad argument.
+    let endpoint = match &cli.endpoint {
+        Some(text) => match text.parse::<idalloc::Endpoint>() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("idallocctl: bad --endpoint / IDALLOC_ENDPOINT {text:?}: {e} (see idallocctl --help)");
+                return ExitCode::from(2);
+            }
+        },
+        None => client::default_endpoint(),
+    };
     // The bench sizes its own runtime (a single thread by default, so the load
     // generator competes as little as it can with a daemon on the same cores).
     let mut builder = match &cli.command {
@@ -230,7 +267,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, endpoint)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("idallocctl: {}", one_line(&e));
@@ -258,13 +295,7 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let endpoint = match &cli.endpoint {
-        Some(text) => text
-            .parse()
-            .with_context(|| "bad --endpoint / IDALLOC_ENDPOINT".to_string())?,
-        None => client::default_endpoint(),
-    };
+async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
     let config = ClientConfig {
         deadline: Duration::from(cli.timeout),
         ..ClientConfig::default()
@@ -316,25 +347,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fork(ForkCommand::List { json }) => {
             let forks = client.list_forks().await?;
             if json {
+                // `created` only means something in a bootstrap's reply.
                 print_json(&serde_json::Value::Array(
-                    forks.iter().map(fork_json).collect(),
+                    forks
+                        .iter()
+                        .map(|f| {
+                            let mut v = fork_json(f);
+                            v.as_object_mut().map(|o| o.remove("created"));
+                            v
+                        })
+                        .collect(),
                 ));
             } else {
                 print_fork_table(&forks);
             }
         }
-        Command::Fork(ForkCommand::Drop { id }) => {
+        Command::Fork(ForkCommand::Drop { id, json }) => {
             let info = client.drop_fork(&id).await?;
-            println!("fork {} dropped (its ids are retired)", info.fork);
+            if json {
+                print_json(&fork_json(&info));
+            } else {
+                println!("fork {} dropped (its ids are retired)", info.fork);
+            }
         }
-        Command::Checkpoint { fork } => {
+        Command::Checkpoint { fork, json } => {
             let h = client.checkpoint(fork.as_deref()).await?;
-            println!(
-                "checkpointed {}: next_vid {} next_eid {}",
-                h.fork.as_deref().unwrap_or("primary"),
-                h.next_vid,
-                h.next_eid
-            );
+            if json {
+                print_json(&serde_json::to_value(&h)?);
+            } else {
+                println!(
+                    "checkpointed {}: next_vid {} next_eid {}",
+                    h.fork.as_deref().unwrap_or("primary"),
+                    h.next_vid,
+                    h.next_eid
+                );
+            }
         }
         Command::Repair {
             fork,
