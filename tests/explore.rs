@@ -42,6 +42,7 @@
 //! - `IDALLOC_EXPLORE_BASE=B`: base of the case seeds (default fixed);
 //! - `IDALLOC_EXPLORE_STEPS=N`: steps per case (default 40);
 //! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate;
+//! - `IDALLOC_EXPLORE_FAULT_OPS=get` (or `put`): the calls fault steps aim at;
 //! - `IDALLOC_EXPLORE_FAILURES=N`: failing cases to collect before stopping (1);
 //! - `IDALLOC_EXPLORE_THREADS=N`: cases run in parallel (6: a case mostly waits);
 //! - `IDALLOC_EXPLORE_SHRINK=0`: report failures unshrunk;
@@ -637,6 +638,22 @@ fn gen_other(rng: &mut StdRng, a: usize, engines: usize) -> usize {
     (a + 1 + rng.gen_range(0..engines - 1)) % engines
 }
 
+/// Which calls fault steps aim at: (gets, puts), from `IDALLOC_EXPLORE_FAULT_OPS`.
+fn fault_ops() -> (bool, bool) {
+    match env_var("IDALLOC_EXPLORE_FAULT_OPS").as_deref() {
+        None => (true, true),
+        Some(v) => {
+            let get = v.split(',').any(|x| x.trim() == "get");
+            let put = v.split(',').any(|x| x.trim() == "put");
+            assert!(
+                get || put,
+                "IDALLOC_EXPLORE_FAULT_OPS: expected get, put or get,put, not {v:?}"
+            );
+            (get, put)
+        }
+    }
+}
+
 /// One random step; `known[i]`: some earlier step bootstraps fork `i`.
 fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [bool]) -> Step {
     let total: u32 = weights.iter().sum();
@@ -715,7 +732,10 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [
             form: gen_form(rng),
         },
         "fault" => {
-            let put = rng.gen_bool(0.7);
+            let put = match fault_ops() {
+                (true, true) => rng.gen_bool(0.7),
+                (get, _) => !get,
+            };
             let faults = (0..rng.gen_range(1..=3))
                 .map(|_| match (put, rng.gen_range(0..100)) {
                     (true, 0..=44) => FaultSpec::FailAfterWrite,
@@ -1842,17 +1862,21 @@ fn explore_case(seed: u64, s: &Settings, stats: &Stats) -> Option<String> {
         }
         Err(f) => f,
     };
-    let without = if s.without.is_empty() {
+    let mut without = if s.without.is_empty() {
         String::new()
     } else {
         format!("IDALLOC_EXPLORE_WITHOUT={} ", s.without)
     };
+    if let Some(ops) = env_var("IDALLOC_EXPLORE_FAULT_OPS") {
+        without.push_str(&format!("IDALLOC_EXPLORE_FAULT_OPS={ops} "));
+    }
     let steps = if s.steps == 40 {
         String::new()
     } else {
         format!("IDALLOC_EXPLORE_STEPS={} ", s.steps)
     };
     let original = first.clone();
+    let keep_len = keep.len();
     let (keep, best, runs) = if s.keep.is_some() || !s.shrink {
         (keep, first, 0)
     } else {
@@ -1862,10 +1886,7 @@ fn explore_case(seed: u64, s: &Settings, stats: &Stats) -> Option<String> {
     let mut report = String::new();
     report.push_str(&format!(
         "\n==== explore: case seed={seed} FAILED [{}] at step {} of {}: {}\n",
-        original.check,
-        original.pos,
-        case.steps.len(),
-        original.msg
+        original.check, original.pos, keep_len, original.msg
     ));
     report.push_str(&format!("     {}\n", case_header(&case)));
     report.push_str(&format!(
