@@ -58,7 +58,7 @@ fn check_config_masks_secrets() {
     let file = dir.path().join("s3.toml");
     std::fs::write(
         &file,
-        "[object_store]\nurl = \"s3://bucket/db1\"\n[object_store.options]\naws_secret_access_key = \"hunter2\"\n",
+        "[object_store]\nurl = \"s3://bucket/db1\"\n[object_store.options]\naws_access_key_id = \"AKIAEXAMPLE\"\naws_secret_access_key = \"hunter2\"\naws_region = \"eu-west-3\"\n",
     )
     .unwrap();
     let (ok, out, err) = run_to_end(&["check-config", file.to_str().unwrap()], dir.path());
@@ -68,6 +68,39 @@ fn check_config_masks_secrets() {
         "{out}"
     );
     assert!(!out.contains("hunter2"));
+    assert!(!out.contains("AKIAEXAMPLE"), "{out}");
+    assert!(out.contains("eu-west-3"), "the region is not a secret: {out}");
+}
+
+#[test]
+fn check_config_builds_the_store_as_start_up_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, needle) in [
+        ("[object_store]\nurl = \"ftp://host/x\"\n", "unsupported scheme"),
+        (
+            "[object_store]\nurl = \"s3://bucket/db1\"\n[object_store.options]\naws_colour = \"blue\"\n",
+            "aws_colour",
+        ),
+        ("[object_store]\nurl = \"file://relative/path\"\n", "absolute file path"),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, toml).unwrap();
+        let (ok, _, err) = run_to_end(&["check-config", file.to_str().unwrap()], dir.path());
+        assert!(!ok, "accepted {toml:?}");
+        assert!(err.contains(needle), "{toml:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    // Checking creates nothing.
+    let root = dir.path().join("not-created");
+    let file = dir.path().join("ok.toml");
+    std::fs::write(
+        &file,
+        format!("[object_store]\nurl = \"file://{}\"\n", root.display()),
+    )
+    .unwrap();
+    let (ok, _, err) = run_to_end(&["check-config", file.to_str().unwrap()], dir.path());
+    assert!(ok, "{err}");
+    assert!(!root.exists());
 }
 
 #[test]

@@ -82,6 +82,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let env = Environment::from_process();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let effective = Config::load(file)?.effective(&env)?;
+        // The store is built as start-up builds it (scheme, options through the
+        // backend's builder), without connecting or creating anything.
+        let settings = effective.resolve(&env)?;
+        idalloc::engine::StoreHandle::check_url(&settings.store_url, &settings.store_options)
+            .with_context(|| format!("{}", file.display()))?;
         print!("{}", effective.to_toml_redacted());
         eprintln!("idallocd: {} is valid", file.display());
         return Ok(());

@@ -489,26 +489,15 @@ impl Config {
     /// they are masked: `check-config` output ends up in tickets and chat.
     pub fn to_toml_redacted(&self) -> String {
         let mut c = self.clone();
-        for v in c.object_store.options.values_mut() {
-            *v = "<redacted>".into();
+        for (k, v) in c.object_store.options.iter_mut() {
+            *v = crate::engine::store::redact_option(k, v);
         }
         if let Some(url) = &c.object_store.url {
-            c.object_store.url = Some(redact_url(url));
+            c.object_store.url = Some(crate::engine::store::redact_url(url));
         }
         // Serialising plain structs of strings, numbers and maps cannot fail.
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
-}
-
-/// Remove `user:password@` from a URL.
-fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{scheme}://<redacted>@{}", &rest[at + 1..]);
-        }
-    }
-    url.to_string()
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -693,16 +682,30 @@ mod tests {
     }
 
     #[test]
-    fn redaction_hides_credentials() {
-        assert_eq!(
-            redact_url("s3://key:secret@bucket/p"),
-            "s3://<redacted>@bucket/p"
+    fn redaction_hides_credentials_and_only_them() {
+        use crate::engine::store::redact_url;
+        let shown = redact_url("s3://key:secret@bucket/p?X-Amz-Signature=abc");
+        assert!(
+            !shown.contains("secret") && !shown.contains("abc") && shown.contains("bucket/p"),
+            "{shown}"
         );
         assert_eq!(redact_url("file:///a@b/c"), "file:///a@b/c");
         let mut c = Config::default();
         c.object_store
             .options
             .insert("aws_secret_access_key".into(), "hunter2".into());
-        assert!(!c.to_toml_redacted().contains("hunter2"));
+        c.object_store
+            .options
+            .insert("aws_region".into(), "eu-west-3".into());
+        c.object_store.url = Some("az://container/p?sv=2022&sig=s3cr3t".into());
+        let text = c.to_toml_redacted();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        assert!(
+            text.contains("eu-west-3"),
+            "the region is not a secret: {text}"
+        );
     }
 }
