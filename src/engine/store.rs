@@ -564,25 +564,130 @@ impl Mirror {
 }
 
 fn classify<T>(op: &'static str, path: &Path, e: object_store::Error) -> Attempt<T> {
+    let (line, status) = one_line(&e);
+    let refused = |reason: String| {
+        Attempt::Fatal(StoreError::Refused {
+            op,
+            path: path.to_string(),
+            reason,
+        })
+    };
     match e {
         object_store::Error::NotImplemented { .. }
         | object_store::Error::NotSupported { .. }
         | object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. }
-        | object_store::Error::UnknownConfigurationKey { .. } => {
-            Attempt::Fatal(StoreError::Refused {
-                op,
-                path: path.to_string(),
-                reason: e.to_string(),
-            })
+        | object_store::Error::UnknownConfigurationKey { .. } => refused(line),
+        // A client error other than a time-out or throttling cannot succeed on a
+        // retry (a missing container, a bad request, a method not implemented):
+        // say so at once, with the store's code.
+        _ if status
+            .is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429 || s == 501) =>
+        {
+            refused(line)
         }
-        other => Attempt::Transient(other.to_string()),
+        _ => Attempt::Transient(line),
     }
+}
+
+/// A store error on one line: the HTTP status and the error code and message of
+/// an XML or JSON error body instead of the body itself, at most 300 characters.
+fn one_line(e: &object_store::Error) -> (String, Option<u16>) {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    let status = text
+        .split("status code: ")
+        .nth(1)
+        .and_then(|rest| rest.get(..3))
+        .and_then(|d| d.parse::<u16>().ok());
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&close)? + start;
+        Some(text[start..end].trim().to_string())
+    };
+    let mut line = match (tag("Code"), tag("Message")) {
+        (Some(code), msg) => {
+            let head = text
+                .split('<')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches([' ', ':']);
+            match msg {
+                Some(m) => format!("{head}: {code}: {m}"),
+                None => format!("{head}: {code}"),
+            }
+        }
+        _ => text.clone(),
+    };
+    line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 300 {
+        line = line.chars().take(297).collect::<String>() + "...";
+    }
+    (line, status)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_errors_are_one_line_and_client_errors_are_not_retried() {
+        #[derive(Debug)]
+        struct Body(&'static str);
+        impl std::fmt::Display for Body {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Body {}
+        let azure = object_store::Error::Generic {
+            store: "MicrosoftAzure",
+            source: Box::new(Body(
+                "Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?>\n<Error>\n  <Code>ContainerNotFound</Code>\n  <Message>The specified container does not exist.\nRequestId:1</Message>\n</Error>",
+            )),
+        };
+        let p = Path::from("id_allocator.json");
+        match classify::<()>("get", &p, azure) {
+            Attempt::Fatal(StoreError::Refused { reason, .. }) => {
+                assert!(!reason.contains('\n') && !reason.contains('<'), "{reason}");
+                assert!(
+                    reason.contains("404") && reason.contains("ContainerNotFound"),
+                    "{reason}"
+                );
+            }
+            _ => panic!("a 404 on the container is not transient"),
+        }
+        let busy = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(Body(
+                "Server returned non-2xx status code: 503 Service Unavailable: slow down",
+            )),
+        };
+        assert!(matches!(
+            classify::<()>("get", &p, busy),
+            Attempt::Transient(_)
+        ));
+        let throttled = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(Body(
+                "Server returned non-2xx status code: 429 Too Many Requests: ",
+            )),
+        };
+        assert!(matches!(
+            classify::<()>("get", &p, throttled),
+            Attempt::Transient(_)
+        ));
+    }
 
     #[test]
     fn urls_lose_their_secrets_for_logs_and_status() {
