@@ -69,7 +69,10 @@ fn check_config_masks_secrets() {
     );
     assert!(!out.contains("hunter2"));
     assert!(!out.contains("AKIAEXAMPLE"), "{out}");
-    assert!(out.contains("eu-west-3"), "the region is not a secret: {out}");
+    assert!(
+        out.contains("eu-west-3"),
+        "the region is not a secret: {out}"
+    );
 }
 
 #[test]
