@@ -13,6 +13,15 @@ use tarpc::tokio_serde::formats::Bincode;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
 
+/// The daemon binary the helpers run: `IDALLOC_DAEMON_BIN` if set (e.g. a baseline
+/// build, to show a test failing on it), else this package's `idallocd`.
+pub fn daemon_bin() -> PathBuf {
+    match std::env::var_os("IDALLOC_DAEMON_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(BIN),
+    }
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -38,6 +47,11 @@ pub struct Opts<'a> {
     pub env: Vec<(&'a str, String)>,
     /// Wait until it serves.
     pub wait: bool,
+    /// `data_dir` instead of `dir/data`.
+    pub data_dir: Option<PathBuf>,
+    /// The body of the `[allocation]` table instead of
+    /// `max_count = 1000` / `lease_size = 10000`.
+    pub allocation_toml: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -46,6 +60,8 @@ impl Default for Opts<'_> {
             extra_toml: "",
             env: vec![],
             wait: true,
+            data_dir: None,
+            allocation_toml: None,
         }
     }
 }
@@ -55,20 +71,26 @@ impl Daemon {
         Daemon::start_with(dir, Opts::default())
     }
 
-    /// Start with a config in `dir`: data in `dir/data`, a unix socket `dir/d.sock`
-    /// and a loopback TCP port, `max_count = 1000`.
+    /// Start with a config in `dir`: data in `dir/data` (or `opts.data_dir`), a unix
+    /// socket `dir/d.sock` and a loopback TCP port, `max_count = 1000` (or
+    /// `opts.allocation_toml`).
     pub fn start_with(dir: &Path, opts: Opts<'_>) -> Daemon {
         let socket = dir.join("d.sock");
         let tcp = format!("127.0.0.1:{}", free_port());
         let config = dir.join("idallocd.toml");
+        let data_dir = opts.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+        let allocation = opts
+            .allocation_toml
+            .unwrap_or("max_count = 1000\nlease_size = 10000\n");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\nlisten = [{:?}, {:?}]\nshutdown_timeout = \"5s\"\n{}\n[allocation]\nmax_count = 1000\nlease_size = 10000\n",
-                dir.join("data").display().to_string(),
+                "data_dir = {:?}\nlisten = [{:?}, {:?}]\nshutdown_timeout = \"5s\"\n{}\n[allocation]\n{}\n",
+                data_dir.display().to_string(),
                 format!("unix:{}", socket.display()),
                 format!("tcp:{tcp}"),
                 opts.extra_toml,
+                allocation,
             ),
         )
         .unwrap();
@@ -76,7 +98,7 @@ impl Daemon {
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let stderr_path = dir.join(format!("stderr-{run}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(daemon_bin());
         cmd.arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -205,7 +227,7 @@ pub fn ctx() -> tarpc::context::Context {
 
 /// Run `idallocd` with `args` to completion: (success, stdout, stderr).
 pub fn run_to_end(args: &[&str], cwd: &Path) -> (bool, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(daemon_bin())
         .args(args)
         .current_dir(cwd)
         .env_remove("NOTIFY_SOCKET")
