@@ -42,7 +42,8 @@
 //! - `IDALLOC_EXPLORE_BASE=B`: base of the case seeds (default fixed);
 //! - `IDALLOC_EXPLORE_STEPS=N`: steps per case (default 40);
 //! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate;
-//! - `IDALLOC_EXPLORE_FAULT_OPS=get` (or `put`): the calls fault steps aim at;
+//! - `IDALLOC_EXPLORE_FAULT_OPS=get,list` (of get, put, list): the calls fault
+//!   steps aim at (all three by default);
 //! - `IDALLOC_EXPLORE_FAILURES=N`: failing cases to collect before stopping (1);
 //! - `IDALLOC_EXPLORE_THREADS=N`: cases run in parallel (6: a case mostly waits);
 //! - `IDALLOC_EXPLORE_SHRINK=0`: report failures unshrunk;
@@ -638,20 +639,29 @@ fn gen_other(rng: &mut StdRng, a: usize, engines: usize) -> usize {
     (a + 1 + rng.gen_range(0..engines - 1)) % engines
 }
 
-/// Which calls fault steps aim at: (gets, puts), from `IDALLOC_EXPLORE_FAULT_OPS`.
-fn fault_ops() -> (bool, bool) {
-    match env_var("IDALLOC_EXPLORE_FAULT_OPS").as_deref() {
-        None => (true, true),
-        Some(v) => {
-            let get = v.split(',').any(|x| x.trim() == "get");
-            let put = v.split(',').any(|x| x.trim() == "put");
-            assert!(
-                get || put,
-                "IDALLOC_EXPLORE_FAULT_OPS: expected get, put or get,put, not {v:?}"
-            );
-            (get, put)
-        }
-    }
+/// The calls fault steps aim at, with their weights; `IDALLOC_EXPLORE_FAULT_OPS`
+/// (a list of get, put, list) narrows them.
+fn fault_ops() -> Vec<(FaultOp, u32)> {
+    let all = [(FaultOp::Put, 6), (FaultOp::Get, 3), (FaultOp::List, 1)];
+    let Some(v) = env_var("IDALLOC_EXPLORE_FAULT_OPS") else {
+        return all.to_vec();
+    };
+    let names: Vec<&str> = v.split(',').map(str::trim).collect();
+    let ops: Vec<(FaultOp, u32)> = all
+        .into_iter()
+        .filter(|(op, _)| {
+            names.contains(&match op {
+                FaultOp::Put => "put",
+                FaultOp::Get => "get",
+                FaultOp::List => "list",
+            })
+        })
+        .collect();
+    assert!(
+        !ops.is_empty(),
+        "IDALLOC_EXPLORE_FAULT_OPS: expected a list of get, put, list, not {v:?}"
+    );
+    ops
 }
 
 /// One random step; `known[i]`: some earlier step bootstraps fork `i`.
@@ -732,10 +742,17 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [
             form: gen_form(rng),
         },
         "fault" => {
-            let put = match fault_ops() {
-                (true, true) => rng.gen_bool(0.7),
-                (get, _) => !get,
-            };
+            let ops = fault_ops();
+            let mut pick = rng.gen_range(0..ops.iter().map(|o| o.1).sum::<u32>());
+            let mut op = ops[0].0;
+            for (o, w) in ops {
+                if pick < w {
+                    op = o;
+                    break;
+                }
+                pick -= w;
+            }
+            let put = op == FaultOp::Put;
             let faults = (0..rng.gen_range(1..=3))
                 .map(|_| match (put, rng.gen_range(0..100)) {
                     (true, 0..=44) => FaultSpec::FailAfterWrite,
@@ -744,11 +761,7 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [
                     _ => FaultSpec::Stall(if rng.gen_bool(0.5) { 10 } else { 120 }),
                 })
                 .collect();
-            Step::Fault {
-                e,
-                op: if put { FaultOp::Put } else { FaultOp::Get },
-                faults,
-            }
+            Step::Fault { e, op, faults }
         }
         "clear" => Step::Clear { e },
         other => unreachable!("{other}"),
