@@ -5,6 +5,7 @@
 mod daemon_support;
 
 use std::io::{Read, Write};
+use std::process::Command;
 use std::time::Duration;
 
 use daemon_support::*;
@@ -415,6 +416,114 @@ fn metrics_endpoint_counts_the_work_done() {
         Some(1.0),
         "{body}"
     );
+}
+
+/// An HTTP request to the metrics endpoint: (status line, headers, body).
+fn http_get(addr: &str, path: &str) -> (String, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (
+        status.to_string(),
+        headers.to_ascii_lowercase(),
+        body.to_string(),
+    )
+}
+
+/// Prometheus's own linter on a scrape taken under load, the lone writer's busy
+/// polling included; `/metrics` only, with the text format's content type.
+#[test]
+fn metrics_pass_promtool_under_load() {
+    let promtool = std::env::var("IDALLOC_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let have = Command::new(&promtool).arg("--version").output();
+    assert!(
+        have.as_ref().is_ok_and(|o| o.status.success()),
+        "{promtool} not found: this test needs Prometheus's promtool (Debian package `prometheus`; .ci/run installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: &format!("[metrics]\nlisten = {metrics_addr:?}\n"),
+            ..Opts::default()
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A lone writer long enough for the server to busy-poll for it...
+        let c = unix_client(&d.socket).await.unwrap();
+        for _ in 0..300 {
+            c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap();
+        }
+        // ...then several at once, a fork, an error.
+        let mut tasks = vec![];
+        for _ in 0..4 {
+            let c = unix_client(&d.socket).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    c.reserve(ctx(), None, Kind::Eid, 3).await.unwrap().unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let _ = c.reserve(ctx(), None, Kind::Vid, 0).await.unwrap();
+        let _ = c.hwm(ctx(), None).await.unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let (status, headers, body) = http_get(&metrics_addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+    for needle in [
+        "idalloc_build_info{version=",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "idalloc_requests_total{method=\"reserve\",outcome=\"ok\"}",
+        "idalloc_requests_total{method=\"reserve\",outcome=\"invalid_argument\"}",
+        "idalloc_request_seconds_bucket{method=\"reserve\",le=",
+        "idalloc_flush_seconds_bucket",
+        "idalloc_busy_poll_seconds_sum",
+        "idalloc_store_errors_total{op=\"get\"} 0",
+        "idalloc_conditional_writes_lost_total",
+        "idalloc_writer_mode{mode=\"single-writer\"} 1",
+        "idalloc_start_time_seconds",
+        "idalloc_lease_headroom{namespace=\"primary\"",
+    ] {
+        assert!(body.contains(needle), "no {needle} in the scrape:\n{body}");
+    }
+    assert!(
+        !body.contains("quantile="),
+        "summaries cannot be aggregated: {body}"
+    );
+    let file = dir.path().join("scrape.prom");
+    std::fs::write(&file, &body).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{promtool} check metrics < {}", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _, _) = http_get(&metrics_addr, "/");
+    assert!(status.contains("404"), "{status}");
+    let (status, _, _) = http_get(&metrics_addr, "/metrics/../x");
+    assert!(status.contains("404"), "{status}");
 }
 
 /// Socket activation: `systemd-socket-activate` binds the socket and passes it as

@@ -378,7 +378,7 @@ async fn busy_polling_on_both_sides_changes_no_range() {
     let body = tokio::task::spawn_blocking(move || scrape(&metrics))
         .await
         .unwrap();
-    let spun = series(&body, "idalloc_busy_poll_microseconds_total", &[]).unwrap_or(0.0);
+    let spun = series(&body, "idalloc_busy_poll_seconds_sum", &[]).unwrap_or(0.0);
     assert!(
         spun > 0.0,
         "the daemon never busy-polled for a lone writer: {body}"

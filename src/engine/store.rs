@@ -504,6 +504,8 @@ impl Mirror {
                     })),
                     Err(object_store::Error::Precondition { .. })
                     | Err(object_store::Error::AlreadyExists { .. }) => {
+                        metrics::counter!("idalloc_conditional_writes_lost_total", "op" => op)
+                            .increment(1);
                         Attempt::Done(Written::Lost)
                     }
                     Err(e) => classify(op, path, e),

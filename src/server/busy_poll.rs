@@ -22,7 +22,7 @@
 //! looks for work, not what any request does). What it must not do, and the
 //! tests check: spin without a lone writer, spin past its budget, or outlive
 //! shutdown. CPU time spent spinning is counted in
-//! `idalloc_busy_poll_microseconds_total`.
+//! `idalloc_busy_poll_seconds` (a histogram: its `_sum` is the time spent).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,8 +122,7 @@ impl BusyPoll {
             let spun = started.elapsed();
             self.spun_ns
                 .fetch_add(spun.as_nanos() as u64, Ordering::Relaxed);
-            metrics::counter!("idalloc_busy_poll_microseconds_total")
-                .increment(spun.as_micros() as u64);
+            metrics::histogram!("idalloc_busy_poll_seconds").record(spun.as_secs_f64());
         }
     }
 

@@ -55,7 +55,7 @@ pub struct Config {
     /// long after each request (yielding to other threads meanwhile), so that the
     /// writer's next request is read without a wake-up. Default `"100us"`; `"0s"`
     /// turns it off; at most `"10ms"`. Costs CPU only while a lone writer is active
-    /// (`idalloc_busy_poll_microseconds_total`); docs/performance.md has the numbers.
+    /// (`idalloc_busy_poll_seconds_sum`); docs/performance.md has the numbers.
     pub busy_poll: String,
     /// Most requests one connection may have in flight; more get an error reply.
     pub max_in_flight_per_connection: usize,

@@ -63,7 +63,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         "idallocd starting"
     );
     if let Some(addr) = settings.metrics_listen {
-        metrics::install(addr)?;
+        metrics::install(addr).await?;
         tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
 

@@ -53,6 +53,21 @@ pub fn page_limit(limit: u32) -> usize {
     }
 }
 
+/// Count a request by method and outcome and time it (`idalloc_requests_total`,
+/// `idalloc_request_seconds`). No-ops unless the metrics endpoint is on.
+async fn observed<T>(
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    let started = std::time::Instant::now();
+    let r = call.await;
+    metrics::counter!("idalloc_requests_total", "method" => method, "outcome" => super::metrics::outcome(&r))
+        .increment(1);
+    metrics::histogram!("idalloc_request_seconds", "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    r
+}
+
 impl IdAlloc for Service {
     async fn reserve(
         self,
@@ -61,13 +76,19 @@ impl IdAlloc for Service {
         kind: Kind,
         count: u64,
     ) -> Result<IdRange, ServiceError> {
-        let ns = namespace(fork.as_deref())?;
-        self.engine.reserve(ns, kind, count).await
+        observed("reserve", async move {
+            let ns = namespace(fork.as_deref())?;
+            self.engine.reserve(ns, kind, count).await
+        })
+        .await
     }
 
     async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
-        let ns = namespace(fork.as_deref())?;
-        self.engine.hwm(ns).await
+        observed("hwm", async move {
+            let ns = namespace(fork.as_deref())?;
+            self.engine.hwm(ns).await
+        })
+        .await
     }
 
     async fn bootstrap_fork(
@@ -75,20 +96,23 @@ impl IdAlloc for Service {
         _: Context,
         req: BootstrapRequest,
     ) -> Result<ForkInfo, ServiceError> {
-        let fork = fork_id(&req.fork, "fork")?;
-        let parent = match req.parent.as_deref() {
-            None | Some("") => None,
-            Some(p) => Some(fork_id(p, "parent")?),
-        };
-        if parent.is_some_and(|p| p == fork) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "fork {} cannot be its own parent",
-                req.fork
-            )));
-        }
-        self.engine
-            .bootstrap_fork(fork, parent, req.vid_floor, req.eid_floor)
-            .await
+        observed("bootstrap_fork", async move {
+            let fork = fork_id(&req.fork, "fork")?;
+            let parent = match req.parent.as_deref() {
+                None | Some("") => None,
+                Some(p) => Some(fork_id(p, "parent")?),
+            };
+            if parent.is_some_and(|p| p == fork) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "fork {} cannot be its own parent",
+                    req.fork
+                )));
+            }
+            self.engine
+                .bootstrap_fork(fork, parent, req.vid_floor, req.eid_floor)
+                .await
+        })
+        .await
     }
 
     async fn list_forks(
@@ -97,38 +121,50 @@ impl IdAlloc for Service {
         after: Option<String>,
         limit: u32,
     ) -> Result<ForkPage, ServiceError> {
-        let after = match after.as_deref() {
-            None | Some("") => None,
-            Some(a) => Some(fork_id(a, "after")?),
-        };
-        if after.is_none() {
-            // A listing starts by picking up forks other daemons created in the
-            // shared root; if the store is down, the forks known here are listed
-            // and `status` shows the store's error.
-            if let Err(e) = self.engine.discover_forks().await {
-                tracing::warn!(error = %e, "could not list forks in the object store; listing the forks known locally");
+        observed("list_forks", async move {
+            let after = match after.as_deref() {
+                None | Some("") => None,
+                Some(a) => Some(fork_id(a, "after")?),
+            };
+            if after.is_none() {
+                // A listing starts by picking up forks other daemons created in the
+                // shared root; if the store is down, the forks known here are listed
+                // and `status` shows the store's error.
+                if let Err(e) = self.engine.discover_forks().await {
+                    tracing::warn!(error = %e, "could not list forks in the object store; listing the forks known locally");
+                }
             }
-        }
-        Ok(self.engine.list_forks(after, page_limit(limit)).await)
+            Ok(self.engine.list_forks(after, page_limit(limit)).await)
+        })
+        .await
     }
 
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
-        let fork = fork_id(&fork, "fork")?;
-        self.engine.drop_fork(fork).await
+        observed("drop_fork", async move {
+            let fork = fork_id(&fork, "fork")?;
+            self.engine.drop_fork(fork).await
+        })
+        .await
     }
 
     async fn checkpoint(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
-        let ns = namespace(fork.as_deref())?;
-        self.engine.checkpoint(ns).await
+        observed("checkpoint", async move {
+            let ns = namespace(fork.as_deref())?;
+            self.engine.checkpoint(ns).await
+        })
+        .await
     }
 
     async fn status(self, _: Context) -> Result<Status, ServiceError> {
-        Ok(self.engine.status().await)
+        observed("status", async move { Ok(self.engine.status().await) }).await
     }
 
     async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
-        let ns = namespace(req.fork.as_deref())?;
-        self.engine.repair(ns, req.vid_floor, req.eid_floor).await
+        observed("repair", async move {
+            let ns = namespace(req.fork.as_deref())?;
+            self.engine.repair(ns, req.vid_floor, req.eid_floor).await
+        })
+        .await
     }
 }
 
