@@ -289,3 +289,27 @@ fn sled_opens_and_works_on_the_mount() {
         "sled's unsynced writes were not pending: {r:?}"
     );
 }
+
+#[test]
+fn without_dev_fuse_it_fails_saying_so() {
+    // A private mount namespace whose /dev is an empty tmpfs (needs root, as
+    // mounting FUSE does here).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("b")).unwrap();
+    std::fs::create_dir(dir.path().join("m")).unwrap();
+    let out = std::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev && exec \"$0\" \"$1\" \"$2\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_powercut-fs"))
+        .arg(dir.path().join("b"))
+        .arg(dir.path().join("m"))
+        .output()
+        .expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(powercut_support::NO_FUSE), "{err}");
+}
