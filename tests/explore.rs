@@ -15,7 +15,10 @@
 //! to a copy taken after an earlier clean shutdown, the `unclean` mark file kept as
 //! it is, a new boot id), fork bootstrap under either spelling with or without a
 //! parent fork, concurrent bootstraps of one fork through two engines under two
-//! spellings, fork drop, store faults (put lands then errors, fail, stall).
+//! spellings, fork drop, store faults queued on one engine's next gets, puts or
+//! lists (a put that lands and then reports an error, a failure, a stall shorter
+//! or longer than the store time-out). A case runs on a current-thread runtime (3
+//! in 4) or a two-worker multi-thread one.
 //!
 //! The ledger holds every ACKNOWLEDGED range. Checked after every step:
 //! - `disjoint`: no id in two ranges, per namespace (128-bit value) and kind, across
@@ -41,13 +44,19 @@
 //!   with `IDALLOC_EXPLORE_KEEP=i,j,k` only those steps of it (a shrunk history);
 //! - `IDALLOC_EXPLORE_BASE=B`: base of the case seeds (default fixed);
 //! - `IDALLOC_EXPLORE_STEPS=N`: steps per case (default 40);
-//! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate;
+//! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate, of
+//!   reserve, reserve-pair, wait, checkpoint, restart, crash, wipe, reboot,
+//!   bootstrap, bootstrap-pair, drop, fault, clear;
 //! - `IDALLOC_EXPLORE_FAULT_OPS=get,list` (of get, put, list): the calls fault
 //!   steps aim at (all three by default);
 //! - `IDALLOC_EXPLORE_FAILURES=N`: failing cases to collect before stopping (1);
 //! - `IDALLOC_EXPLORE_THREADS=N`: cases run in parallel (6: a case mostly waits);
 //! - `IDALLOC_EXPLORE_SHRINK=0`: report failures unshrunk;
 //! - `IDALLOC_EXPLORE_VERBOSE=1`: print every case's history.
+//!
+//! A failing case is shrunk (delta debugging over its steps, keeping the failing
+//! check) and printed with each step's outcome and the commands that replay the
+//! case and its shrunk history.
 //!
 //! Also here: deterministic regression tests of known bugs, named after them.
 
