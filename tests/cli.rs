@@ -167,14 +167,19 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
     let mut units = vec![];
-    for name in ["idallocd.service", "idallocd.socket", "idallocd@.service"] {
+    for name in [
+        "idallocd.service",
+        "idallocd.socket",
+        "idallocd@.service",
+        "idallocd@.socket",
+    ] {
         let text = std::fs::read_to_string(format!("{src}/{name}")).unwrap();
         assert!(text.contains("ExecStart=/usr/bin/idallocd") || name.ends_with(".socket"));
         let text = text.replace("/usr/bin/idallocd", BIN);
         // A template is verified through an instance.
         let target = name.replace("@.", "@db1.");
         std::fs::write(dir.path().join(&target), &text).unwrap();
-        if name == "idallocd@.service" {
+        if name.contains('@') {
             std::fs::write(dir.path().join(name), &text).unwrap();
         }
         units.push(dir.path().join(target));
@@ -196,8 +201,20 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "warnings about the units:\n{}",
         ours.join("\n")
     );
+    // Stopping or restarting the service must leave the socket listening (writers
+    // wait in its backlog), and writers in SocketGroup= must reach the socket.
+    for unit in ["idallocd.socket", "idallocd@.socket"] {
+        let text = std::fs::read_to_string(format!("{src}/{unit}")).unwrap();
+        assert!(
+            !text.lines().any(|l| l.starts_with("PartOf=")),
+            "{unit}: PartOf= stops the socket with the service"
+        );
+        assert!(text.contains("DirectoryMode=0755"), "{unit}");
+    }
     for unit in ["idallocd.service", "idallocd@.service"] {
         let text = std::fs::read_to_string(format!("{src}/{unit}")).unwrap();
+        assert!(text.contains("RuntimeDirectoryMode=0755"), "{unit}");
+        assert!(text.contains("ExecReload="), "{unit}");
         for needle in [
             "Type=notify",
             "WatchdogSec=",

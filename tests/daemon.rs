@@ -617,3 +617,72 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
         assert!(r.start >= 2);
     });
 }
+
+/// SIGHUP (`systemctl reload`) re-reads the config: the log filter changes at
+/// once, other changes are named as needing a restart, and the daemon never dies
+/// of it (it used to exit 129 and leave a stale socket).
+#[test]
+fn sighup_reloads_the_log_filter_and_never_stops_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "[log]\nlevel = \"info\"\n",
+            // An empty RUST_LOG leaves the level to the config file.
+            env: vec![("RUST_LOG", String::new())],
+            ..Opts::default()
+        },
+    );
+    let config = dir.path().join("idallocd.toml");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reserve = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let c = unix_client(&d.socket).await.unwrap();
+            c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap()
+        })
+    };
+    let wait_for = |d: &Daemon, needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !d.stderr().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                d.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    d.signal(libc::SIGHUP);
+    wait_for(&d, "SIGHUP: configuration reloaded");
+    let first = reserve(&rt);
+    assert!(!d.stderr().contains("DEBUG"), "{}", d.stderr());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("level = \"info\"", "level = \"info,idalloc=debug\""),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    wait_for(&d, "SIGHUP: log filter reloaded");
+    // Debug lines of the engine now appear: the next lease is logged at debug.
+    let second = reserve(&rt);
+    assert!(second.start >= first.end);
+    rt.block_on(async {
+        let c = unix_client(&d.socket).await.unwrap();
+        for _ in 0..11 {
+            c.reserve(ctx(), None, Kind::Vid, 1000).await.unwrap().unwrap();
+        }
+    });
+    wait_for(&d, "DEBUG");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("lease_size = 10000", "lease_size = 20000"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    wait_for(&d, "need a restart");
+    reserve(&rt);
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(20).success(), "{}", d.stderr());
+}

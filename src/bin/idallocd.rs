@@ -31,8 +31,9 @@ Examples:
   idallocd check-config /etc/idallocd/db1.toml
 
 Flags override the config file. SIGTERM or SIGINT stops it gracefully (requests in
-flight are answered, manifests lowered to what was granted); a second signal exits at
-once. The documented config with every key and default is config/idallocd.toml.";
+flight are answered, unused leases of its own given back); a second signal exits at
+once. SIGHUP (systemctl reload) re-reads the config file: the [log] level is applied
+at once, other changes are logged as needing a restart. The documented config with every key and default is config/idallocd.toml.";
 
 #[derive(Parser, Debug)]
 #[command(name = "idallocd", version, about = "The idalloc id allocation daemon", long_about = LONG_ABOUT)]
@@ -91,21 +92,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         eprintln!("idallocd: {} is valid", file.display());
         return Ok(());
     }
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(d) = cli.data_dir {
-        config.data_dir = Some(d);
-    }
-    if !cli.listen.is_empty() {
-        config.listen = Some(cli.listen.iter().map(ToString::to_string).collect());
-    }
-    if let Some(u) = cli.object_store {
-        config.object_store.url = Some(u);
-    }
+    let config = load_config(&cli)?;
     let settings = config.resolve(&env)?;
-    init_logging(&settings.log_level, settings.log_format);
+    let log = init_logging(&settings.log_level, settings.log_format);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.worker_threads)
@@ -116,9 +105,66 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         watch_signals(shutdown.clone())?;
+        watch_reload(cli, config, log)?;
         server::run(settings, shutdown).await?;
         Ok(())
     })
+}
+
+/// The config file (or the embedded defaults) with the command line's overrides.
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.data_dir {
+        config.data_dir = Some(d.clone());
+    }
+    if !cli.listen.is_empty() {
+        config.listen = Some(cli.listen.iter().map(ToString::to_string).collect());
+    }
+    if let Some(u) = &cli.object_store {
+        config.object_store.url = Some(u.clone());
+    }
+    Ok(config)
+}
+
+/// SIGHUP (`systemctl reload`): read the config again; apply what can change
+/// safely while running (the log filter), and say which other changes need a
+/// restart. A config that does not load is logged and the running one kept.
+/// SIGHUP never stops the daemon.
+fn watch_reload(cli: Cli, mut running: Config, log: LogReload) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let fresh = match load_config(&cli) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file does not load; keeping the running configuration");
+                    continue;
+                }
+            };
+            if let Err(e) = fresh.resolve(&Environment::from_process()) {
+                tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
+                continue;
+            }
+            if fresh.log.level != running.log.level {
+                match log.set_level(&fresh.log.level) {
+                    Ok(applied) => tracing::info!(filter = %applied, "SIGHUP: log filter reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
+                }
+            }
+            let mut rest = fresh.clone();
+            rest.log.level = running.log.level.clone();
+            if rest != running {
+                tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
+            } else {
+                tracing::info!("SIGHUP: configuration reloaded");
+            }
+            running.log.level = fresh.log.level;
+        }
+    });
+    Ok(())
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once, non-zero — an
@@ -148,17 +194,57 @@ fn names_tarpc(filter: &str) -> bool {
     filter.split(',').any(|d| d.trim().starts_with("tarpc"))
 }
 
-fn init_logging(level: &str, format: LogFormat) {
-    let (mut filter, effective) = match tracing_subscriber::EnvFilter::try_from_default_env() {
-        Ok(f) => (f, std::env::var("RUST_LOG").unwrap_or_default()),
-        Err(_) => (tracing_subscriber::EnvFilter::new(level), level.to_string()),
-    };
-    // tarpc opens an info-level span for every request; with no event inside it,
-    // the span only costs (~25 % of the request path's user CPU, docs/performance.md).
-    // A filter that does not name tarpc keeps tarpc's warnings and errors only.
-    if !names_tarpc(&effective) {
-        filter = filter.add_directive("tarpc=warn".parse().expect("a valid directive"));
+/// The running log filter, replaceable on SIGHUP.
+struct LogReload {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    /// `RUST_LOG` was set at start: it wins over `[log] level`, then and on reload.
+    from_env: bool,
+}
+
+impl LogReload {
+    /// Replace the filter with `level` (plus the tarpc default); the filter applied.
+    fn set_level(&self, level: &str) -> Result<String, String> {
+        if self.from_env {
+            return Err(
+                "RUST_LOG is set and overrides [log] level; restart without it to change the level"
+                    .into(),
+            );
+        }
+        let (filter, text) = build_filter(level)?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        Ok(text)
     }
+}
+
+/// `level`, plus `tarpc=warn` unless the filter names tarpc: tarpc opens an
+/// info-level span for every request; with no event inside it, the span only
+/// costs (~25 % of the request path's user CPU, docs/performance.md).
+fn build_filter(level: &str) -> Result<(tracing_subscriber::EnvFilter, String), String> {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let mut text = level.to_string();
+    if !names_tarpc(level) {
+        filter = filter.add_directive("tarpc=warn".parse().expect("a valid directive"));
+        text.push_str(",tarpc=warn");
+    }
+    Ok((filter, text))
+}
+
+fn init_logging(level: &str, format: LogFormat) -> LogReload {
+    use tracing_subscriber::prelude::*;
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let from_env = env.is_some();
+    let (filter, _) = env
+        .as_deref()
+        .and_then(|e| build_filter(e).ok())
+        .unwrap_or_else(|| {
+            build_filter(level).unwrap_or_else(|_| build_filter("info").expect("info is a filter"))
+        });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // systemd sets JOURNAL_STREAM when stderr goes to the journal, which timestamps
     // every line itself and shows escape codes literally.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -168,15 +254,23 @@ fn init_logging(level: &str, format: LogFormat) {
         journald,
         std::env::var_os("NO_COLOR"),
     );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    if journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+    let plain = (!journald).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
+    let journal = journald.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(plain)
+        .with(journal)
+        .init();
+    LogReload { handle, from_env }
 }
 
 /// Whether log lines are coloured: `auto` colours a terminal, unless the journal
