@@ -325,7 +325,7 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
                 );
                 n += 1;
                 // Yield so that the restart is not starved on 2 cores.
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }
