@@ -107,6 +107,44 @@ fn check_config_builds_the_store_as_start_up_does() {
 }
 
 #[test]
+fn man_pages_and_completions_are_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run_to_end(&["man", dir.path().to_str().unwrap()], dir.path());
+    assert!(ok, "{err}");
+    let page = std::fs::read_to_string(dir.path().join("idallocd.8")).unwrap();
+    assert!(
+        page.contains(".TH idallocd 8") && page.contains("check\\-config"),
+        "{page}"
+    );
+    let (ok, out, err) = run_to_end(&["completions", "bash"], dir.path());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("idallocd") && out.contains("check-config"),
+        "{out}"
+    );
+    let ctl = env!("CARGO_BIN_EXE_idallocctl");
+    let st = std::process::Command::new(ctl)
+        .args(["man", dir.path().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for page in [
+        "idallocctl.1",
+        "idallocctl-alloc.1",
+        "idallocctl-repair.1",
+        "idallocctl-fork-bootstrap.1",
+    ] {
+        assert!(dir.path().join(page).exists(), "{page}");
+    }
+    let out = std::process::Command::new(ctl)
+        .args(["completions", "zsh"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("#compdef idallocctl"));
+}
+
+#[test]
 fn non_loopback_tcp_without_allow_remote_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, _, err) = run_to_end(
@@ -184,10 +222,17 @@ fn systemd_units_pass_systemd_analyze_verify() {
         }
         units.push(dir.path().join(target));
     }
+    // Documentation=man:idallocd(8) is checked against the page `idallocd man`
+    // generates (what the README's install section installs).
+    let man8 = dir.path().join("man/man8");
+    std::fs::create_dir_all(&man8).unwrap();
+    let (ok, _, err) = run_to_end(&["man", man8.to_str().unwrap()], dir.path());
+    assert!(ok, "{err}");
     let out = std::process::Command::new(analyze)
         .arg("verify")
-        .arg("--man=no")
+        .arg("--man=yes")
         .args(&units)
+        .env("MANPATH", dir.path().join("man"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -65,6 +65,16 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Write the man page idallocd.8 into a directory.
+    Man {
+        /// Where to write it (for example /usr/local/share/man/man8).
+        dir: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +91,25 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let env = Environment::from_process();
+    if let Some(Command::Man { dir }) = &cli.command {
+        use clap::CommandFactory;
+        let man = clap_mangen::Man::new(Cli::command()).section("8");
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        let path = dir.join("idallocd.8");
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
+    if let Some(Command::Completions { shell }) = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "idallocd",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let effective = Config::load(file)?.effective(&env)?;
         // The store is built as start-up builds it (scheme, options through the

@@ -150,6 +150,20 @@ enum Command {
     },
     /// Measure reservations/s and latency against a running daemon
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Examples:\n  idallocctl completions bash > /etc/bash_completion.d/idallocctl\n  idallocctl completions zsh > \"${fpath[1]}/_idallocctl\""
+    )]
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (idallocctl.1 and one per subcommand) into a directory
+    #[command(after_help = "Example:\n  idallocctl man /usr/local/share/man/man1")]
+    Man {
+        /// Where to write them
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +250,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Commands that need no daemon.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "idallocctl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            return match clap_mangen::generate_to(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "idallocctl: cannot write man pages to {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     // A bad endpoint is a usage error (2), like any other bad argument.
     let endpoint = match &cli.endpoint {
         Some(text) => match text.parse::<idalloc::Endpoint>() {
@@ -416,7 +453,9 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 print_status(&endpoint.to_string(), &status);
             }
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
 }
