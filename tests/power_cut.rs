@@ -401,9 +401,11 @@ impl Run {
         let cuts: u64 = mounts.iter().map(|m| m.cuts).sum();
         let files: u64 = mounts.iter().map(|m| m.reverted.files).sum();
         let dropped: u64 = mounts.iter().map(|m| m.reverted.dropped_bytes).sum();
+        let restored: u64 = mounts.iter().map(|m| m.reverted.restored_bytes).sum();
         format!(
             "power cut [{}]: cycles {} (kill-9+cut {}, sigterm+cut {}, kill-9 {}, sigterm {}), \
-             cuts {cuts} (reverted {files} files, {dropped} bytes dropped), restarts {}, \
+             cuts {cuts} (reverted {files} files: {dropped} bytes dropped, {restored} rewritten), \
+             restarts {}, \
              forks {}, ranges {}, ids {}, duplicates {}, order violations {}, \
              hwm violations {}, bootstrap violations {}, probe errors {}, client errors {}",
             self.label,
