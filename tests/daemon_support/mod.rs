@@ -161,7 +161,14 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "idallocd did not serve in 30 s:\n{}",
+                "idallocd did not serve in 30 s{}:\n{}",
+                match std::env::var("IDALLOC_DAEMON_BIN") {
+                    Ok(b) => format!(
+                        " (IDALLOC_DAEMON_BIN={b}: a build whose wire protocol differs from \
+                         this tree's client never answers the status call)"
+                    ),
+                    Err(_) => String::new(),
+                },
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
