@@ -21,7 +21,11 @@
 //!   daemon's stderr.
 //!
 //! `IDALLOC_POWERCUT_CYCLES` sets the cuts per variant (default 30; 1000 for a
-//! long run). `IDALLOC_DAEMON_BIN` runs another `idallocd` build (a baseline).
+//! long run). `IDALLOC_DAEMON_BIN` runs another `idallocd` build (a baseline) —
+//! only one that speaks this tree's wire protocol; for an older one, build this
+//! file in that tree (with `tests/powercut_support/` and this tree's
+//! `tests/daemon_support/mod.rs`) and point `IDALLOC_POWERCUT_FS_BIN` at the
+//! file system's binary.
 //! The file system's binary is found as `tests/powercut_support` says (`.ci/run`
 //! builds it first).
 
@@ -295,6 +299,7 @@ impl Run {
                 parent: None,
                 vid_floor: 0,
                 eid_floor: 0,
+                request_id: None,
             }));
             match reply {
                 Ok(info) => {
@@ -355,6 +360,7 @@ impl Run {
             parent: None,
             vid_floor,
             eid_floor,
+            request_id: None,
         })) {
             Ok(info) => {
                 if info.created {
