@@ -494,6 +494,7 @@ async fn bench(dur: Duration, forks: usize) {
                     parent: None,
                     vid_floor: 0,
                     eid_floor: 0,
+                    request_id: None,
                 })
                 .await
                 .unwrap();

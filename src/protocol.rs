@@ -57,6 +57,10 @@ pub struct BootstrapRequest {
     pub vid_floor: u64,
     /// The caller's floor for edge ids.
     pub eid_floor: u64,
+    /// Identifies one logical bootstrap across its retries, so that a create that
+    /// landed but whose reply was lost still tells this caller `created: true`.
+    /// `None`: the client library picks one per call (retries included).
+    pub request_id: Option<u128>,
 }
 
 /// What the daemon knows of one fork.

@@ -171,6 +171,7 @@ async fn typed_errors_come_through() {
             parent: None,
             vid_floor: 0,
             eid_floor: 7000,
+            request_id: None,
         })
         .await
         .unwrap();
@@ -300,6 +301,7 @@ async fn list_forks_reads_every_page() {
             parent: None,
             vid_floor: 0,
             eid_floor: 0,
+            request_id: None,
         };
         assert!(client.bootstrap_fork(req.clone()).await.unwrap().created);
         // Idempotent: a second bootstrap creates nothing.

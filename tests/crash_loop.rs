@@ -117,6 +117,7 @@ fn crash_loop(
             parent: None,
             vid_floor: 0,
             eid_floor: 0,
+            request_id: None,
         })
         .await
         .unwrap();

@@ -37,6 +37,7 @@ async fn exercise_every_rpc(c: &IdAllocClient) {
                 parent: None,
                 vid_floor: 0,
                 eid_floor: 500,
+                request_id: None,
             },
         )
         .await
@@ -124,6 +125,7 @@ async fn each_bad_request_gets_its_own_error() {
         parent: None,
         vid_floor: 0,
         eid_floor: 0,
+        request_id: None,
     };
     c.bootstrap_fork(ctx(), req).await.unwrap().unwrap();
     c.drop_fork(ctx(), FORK_ULID.into()).await.unwrap().unwrap();
@@ -670,7 +672,10 @@ fn sighup_reloads_the_log_filter_and_never_stops_the_daemon() {
     rt.block_on(async {
         let c = unix_client(&d.socket).await.unwrap();
         for _ in 0..11 {
-            c.reserve(ctx(), None, Kind::Vid, 1000).await.unwrap().unwrap();
+            c.reserve(ctx(), None, Kind::Vid, 1000)
+                .await
+                .unwrap()
+                .unwrap();
         }
     });
     wait_for(&d, "DEBUG");

@@ -66,6 +66,7 @@ async fn library_round_trip(endpoint: &str) {
         parent: None,
         vid_floor: 0,
         eid_floor: 1_000_000,
+        request_id: None,
     };
     let info = client.bootstrap_fork(req.clone()).await.unwrap();
     assert!(info.created);
@@ -86,6 +87,7 @@ async fn library_round_trip(endpoint: &str) {
             parent: Some(fork.clone()),
             vid_floor: 0,
             eid_floor: 0,
+            request_id: None,
         })
         .await
         .unwrap();

@@ -1198,9 +1198,11 @@ async fn bootstrap_request(
     floors: (u64, u64),
 ) -> Vec<Result<ForkInfo, ServiceError>> {
     let mut attempts = Vec::new();
+    // One request, retried as the client library retries it: one request id.
+    let request: u128 = rand::random();
     for _ in 0..6 {
         let r = engine
-            .bootstrap_fork(fork, parent, floors.0, floors.1)
+            .bootstrap_fork_request(fork, parent, floors.0, floors.1, request)
             .await;
         let again = matches!(&r, Err(e) if e.is_retryable());
         attempts.push(r);
@@ -2149,8 +2151,9 @@ async fn bootstrap_whose_create_lands_but_reply_is_lost() {
         let f = spell(value, IdForm::Uuid);
         sa.create_faults.lock().unwrap().extend(faults);
         let mut replies = Vec::new();
+        let request: u128 = rand::random();
         let info = loop {
-            let r = a.bootstrap_fork(f, None, 7, 0).await;
+            let r = a.bootstrap_fork_request(f, None, 7, 0, request).await;
             replies.push(r.clone());
             match r {
                 Ok(info) => break info,

@@ -101,6 +101,7 @@ async fn three_daemons_one_bucket_disjoint_through_a_lost_disk() {
                 parent: None,
                 vid_floor: 0,
                 eid_floor: 0,
+                request_id: None,
             },
         )
         .await

@@ -222,7 +222,12 @@ impl Client {
 
     /// Create a fork above its parent's high-water mark, or return the existing one
     /// unchanged (idempotent, so safe to retry).
-    pub async fn bootstrap_fork(&self, req: BootstrapRequest) -> Result<ForkInfo, ClientError> {
+    ///
+    /// Retries of this call carry one `request_id` (chosen here if the request has
+    /// none), so the daemon tells it `created: true` even when the reply to the
+    /// attempt that created the fork was lost.
+    pub async fn bootstrap_fork(&self, mut req: BootstrapRequest) -> Result<ForkInfo, ClientError> {
+        req.request_id.get_or_insert_with(rand::random::<u128>);
         self.call(|c, ctx| {
             let req = req.clone();
             async move { c.bootstrap_fork(ctx, req).await }

@@ -165,7 +165,16 @@ impl Engine {
             if self.forks.read().unwrap().contains_key(&id) {
                 continue;
             }
-            let spelling = self.find_fork(id).await?.unwrap_or(id);
+            // One fork that cannot be looked up (a broken claim, say) does not
+            // hide the others; it answers its own error when it is used.
+            let spelling = match self.find_fork(id).await {
+                Ok(found) => found.unwrap_or(id),
+                Err(ServiceError::BrokenManifest(e)) => {
+                    tracing::error!(fork = %id, error = %e, "fork cannot be looked up");
+                    id
+                }
+                Err(e) => return Err(e),
+            };
             self.adopt(spelling).await?;
             adopted += 1;
         }
@@ -173,7 +182,8 @@ impl Engine {
     }
 
     /// Create `fork` above `max(floor, parent's HWM)`, or return the existing fork
-    /// unchanged with `created = false`.
+    /// unchanged with `created = false`. One call; see
+    /// [`Engine::bootstrap_fork_request`] for retries that must keep `created`.
     pub async fn bootstrap_fork(
         &self,
         fork: ForkId,
@@ -181,7 +191,24 @@ impl Engine {
         vid_floor: u64,
         eid_floor: u64,
     ) -> Result<ForkInfo, ServiceError> {
+        self.bootstrap_fork_request(fork, parent, vid_floor, eid_floor, rand::random())
+            .await
+    }
+
+    /// [`Engine::bootstrap_fork`] as one attempt of a request identified by
+    /// `request`: every attempt of one request passes the same value, and the
+    /// attempt that finds the fork created by an earlier attempt of it (whose
+    /// reply was lost) is told `created: true`.
+    pub async fn bootstrap_fork_request(
+        &self,
+        fork: ForkId,
+        parent: Option<ForkId>,
+        vid_floor: u64,
+        eid_floor: u64,
+        request: u128,
+    ) -> Result<ForkInfo, ServiceError> {
         let _guard = self.enter()?;
+        let nonce = format!("{request:032x}");
         if parent == Some(fork) {
             return Err(ServiceError::InvalidArgument(format!(
                 "fork {fork} cannot be its own parent"
@@ -190,11 +217,36 @@ impl Engine {
         let _b = self.bootstrap_lock.lock().await;
         let existing = self.forks.read().unwrap().get(&fork).cloned();
         if let Some(e) = existing {
-            return self.existing_info(&e).await;
+            // Which request created it: known if it was created or completed here,
+            // else the claim says (another attempt of this request may have
+            // created it and been answered with an error).
+            let known = e.created_by.lock().unwrap().clone();
+            let creator = match known {
+                Some(n) => Some(n),
+                None => {
+                    let from_claim = self.read_claim(fork).await?.map(|c| c.nonce);
+                    e.created_by.lock().unwrap().clone_from(&from_claim);
+                    from_claim
+                }
+            };
+            return self
+                .existing_info(&e, creator.as_deref() == Some(nonce.as_str()))
+                .await;
+        }
+        // An earlier attempt of this request may have won the claim and then failed
+        // (the manifest not written, or the reply lost): it is still this caller's.
+        let claim = self.read_claim(fork).await?;
+        if let Some(c) = claim.as_ref().filter(|c| c.nonce == nonce) {
+            self.complete_claim(c).await?;
+            let spelling = ForkId::parse(&c.fork).unwrap_or(fork);
+            let e = self.adopt(spelling).await?;
+            *e.created_by.lock().unwrap() = Some(nonce);
+            tracing::info!(%fork, "fork created (by an earlier attempt of this request)");
+            return self.existing_info(&e, true).await;
         }
         if let Some(spelling) = self.find_fork(fork).await? {
             let e = self.adopt(spelling).await?;
-            return self.existing_info(&e).await;
+            return self.existing_info(&e, false).await;
         }
         let parent_entry = match parent {
             None => self.primary.clone(),
@@ -231,7 +283,6 @@ impl Engine {
         };
         let mut m = Manifest::new(meta.floor_vid, meta.floor_eid);
         m.set_fork_meta(&meta);
-        let nonce = format!("{:032x}", rand::random::<u128>());
         let claim = Claim {
             fork: fork.text(),
             nonce: nonce.clone(),
@@ -253,7 +304,7 @@ impl Engine {
                     self.complete_claim(&c).await?;
                     let spelling = ForkId::parse(&c.fork).unwrap_or(fork);
                     let e = self.adopt(spelling).await?;
-                    return self.existing_info(&e).await;
+                    return self.existing_info(&e, false).await;
                 }
                 None => {
                     return Err(ServiceError::unavailable(
@@ -293,11 +344,11 @@ impl Engine {
                 version,
             });
         }
+        *entry.created_by.lock().unwrap() = Some(nonce);
         self.persist(&entry).await?;
         self.forks.write().unwrap().insert(fork, entry.clone());
         tracing::info!(%fork, parent = ?meta.parent, floor_vid = meta.floor_vid, floor_eid = meta.floor_eid, "fork created");
-        self.ensure_verified(&entry).await?;
-        Ok(entry.info(true))
+        self.existing_info(&entry, true).await
     }
 
     /// Tombstone a fork: later reservations in it fail with `DroppedFork`, here and,
@@ -352,11 +403,15 @@ impl Engine {
         ))
     }
 
-    /// The reply to a bootstrap that found the fork existing: verified first, so
-    /// that its numbers are never below what was granted.
-    async fn existing_info(&self, e: &Arc<NsEntry>) -> Result<ForkInfo, ServiceError> {
+    /// The reply to a bootstrap: verified first, so that its numbers are never
+    /// below what was granted; `created` only for the request that created it.
+    async fn existing_info(
+        &self,
+        e: &Arc<NsEntry>,
+        created: bool,
+    ) -> Result<ForkInfo, ServiceError> {
         self.ensure_verified(e).await?;
-        let info = e.info(false);
+        let info = e.info(created);
         if info.dropped {
             return Err(ServiceError::DroppedFork(info.fork));
         }

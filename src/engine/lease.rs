@@ -73,7 +73,15 @@ impl Engine {
             Kind::Vid => Kind::Eid,
             Kind::Eid => Kind::Vid,
         };
-        for _ in 0..MAX_CONFLICTS {
+        for lost in 0..MAX_CONFLICTS {
+            if lost > 0 {
+                // Another writer won the last round: back off a random while, so
+                // that contending daemons take turns instead of one winning every
+                // race (full jitter, 1 ms doubling to at most 64 ms).
+                let cap = 1u64 << lost.min(6);
+                let wait = rand::random::<u64>() % (cap * 1000);
+                tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
+            }
             let cur = match &ms.cached {
                 Some(v) => Some(v.clone()),
                 None => self
@@ -227,6 +235,11 @@ impl Engine {
     ) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
         let before = entry.snapshot();
+        // Only verified, current counters know which ids are still ours: a stale
+        // namespace's `granted` may be below what an earlier life handed out.
+        if before.stale || !entry.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if Kind::ALL
             .iter()
             .all(|k| before.counters[k.index()].give_back_point().is_none())

@@ -54,6 +54,9 @@ pub struct NsEntry {
     /// The last "cannot be parsed" error logged for this namespace, so a broken
     /// manifest is logged once per change, not once per call.
     pub broken: Mutex<Option<String>>,
+    /// The nonce of the bootstrap request that created this fork here, so a retry
+    /// of that request is still told `created: true`.
+    pub created_by: Mutex<Option<String>>,
     /// sled key of its record.
     pub key: Vec<u8>,
     /// Counters and fork metadata.
@@ -73,6 +76,7 @@ impl NsEntry {
             ns,
             spelling: Mutex::new(ns.fork()),
             broken: Mutex::new(None),
+            created_by: Mutex::new(None),
             key: ns_key(ns.fork().map(|f| f.value())),
             state: Mutex::new(state),
             mirror: tokio::sync::Mutex::new(MirrorState::default()),

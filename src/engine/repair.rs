@@ -40,9 +40,24 @@ impl Engine {
                     None => match self.find_fork(id).await {
                         Ok(Some(spelling)) => self.adopt(spelling).await?,
                         Ok(None) => return Err(ServiceError::UnknownFork(id.text())),
-                        // A broken claim still names the fork: repair it under
-                        // the spelling given.
-                        Err(ServiceError::BrokenManifest(_)) => self.adopt(id).await?,
+                        // A broken claim cannot say which spelling the fork lives
+                        // under: the one with a manifest does (daemons that know
+                        // the fork write there), else the spelling given.
+                        Err(ServiceError::BrokenManifest(_)) => {
+                            let mut spelling = id;
+                            for s in [id, other_spelling(id)] {
+                                let there = self
+                                    .mirror
+                                    .read_bytes(&path_for(&Namespace::Fork(s)))
+                                    .await
+                                    .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+                                if there.is_some() {
+                                    spelling = s;
+                                    break;
+                                }
+                            }
+                            self.adopt(spelling).await?
+                        }
                         Err(e) => return Err(e),
                     },
                 }

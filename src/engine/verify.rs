@@ -41,6 +41,9 @@ struct Evidence {
     /// Ceilings found elsewhere: the other spelling's manifest, or the claim's
     /// initial manifest when neither spelling has one.
     other: Option<Manifest>,
+    /// Both spellings have a manifest (a fork made before claims): other daemons
+    /// may hold live leases on the other one, so local leases are not exclusive.
+    two_spellings: bool,
 }
 
 impl Evidence {
@@ -96,6 +99,7 @@ impl Engine {
             return Ok(Evidence {
                 cur: read(path_for(&Namespace::Primary)).await?,
                 other: None,
+                two_spellings: false,
             });
         };
         let alt = other_spelling(id);
@@ -108,6 +112,7 @@ impl Engine {
             (Some(m), None) => Ok(Evidence {
                 cur: Some(m),
                 other: None,
+                two_spellings: false,
             }),
             (None, Some(t)) => {
                 // The fork lives under the other spelling.
@@ -115,20 +120,24 @@ impl Engine {
                 Ok(Evidence {
                     cur: Some(t),
                     other: None,
+                    two_spellings: false,
                 })
             }
             (Some(m), Some(t)) => {
                 let claim = self.settle_claim(id).await?;
-                if claim == alt {
+                // ForkId equality is the value alone: compare the spellings.
+                if claim.form() == alt.form() {
                     entry.set_spelling(alt);
                     Ok(Evidence {
                         cur: Some(t),
                         other: Some(m.manifest),
+                        two_spellings: true,
                     })
                 } else {
                     Ok(Evidence {
                         cur: Some(m),
                         other: Some(t.manifest),
+                        two_spellings: true,
                     })
                 }
             }
@@ -144,6 +153,7 @@ impl Engine {
                 Ok(Evidence {
                     cur: None,
                     other: claim.map(|c| c.manifest),
+                    two_spellings: false,
                 })
             }
         }
@@ -198,7 +208,9 @@ impl Engine {
                     }
                 }
                 st.meta.dropped |= ev.dropped();
-                let stale = st.stale;
+                // A legacy fork under two spellings: another daemon may have leased
+                // the ids of our lease on the other manifest, so ours are not ours.
+                let stale = st.stale || ev.two_spellings;
                 for kind in Kind::ALL {
                     let c = &mut st.counters[kind.index()];
                     let ceiling = ev.ceiling(kind);

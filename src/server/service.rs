@@ -109,7 +109,13 @@ impl IdAlloc for Service {
                 )));
             }
             self.engine
-                .bootstrap_fork(fork, parent, req.vid_floor, req.eid_floor)
+                .bootstrap_fork_request(
+                    fork,
+                    parent,
+                    req.vid_floor,
+                    req.eid_floor,
+                    req.request_id.unwrap_or_else(rand::random),
+                )
                 .await
         })
         .await

@@ -369,6 +369,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                     parent: a.parent,
                     vid_floor: a.vid_hwm,
                     eid_floor: a.eid_hwm,
+                    request_id: None,
                 })
                 .await?;
             if a.json {
