@@ -29,6 +29,7 @@ Examples:
   idallocd --data-dir /var/lib/idallocd/db1 --listen unix:/run/idallocd/db1.sock \\
            --listen tcp:127.0.0.1:7411 --object-store s3://bucket/graphs/db1
   idallocd check-config /etc/idallocd/db1.toml
+  idallocd store-check --config /etc/idallocd/db1.toml
 
 Flags override the config file. SIGTERM or SIGINT stops it gracefully (requests in
 flight are answered, unused leases of its own given back); a second signal exits at
@@ -64,6 +65,31 @@ enum Command {
     CheckConfig {
         /// The file to check.
         file: PathBuf,
+    },
+    /// Probe the configured object store: is it safe for several daemons?
+    ///
+    /// Under a scratch prefix of the root (removed afterwards): a second create of
+    /// one object must be refused; an update on a replaced version must be refused
+    /// and write nothing; and in each of ROUNDS rounds, WRITERS concurrent updates
+    /// on one version must have exactly one winner, whose bytes the object then
+    /// holds. Prints the verdict and the numbers; exits 1 if the store is unsafe.
+    /// Reads the same config (and flags) as the daemon; touches nothing else.
+    StoreCheck {
+        /// The daemon's config file (its [object_store] section is what is probed).
+        #[arg(long, short = 'c', value_name = "FILE", env = "IDALLOCD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Probe this store URL instead of the config's.
+        #[arg(long, value_name = "URL")]
+        object_store: Option<String>,
+        /// Race rounds.
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        /// Concurrent writers per round.
+        #[arg(long, default_value_t = 16)]
+        writers: u32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write the man page idallocd.8 into a directory.
     Man {
@@ -108,6 +134,68 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             "idallocd",
             &mut std::io::stdout(),
         );
+        return Ok(());
+    }
+    if let Some(Command::StoreCheck {
+        config,
+        object_store,
+        rounds,
+        writers,
+        json,
+    }) = &cli.command
+    {
+        let mut c = match config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(u) = object_store {
+            c.object_store.url = Some(u.clone());
+        }
+        let settings = c.resolve(&env)?;
+        let store =
+            idalloc::engine::StoreHandle::from_url(&settings.store_url, &settings.store_options)?;
+        if store.mode == idalloc::protocol::WriterMode::SingleWriter {
+            anyhow::bail!(
+                "{} is a single-writer store (no conditional update): one daemon per root, nothing to check",
+                store.display_url
+            );
+        }
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+        let report = runtime.block_on(idalloc::engine::store_check::check(
+            store.store.clone(),
+            &store.display_url,
+            *rounds,
+            *writers,
+        ));
+        if *json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            let yes_no = |v: Option<bool>| match v {
+                Some(true) => "ok",
+                Some(false) => "FAILED",
+                None => "unknown (store errors)",
+            };
+            println!("create once:            {}", yes_no(report.create_once));
+            println!(
+                "stale update refused:   {}",
+                yes_no(report.stale_update_refused)
+            );
+            println!(
+                "races ({} writers):     {} of {} with exactly one winner, {} with several, {} with none",
+                report.writers,
+                report.rounds_with_one_winner,
+                report.rounds,
+                report.rounds_with_several_winners,
+                report.rounds_with_no_winner
+            );
+            for e in &report.errors {
+                println!("error:                  {e}");
+            }
+            println!("{}", report.verdict());
+        }
+        if !report.safe {
+            std::process::exit(1);
+        }
         return Ok(());
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {

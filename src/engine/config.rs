@@ -31,6 +31,10 @@ pub struct EngineConfig {
     pub boot_id_path: PathBuf,
     /// sled's page cache. A few keys per namespace need little. Default: 16 MiB.
     pub sled_cache_bytes: u64,
+    /// In multi-writer mode, probe the store's conditional writes at start-up
+    /// (a few racing updates under a scratch prefix) and refuse a store that
+    /// lets two writers win. Default: on.
+    pub store_startup_check: bool,
 }
 
 impl EngineConfig {
@@ -72,6 +76,7 @@ impl Default for EngineConfig {
             unavailable_cooldown: Duration::from_secs(1),
             boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
             sled_cache_bytes: 16 << 20,
+            store_startup_check: true,
         }
     }
 }

@@ -31,6 +31,7 @@ mod recovery;
 mod repair;
 pub mod root_lock;
 pub mod store;
+pub mod store_check;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -95,6 +96,9 @@ pub enum OpenError {
     /// A setting is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The store failed the start-up probe of its conditional writes.
+    #[error("{0}; refusing multi-writer mode on it (ids would be handed out twice). Run `idallocd store-check` for the full probe; set [object_store] startup_check = false only for a store you have checked otherwise")]
+    UnsafeStore(String),
 }
 
 impl From<StoreError> for OpenError {

@@ -73,6 +73,18 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
             "object store supports conditional update: running MULTI-WRITER (several daemons may share this root)"
         ),
     }
+    if mirror.mode() == WriterMode::MultiWriter && cfg.store_startup_check {
+        let probe = super::store_check::check(mirror.raw_store(), mirror.display_url(), 8, 8).await;
+        if probe.unsafe_shown {
+            return Err(OpenError::UnsafeStore(probe.verdict()));
+        }
+        if probe.safe {
+            tracing::info!("{}", probe.verdict());
+        } else {
+            // An unreachable store is not unsafe: recovery decides what that means.
+            tracing::warn!("conditional-write probe: {}", probe.verdict());
+        }
+    }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| OpenError::DataDir {
         path: cfg.data_dir.display().to_string(),
         reason: e.to_string(),

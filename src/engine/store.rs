@@ -531,6 +531,11 @@ impl Mirror {
             .await
     }
 
+    /// The store itself, for probes that make their own calls.
+    pub fn raw_store(&self) -> Arc<dyn ObjectStore> {
+        self.handle.store.clone()
+    }
+
     /// For `file://` roots: the directory.
     pub fn local_root(&self) -> Option<&std::path::Path> {
         self.handle.local_root.as_deref()

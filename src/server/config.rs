@@ -105,6 +105,9 @@ pub struct ObjectStoreConfig {
     pub unavailable_cooldown: String,
     /// Builder options passed to the store (`aws_endpoint`, `aws_access_key_id`, ...).
     pub options: BTreeMap<String, String>,
+    /// Multi-writer stores: probe the conditional writes at start-up and refuse a
+    /// store that lets two racing writers win (`idallocd store-check` is the full probe).
+    pub startup_check: bool,
 }
 
 /// `[metrics]`.
@@ -186,6 +189,7 @@ impl Default for ObjectStoreConfig {
             unavailable_cooldown: humantime::format_duration(engine.unavailable_cooldown)
                 .to_string(),
             options: BTreeMap::new(),
+            startup_check: engine.store_startup_check,
         }
     }
 }
@@ -428,6 +432,7 @@ impl Config {
             )?,
             boot_id_path: self.boot_id_path.clone(),
             sled_cache_bytes: self.sled_cache_bytes,
+            store_startup_check: o.startup_check,
         };
         engine
             .validate()

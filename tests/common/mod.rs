@@ -52,6 +52,7 @@ impl Env {
             unavailable_cooldown: Duration::from_millis(200),
             boot_id_path: self.boot_file(),
             sled_cache_bytes: 1 << 20,
+            store_startup_check: true,
         }
     }
 }

@@ -52,14 +52,27 @@ impl Moto {
     /// Start moto with bucket `idalloc-test`; panics (failing the test) if it does
     /// not come up within 60 s.
     pub fn start() -> Moto {
+        Moto::start_with(false)
+    }
+
+    /// moto without the lock: conditional writes checked and written in two steps,
+    /// as stock `moto_server` (and some S3-compatible servers) do. Unsafe for
+    /// several writers on purpose, for the store check's "unsafe" verdict.
+    pub fn start_unserialised() -> Moto {
+        Moto::start_with(true)
+    }
+
+    fn start_with(unserialised: bool) -> Moto {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
         let bucket = "idalloc-test".to_string();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_support/moto_serial.py");
         let mut cmd = Command::new(moto_python());
-        cmd.arg(&script)
-            .args(["--bucket", &bucket])
-            .stdin(Stdio::null())
+        cmd.arg(&script).args(["--bucket", &bucket]);
+        if unserialised {
+            cmd.arg("--unserialised");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         // The emulator must not outlive the test even if the test is killed:

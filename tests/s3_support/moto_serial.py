@@ -9,7 +9,7 @@ Request bodies are read in full *before* the lock is taken and responses are
 materialised *inside* it: a slow client (or the tests' stalling proxy) can then
 never hold the lock while it dribbles bytes.
 
-Usage: python moto_serial.py [--port N] [--bucket NAME]...
+Usage: python moto_serial.py [--port N] [--bucket NAME]... [--unserialised]
 Prints "PORT <n>" on stdout once it listens (port 0 picks a free one), after the
 buckets exist.
 """
@@ -19,6 +19,7 @@ import http.client
 import io
 import sys
 import threading
+import time
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
@@ -28,6 +29,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--bucket", action="append", default=[])
+    # For the store check's "unsafe" verdict: conditional updates answered right
+    # one at a time but checked and written in two steps (see racy() below).
+    ap.add_argument("--unserialised", action="store_true")
     args = ap.parse_args()
 
     app = DomainDispatcherApplication(create_backend_app)
@@ -45,6 +49,26 @@ def main() -> None:
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
+        if args.unserialised and environ["REQUEST_METHOD"] == "PUT" and "HTTP_IF_MATCH" in environ:
+            # Check the precondition with a HEAD, let go, wait, then write
+            # unconditionally: what a non-atomic server does.
+            expected = environ.pop("HTTP_IF_MATCH")
+            head = dict(environ)
+            head["REQUEST_METHOD"] = "HEAD"
+            head["wsgi.input"] = io.BytesIO(b"")
+            head["CONTENT_LENGTH"] = "0"
+            seen = {}
+
+            def capture(status, headers, exc_info=None):
+                seen["headers"] = {k.lower(): v for k, v in headers}
+
+            with lock:
+                result = app(head, capture)
+                b"".join(result)
+            if seen.get("headers", {}).get("etag") != expected:
+                start_response("412 Precondition Failed", [("Content-Type", "application/xml")])
+                return [b"<Error><Code>PreconditionFailed</Code></Error>"]
+            time.sleep(0.05)
         with lock:
             result = app(environ, start_response)
             try:
