@@ -14,6 +14,7 @@ use futures::FutureExt;
 use super::connection::Client;
 use super::error::ClientError;
 use crate::error::ServiceError;
+use crate::fork_id::ForkId;
 use crate::namespace::Kind;
 use crate::protocol::{Hwm, IdRange};
 
@@ -41,6 +42,11 @@ impl ClientSource {
     /// Ranges of the primary (`fork = None`) or of one fork, from `client`.
     pub fn new(client: Client, fork: Option<String>) -> Self {
         ClientSource { client, fork }
+    }
+
+    /// Ranges of the primary (`None`) or of the fork `Some(id)`, from `client`.
+    pub fn for_fork(client: Client, fork: Option<ForkId>) -> Self {
+        ClientSource::new(client, fork.map(|f| f.text()))
     }
 }
 

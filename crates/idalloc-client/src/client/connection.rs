@@ -29,6 +29,7 @@ use super::busy_poll;
 use super::error::ClientError;
 use crate::endpoint::Endpoint;
 use crate::error::ServiceError;
+use crate::fork_id::ForkId;
 use crate::namespace::Kind;
 use crate::protocol::{BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, Status};
 
@@ -70,7 +71,16 @@ impl IntoEndpoint for &String {
 }
 
 /// How a [`Client`] talks to the daemon. `Default` gives the values documented on
-/// each field.
+/// each field; the `with_*` setters change one each:
+///
+/// ```
+/// # use idalloc_client::ClientConfig;
+/// # use std::time::Duration;
+/// let config = ClientConfig::default()
+///     .with_deadline(Duration::from_secs(2))
+///     .with_busy_poll(Duration::ZERO);
+/// assert_eq!(config.deadline, Duration::from_secs(2));
+/// ```
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Time allowed for one call, retries and reconnects included. Default 10 s.
@@ -106,6 +116,56 @@ impl Default for ClientConfig {
             list_page_size: 1000,
             busy_poll: Duration::from_micros(200),
         }
+    }
+}
+
+impl ClientConfig {
+    /// This configuration with [`deadline`](Self::deadline) set.
+    #[must_use]
+    pub fn with_deadline(self, deadline: Duration) -> Self {
+        ClientConfig { deadline, ..self }
+    }
+
+    /// This configuration with [`backoff_initial`](Self::backoff_initial) set.
+    #[must_use]
+    pub fn with_backoff_initial(self, backoff_initial: Duration) -> Self {
+        ClientConfig {
+            backoff_initial,
+            ..self
+        }
+    }
+
+    /// This configuration with [`backoff_max`](Self::backoff_max) set.
+    #[must_use]
+    pub fn with_backoff_max(self, backoff_max: Duration) -> Self {
+        ClientConfig {
+            backoff_max,
+            ..self
+        }
+    }
+
+    /// This configuration with [`max_frame_length`](Self::max_frame_length) set.
+    #[must_use]
+    pub fn with_max_frame_length(self, max_frame_length: usize) -> Self {
+        ClientConfig {
+            max_frame_length,
+            ..self
+        }
+    }
+
+    /// This configuration with [`list_page_size`](Self::list_page_size) set.
+    #[must_use]
+    pub fn with_list_page_size(self, list_page_size: u32) -> Self {
+        ClientConfig {
+            list_page_size,
+            ..self
+        }
+    }
+
+    /// This configuration with [`busy_poll`](Self::busy_poll) set.
+    #[must_use]
+    pub fn with_busy_poll(self, busy_poll: Duration) -> Self {
+        ClientConfig { busy_poll, ..self }
     }
 }
 
@@ -210,6 +270,27 @@ impl Client {
         .await
     }
 
+    /// [`Client::reserve`] with the fork named by a [`ForkId`] (`None`: the primary).
+    pub async fn reserve_for(
+        &self,
+        fork: Option<ForkId>,
+        kind: Kind,
+        count: u64,
+    ) -> Result<IdRange, ClientError> {
+        self.reserve(fork.map(|f| f.text()).as_deref(), kind, count)
+            .await
+    }
+
+    /// [`Client::hwm`] with the fork named by a [`ForkId`] (`None`: the primary).
+    pub async fn hwm_for(&self, fork: Option<ForkId>) -> Result<Hwm, ClientError> {
+        self.hwm(fork.map(|f| f.text()).as_deref()).await
+    }
+
+    /// [`Client::checkpoint`] with the fork named by a [`ForkId`] (`None`: the primary).
+    pub async fn checkpoint_for(&self, fork: Option<ForkId>) -> Result<Hwm, ClientError> {
+        self.checkpoint(fork.map(|f| f.text()).as_deref()).await
+    }
+
     /// The next ids the daemon would grant in a namespace.
     pub async fn hwm(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
         let fork = fork.map(str::to_owned);
@@ -303,7 +384,7 @@ impl Client {
 
     /// Look one fork up by id: the page that starts just below its value.
     async fn find_fork(&self, fork: &str) -> Result<Option<ForkInfo>, ClientError> {
-        let id = crate::fork_id::ForkId::parse(fork)
+        let id = ForkId::parse(fork)
             .map_err(|e| ClientError::Service(ServiceError::InvalidArgument(e.to_string())))?;
         let after = id
             .value()
@@ -311,7 +392,7 @@ impl Client {
             .map(|v| uuid::Uuid::from_u128(v).hyphenated().to_string());
         let page = self.list_forks_page(after, 1).await?;
         Ok(page.forks.into_iter().find(|f| {
-            crate::fork_id::ForkId::parse(&f.fork)
+            ForkId::parse(&f.fork)
                 .map(|p| p.value() == id.value())
                 .unwrap_or(false)
         }))

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
+use crate::fork_id::ForkId;
 use crate::namespace::Kind;
 
 /// A half-open range of ids, `[start, end)`, granted to exactly one caller.
@@ -61,6 +62,41 @@ pub struct BootstrapRequest {
     /// landed but whose reply was lost still tells this caller `created: true`.
     /// `None`: the client library picks one per call (retries included).
     pub request_id: Option<u128>,
+}
+
+impl BootstrapRequest {
+    /// Bootstrap `fork` under the primary, with floors of 0 (the fork starts at the
+    /// parent's high-water mark) and a `request_id` chosen by the client library.
+    /// The fork is named in the text form `fork` was written in, which names its
+    /// object-store path if this call creates it.
+    pub fn new(fork: ForkId) -> Self {
+        BootstrapRequest {
+            fork: fork.text(),
+            parent: None,
+            vid_floor: 0,
+            eid_floor: 0,
+            request_id: None,
+        }
+    }
+
+    /// This request with the parent fork set (`None`: the primary).
+    #[must_use]
+    pub fn with_parent(self, parent: Option<ForkId>) -> Self {
+        BootstrapRequest {
+            parent: parent.map(|p| p.text()),
+            ..self
+        }
+    }
+
+    /// This request with the caller's floors: the fork starts at or above them.
+    #[must_use]
+    pub fn with_floors(self, vid_floor: u64, eid_floor: u64) -> Self {
+        BootstrapRequest {
+            vid_floor,
+            eid_floor,
+            ..self
+        }
+    }
 }
 
 /// What the daemon knows of one fork.

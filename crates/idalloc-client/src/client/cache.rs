@@ -65,7 +65,13 @@ use crate::namespace::Kind;
 use crate::protocol::IdRange;
 
 /// Batch sizing of an [`Allocator`](super::Allocator). `Default` gives the values
-/// documented on each field.
+/// documented on each field; the `with_*` setters change one each:
+///
+/// ```
+/// # use idalloc_client::AllocatorConfig;
+/// let config = AllocatorConfig::default().with_initial_batch(10_000);
+/// assert_eq!(config.initial_batch, 10_000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct AllocatorConfig {
     /// The first range size requested. Default 1000 (the reference allocator's batch).
@@ -96,6 +102,42 @@ impl Default for AllocatorConfig {
 }
 
 impl AllocatorConfig {
+    /// This configuration with [`initial_batch`](Self::initial_batch) set.
+    #[must_use]
+    pub fn with_initial_batch(self, initial_batch: u64) -> Self {
+        AllocatorConfig {
+            initial_batch,
+            ..self
+        }
+    }
+
+    /// This configuration with [`min_batch`](Self::min_batch) set.
+    #[must_use]
+    pub fn with_min_batch(self, min_batch: u64) -> Self {
+        AllocatorConfig { min_batch, ..self }
+    }
+
+    /// This configuration with [`max_batch`](Self::max_batch) set.
+    #[must_use]
+    pub fn with_max_batch(self, max_batch: u64) -> Self {
+        AllocatorConfig { max_batch, ..self }
+    }
+
+    /// This configuration with [`grow_below`](Self::grow_below) set.
+    #[must_use]
+    pub fn with_grow_below(self, grow_below: Duration) -> Self {
+        AllocatorConfig { grow_below, ..self }
+    }
+
+    /// This configuration with [`shrink_above`](Self::shrink_above) set.
+    #[must_use]
+    pub fn with_shrink_above(self, shrink_above: Duration) -> Self {
+        AllocatorConfig {
+            shrink_above,
+            ..self
+        }
+    }
+
     fn clamp(&self, batch: u64) -> u64 {
         let min = self.min_batch.max(1);
         batch.clamp(min, self.max_batch.max(min))

@@ -12,13 +12,15 @@
 //! - [`ClientError`] (`error`): the daemon's typed [`ServiceError`](crate::ServiceError)
 //!   or the client's own failure.
 //!
-//! This module builds without the `server` feature: writers depend on it alone.
+//! Forks are named by a [`ForkId`] (`allocator_for`, `reserve_for`, `hwm_for`,
+//! `checkpoint_for`) or by its text (`allocator`, `reserve`, `hwm`, `checkpoint`,
+//! which the daemon parses); `None` is the primary in both.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), idalloc::client::ClientError> {
-//! use idalloc::client::Client;
+//! # async fn demo() -> Result<(), idalloc_client::client::ClientError> {
+//! use idalloc_client::client::Client;
 //! let client = Client::connect("unix:/run/idallocd/idallocd.sock").await?;
-//! let ids = client.allocator(None);
+//! let ids = client.allocator_for(None);
 //! let v = ids.allocate_vid().await?;
 //! let edges = ids.allocate_eids(100).await?;
 //! # let _ = (v, edges); Ok(()) }
@@ -41,6 +43,7 @@ pub use error::ClientError;
 pub use source::{ClientSource, LocalSource, RangeSource};
 
 use crate::endpoint::Endpoint;
+use crate::fork_id::ForkId;
 
 /// File name of the daemon's unix socket inside its runtime (or data) directory.
 pub const SOCKET_FILE_NAME: &str = "idallocd.sock";
@@ -58,6 +61,19 @@ impl Client {
     /// [`Client::allocator`] with explicit batch sizing.
     pub fn allocator_with(&self, fork: Option<&str>, config: AllocatorConfig) -> Allocator {
         let source = ClientSource::new(self.clone(), fork.map(str::to_owned));
+        Allocator::new(Arc::new(source), config)
+    }
+
+    /// An [`Allocator`] for the primary (`None`) or the fork `Some(id)`, with the
+    /// default [`AllocatorConfig`]. The fork is named on the wire in the text form
+    /// `id` was written in. Call inside a Tokio runtime.
+    pub fn allocator_for(&self, fork: Option<ForkId>) -> Allocator {
+        self.allocator_for_with(fork, AllocatorConfig::default())
+    }
+
+    /// [`Client::allocator_for`] with explicit batch sizing.
+    pub fn allocator_for_with(&self, fork: Option<ForkId>, config: AllocatorConfig) -> Allocator {
+        let source = ClientSource::for_fork(self.clone(), fork);
         Allocator::new(Arc::new(source), config)
     }
 }
