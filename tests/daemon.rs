@@ -691,3 +691,78 @@ fn sighup_reloads_the_log_filter_and_never_stops_the_daemon() {
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(20).success(), "{}", d.stderr());
 }
+
+/// Roles on the unix socket, from the peer's credentials: a writer allocates but
+/// may not give ids back, drop a fork or repair; an unlisted user is refused at
+/// connect; root is an admin. (The tests run as root, so they can drop to other
+/// uids for a client.)
+#[test]
+fn unix_peers_get_the_role_their_uid_maps_to() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "socket_mode = \"0666\"\n[access]\nwriter_uids = [\"1001\"]\n",
+            ..Opts::default()
+        },
+    );
+    let endpoint = format!("unix:{}", d.socket.display());
+    let ctl = |uid: Option<u32>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+        cmd.args(["--endpoint", &endpoint, "--timeout", "3s"])
+            .args(args);
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let fork = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
+    let (ok, _, err) = ctl(Some(1001), &["alloc", "vid", "--count", "5"]);
+    assert!(ok, "a writer allocates: {err}");
+    let (ok, _, err) = ctl(Some(1001), &["fork", "bootstrap", fork]);
+    assert!(ok, "a writer bootstraps: {err}");
+    for args in [
+        &["fork", "drop", fork][..],
+        &["checkpoint"][..],
+        &["repair", "--vid-floor", "1", "--eid-floor", "1"][..],
+    ] {
+        let (ok, _, err) = ctl(Some(1001), args);
+        assert!(!ok, "a writer ran {args:?}");
+        assert!(
+            err.contains("permission denied")
+                && err.contains("needs the admin role")
+                && err.contains("uid 1001"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        d.stderr().contains("permission denied"),
+        "logged with the peer"
+    );
+    // The fork was not dropped by the refused call.
+    let (ok, _, err) = ctl(None, &["alloc", "vid", "--fork", fork]);
+    assert!(ok, "{err}");
+    // Not in any list: refused at connect.
+    let (ok, _, err) = ctl(Some(1002), &["hwm"]);
+    assert!(!ok, "an unlisted uid was served");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        d.stderr()
+            .contains("connection refused: the peer has no role"),
+        "{}",
+        d.stderr()
+    );
+    // Root is an admin.
+    let (ok, _, err) = ctl(None, &["fork", "drop", fork]);
+    assert!(ok, "{err}");
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(20).success());
+}

@@ -75,6 +75,76 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Who may do what (roles).
+    pub access: AccessConfig,
+}
+
+/// `[access]`: the writer and admin roles of unix-socket peers (by uid or group,
+/// names or numbers), and the role of plain TCP connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Admins besides root and the daemon's own user.
+    pub admin_uids: Vec<String>,
+    /// Groups whose members are admins.
+    pub admin_groups: Vec<String>,
+    /// Writers.
+    pub writer_uids: Vec<String>,
+    /// Groups whose members are writers. Default: the daemon's own group, which
+    /// owns the socket it creates (set `SocketGroup=` and list it here under
+    /// socket activation).
+    pub writer_groups: Vec<String>,
+    /// Role of plain (loopback) TCP connections, which carry no identity:
+    /// `"admin"` (default) or `"writer"`.
+    pub tcp_role: String,
+}
+
+impl AccessConfig {
+    fn resolve(&self) -> Result<super::access::AccessPolicy, ConfigError> {
+        use super::access::{own_gid, resolve_group, resolve_user, Role};
+        let users = |key: &'static str, v: &[String]| {
+            v.iter()
+                .map(|u| resolve_user(u).map_err(|e| invalid(key, e)))
+                .collect::<Result<std::collections::BTreeSet<u32>, _>>()
+        };
+        let groups = |key: &'static str, v: &[String]| {
+            v.iter()
+                .map(|g| resolve_group(g).map_err(|e| invalid(key, e)))
+                .collect::<Result<std::collections::BTreeSet<u32>, _>>()
+        };
+        let mut writer_gids = groups("access.writer_groups", &self.writer_groups)?;
+        if self.writer_groups.is_empty() {
+            writer_gids.insert(own_gid());
+        }
+        Ok(super::access::AccessPolicy {
+            admin_uids: users("access.admin_uids", &self.admin_uids)?,
+            admin_gids: groups("access.admin_groups", &self.admin_groups)?,
+            writer_uids: users("access.writer_uids", &self.writer_uids)?,
+            writer_gids,
+            tcp_role: match self.tcp_role.as_str() {
+                "admin" => Role::Admin,
+                "writer" => Role::Writer,
+                other => {
+                    return Err(invalid(
+                        "access.tcp_role",
+                        format!("{other:?} is not \"admin\" or \"writer\""),
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            admin_uids: vec![],
+            admin_groups: vec![],
+            writer_uids: vec![],
+            writer_groups: vec![],
+            tcp_role: "admin".into(),
+        }
+    }
 }
 
 /// `[allocation]`.
@@ -163,6 +233,7 @@ impl Default for Config {
             object_store: ObjectStoreConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -308,6 +379,8 @@ pub struct Settings {
     pub log_level: String,
     /// Log rendering.
     pub log_format: LogFormat,
+    /// Roles.
+    pub access: super::access::AccessPolicy,
 }
 
 impl Config {
@@ -455,7 +528,9 @@ impl Config {
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             )
         })?;
+        let access = self.access.resolve()?;
         Ok(Settings {
+            access,
             data_dir,
             listen,
             socket_mode,

@@ -254,6 +254,7 @@ pub fn outcome<T>(r: &Result<T, crate::error::ServiceError>) -> &'static str {
         Err(E::Unavailable { .. }) => "unavailable",
         Err(E::ShuttingDown) => "shutting_down",
         Err(E::BrokenManifest(_)) => "broken_manifest",
+        Err(E::PermissionDenied(_)) => "permission_denied",
         Err(_) => "internal",
     }
 }

@@ -12,6 +12,7 @@
 //!    requests in flight be answered (bounded by `shutdown_timeout`), then
 //!    `Engine::shutdown` (checkpoint, lower manifests, mark clean), STOPPING=1.
 
+pub mod access;
 pub mod busy_poll;
 pub mod config;
 pub mod connection;
@@ -110,7 +111,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let connections = TaskTracker::new();
     let mut acceptors = JoinSet::new();
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
+    let access = Arc::new(settings.access.clone());
     for listener in listeners {
+        let access = access.clone();
         let (service, busy, close_reads, force_close, connections) = (
             service.clone(),
             busy.clone(),
@@ -123,8 +126,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             conn_limit.clone(),
             stop_accepting.clone(),
             move |conn, permit| {
+                let peer = match &conn {
+                    tokio_util::either::Either::Left(unix) => match access.unix_peer(unix) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            tracing::warn!(reason = %why, "connection refused: the peer has no role");
+                            return;
+                        }
+                    },
+                    tokio_util::either::Either::Right(tcp) => access::Peer {
+                        name: tcp
+                            .peer_addr()
+                            .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
+                        role: access.tcp_role,
+                    },
+                };
                 let (service, busy, close_reads, force_close) = (
-                    service.clone(),
+                    service.with_peer(peer),
                     busy.clone(),
                     close_reads.clone(),
                     force_close.clone(),

@@ -25,12 +25,27 @@ pub const MAX_PAGE: u32 = 1000;
 #[derive(Clone)]
 pub struct Service {
     engine: Arc<Engine>,
+    peer: Arc<super::access::Peer>,
 }
 
 impl Service {
-    /// Serve `engine`.
+    /// Serve `engine` to an in-process caller (admin).
     pub fn new(engine: Arc<Engine>) -> Self {
-        Service { engine }
+        Service {
+            engine,
+            peer: Arc::new(super::access::Peer {
+                name: "in-process".into(),
+                role: super::access::Role::Admin,
+            }),
+        }
+    }
+
+    /// The same service for one connection's peer (its role decides what it may do).
+    pub fn with_peer(&self, peer: super::access::Peer) -> Self {
+        Service {
+            engine: self.engine.clone(),
+            peer: Arc::new(peer),
+        }
     }
 }
 
@@ -147,6 +162,7 @@ impl IdAlloc for Service {
 
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
         observed("drop_fork", async move {
+            self.peer.require_admin("fork drop")?;
             let fork = fork_id(&fork, "fork")?;
             self.engine.drop_fork(fork).await
         })
@@ -155,6 +171,7 @@ impl IdAlloc for Service {
 
     async fn checkpoint(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
         observed("checkpoint", async move {
+            self.peer.require_admin("checkpoint")?;
             let ns = namespace(fork.as_deref())?;
             self.engine.checkpoint(ns).await
         })
@@ -167,6 +184,7 @@ impl IdAlloc for Service {
 
     async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
         observed("repair", async move {
+            self.peer.require_admin("repair")?;
             let ns = namespace(req.fork.as_deref())?;
             self.engine.repair(ns, req.vid_floor, req.eid_floor).await
         })

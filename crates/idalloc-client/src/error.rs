@@ -44,6 +44,10 @@ pub enum ServiceError {
     /// floor. Other namespaces keep serving. Nothing is guessed.
     #[error("{0}")]
     BrokenManifest(String),
+    /// This connection's role may not do this (`checkpoint`, `fork drop` and
+    /// `repair` need the admin role). Nothing was changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl ServiceError {
