@@ -391,7 +391,7 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
 }
 
 /// Whether log lines are coloured: `auto` colours a terminal, unless the journal
-/// takes stderr or a non-empty `NO_COLOR` is set (https://no-color.org).
+/// takes stderr or a non-empty `NO_COLOR` is set (<https://no-color.org>).
 fn colour(
     format: LogFormat,
     terminal: bool,

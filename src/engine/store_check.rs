@@ -145,7 +145,8 @@ pub async fn check(
             {
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => {
-                    out.create_once = Some(read(&store, &a).await.as_deref() == Some(&b"first"[..]))
+                    // A read that fails leaves it unknown; other bytes are a verdict.
+                    out.create_once = read(&store, &a).await.map(|b| b == b"first")
                 }
                 Ok(_) => out.create_once = Some(false),
                 Err(e) => note(&mut out, format!("second create: {e}")),
@@ -178,8 +179,7 @@ pub async fn check(
                     .await
                 {
                     Err(object_store::Error::Precondition { .. }) => {
-                        out.stale_update_refused =
-                            Some(read(&store, &b).await.as_deref() == Some(&b"v2"[..]))
+                        out.stale_update_refused = read(&store, &b).await.map(|b| b == b"v2")
                     }
                     Ok(_) => out.stale_update_refused = Some(false),
                     Err(e) => note(&mut out, format!("stale update: {e}")),
@@ -239,10 +239,11 @@ pub async fn check(
             }
             1 => {
                 let (body, v) = winners.pop().expect("one winner");
-                if read(&store, &c).await.as_deref() == Some(body.as_bytes()) {
-                    out.rounds_with_one_winner += 1;
-                } else {
-                    out.rounds_with_several_winners += 1;
+                match read(&store, &c).await {
+                    Some(held) if held == body.as_bytes() => out.rounds_with_one_winner += 1,
+                    // Someone else's bytes: another writer won too, unannounced.
+                    Some(_) => out.rounds_with_several_winners += 1,
+                    None => out.rounds_with_no_winner += 1,
                 }
                 current = Some(v);
             }

@@ -52,7 +52,9 @@ impl Env {
             unavailable_cooldown: Duration::from_millis(200),
             boot_id_path: self.boot_file(),
             sled_cache_bytes: 1 << 20,
-            store_startup_check: true,
+            // The start-up probe makes store calls of its own, which would eat the
+            // faults these tests inject; tests/store_check.rs attacks the probe.
+            store_startup_check: false,
         }
     }
 }
