@@ -766,3 +766,97 @@ fn unix_peers_get_the_role_their_uid_maps_to() {
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(20).success());
 }
+
+/// What `idallocd.socket` (no `PartOf=`) gives writers: systemd keeps holding the
+/// listening socket while the service restarts. Here the test plays systemd: it
+/// binds the socket once and starts each life of the daemon on it as fd 3 with
+/// `LISTEN_FDS`/`LISTEN_PID` (what systemd-socket-activate does, but for several
+/// lives). A writer keeps connecting throughout: no connection is ever refused,
+/// requests sent during the restart wait in the backlog and are answered by the
+/// next life, and every range is disjoint.
+#[test]
+fn writers_keep_connecting_while_a_socket_activated_daemon_restarts() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("held.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let start = |life: usize| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --data-dir \"$1\"")
+            .arg(BIN)
+            .arg(dir.path().join("data"))
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(std::fs::File::create(dir.path().join(format!("life-{life}.log"))).unwrap());
+        // SAFETY: dup2(2) only, between fork and exec; the new fd 3 is inheritable.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd != 3 && libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Inheritable across exec (dup2 onto itself would keep CLOEXEC).
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut first = start(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (socket, stop) = (socket.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut got = Vec::new();
+            let mut refused = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // A new connection per request: each one must be accepted (by the
+                // kernel's backlog if no daemon is running right now).
+                match unix_client(&socket).await {
+                    Ok(c) => {
+                        let mut ctx = ctx();
+                        ctx.deadline = std::time::Instant::now() + Duration::from_secs(20);
+                        if let Ok(Ok(r)) = c.reserve(ctx, None, Kind::Vid, 3).await {
+                            got.push((std::time::Instant::now(), r));
+                        }
+                    }
+                    Err(_) => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (got, refused)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let st = first.wait().unwrap();
+    let log = |life: usize| {
+        std::fs::read_to_string(dir.path().join(format!("life-{life}.log"))).unwrap_or_default()
+    };
+    assert!(st.success(), "life 1 ended {st}:\n{}", log(1));
+    let restarted = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = start(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (got, refused) = rt.block_on(writer).unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let st = second.wait().unwrap();
+    assert!(st.success(), "life 2 ended {st}:\n{}", log(2));
+    assert_eq!(refused, 0, "connections were refused during the restart");
+    let after = got.iter().filter(|(t, _)| *t > restarted).count();
+    assert!(
+        after > 0 && got.len() > after,
+        "both lives served: {} then {after}",
+        got.len() - after
+    );
+    let mut ranges: Vec<IdRange> = got.iter().map(|(_, r)| *r).collect();
+    assert_disjoint(&mut ranges);
+    drop(listener);
+}
