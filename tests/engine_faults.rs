@@ -289,3 +289,36 @@ async fn trusted_local_state_starts_without_the_store_but_serves_only_once_verif
     let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
     assert_eq!(r.start, last.end, "dense after a clean stop");
 }
+
+/// `status` is what an operator runs when the store is in trouble: it must not
+/// hang on it, and must not report a namespace it could not verify.
+#[tokio::test]
+async fn status_answers_within_its_budget_on_a_stalled_store_without_unverified_numbers() {
+    let env = Env::new();
+    let (_inner, ctl, h) = faulty();
+    let e = open(env.config("a", 100), &h).await.unwrap();
+    let f = ForkId::generate();
+    e.bootstrap_fork(f, None, 0, 0).await.unwrap();
+    e.reserve(Namespace::Fork(f), Kind::Vid, 5).await.unwrap();
+    crash(e).await;
+    let e = open(env.config("a", 100), &h).await.unwrap();
+    // Before the background verification of the fork gets to run.
+    ctl.set(Op::Get, Some(Fault::Stall(Duration::from_secs(30))));
+    let t = std::time::Instant::now();
+    let st = e.status().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "status took {:?}",
+        t.elapsed()
+    );
+    let fork = &st.namespaces[1];
+    assert!(fork.error.is_some() && fork.counters.is_empty(), "{fork:?}");
+    let t = std::time::Instant::now();
+    let page = e.list_forks(None, 10).await;
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        page.forks[0].error.is_some() && page.forks[0].next_vid == 0,
+        "{page:?}"
+    );
+    ctl.clear();
+}

@@ -138,6 +138,10 @@ pub struct Engine {
     me: Weak<Engine>,
 }
 
+/// How long `status` and `fork list` wait for namespaces to be verified before
+/// they report the rest as not verified yet (never their unverified numbers).
+const REPORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The warning for a mirror inside the data directory (the embedded default).
 pub fn shared_disk_warning(url: &str) -> String {
     format!(
@@ -302,11 +306,12 @@ impl Engine {
             .collect();
         let more = entries.len() > limit.max(1);
         entries.truncate(limit.max(1));
+        let deadline = tokio::time::Instant::now() + REPORT_BUDGET;
         let page: Vec<ForkInfo> = futures::stream::iter(entries)
             .map(|e| async move {
-                match self.ensure_verified(&e).await {
+                match self.verified_within(&e, deadline).await {
                     Ok(()) => e.info(false),
-                    Err(err) => e.unverified_info(err.to_string()),
+                    Err(err) => e.unverified_info(err),
                 }
             })
             .buffered(16)
@@ -328,15 +333,29 @@ impl Engine {
     pub async fn status(&self) -> Status {
         let mut shown: Vec<Arc<NsEntry>> = vec![self.primary.clone()];
         shown.extend(self.forks.read().unwrap().values().take(100).cloned());
+        let deadline = tokio::time::Instant::now() + REPORT_BUDGET;
         let namespaces = futures::stream::iter(shown)
             .map(|e| async move {
-                let res = self.ensure_verified(&e).await;
-                e.status(res.err().map(|err| err.to_string()))
+                let res = self.verified_within(&e, deadline).await;
+                e.status(res.err())
             })
             .buffered(16)
             .collect()
             .await;
         self.status_with(namespaces)
+    }
+
+    /// Verify `e` unless `deadline` passes first (a report must not hang on a
+    /// store that is down); the error says which.
+    async fn verified_within(
+        &self,
+        e: &Arc<NsEntry>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        match tokio::time::timeout_at(deadline, self.ensure_verified(e)).await {
+            Ok(res) => res.map_err(|err| err.to_string()),
+            Err(_) => Err("not verified against the object store yet (it is slow or unreachable; see mirror health)".into()),
+        }
     }
 
     /// [`Engine::status`] without verifying anything, for metrics: namespaces not
