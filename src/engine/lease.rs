@@ -217,8 +217,8 @@ impl Engine {
         });
     }
 
-    /// Release the unused part of the lease of `ns` and lower its manifest to what
-    /// was granted, where the conditional write proves nobody else moved it.
+    /// Give back the unused part of the leases of `ns` where rule 9 allows (only
+    /// never-granted ids of its own leases), by a conditional write on the version read.
     pub async fn checkpoint(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
         let entry = self.entry(ns).await?;
         self.ensure_verified(&entry).await?;

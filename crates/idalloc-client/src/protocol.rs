@@ -262,7 +262,8 @@ pub trait IdAlloc {
     async fn list_forks(after: Option<String>, limit: u32) -> Result<ForkPage, ServiceError>;
     /// Drop a fork: a tombstone; its ids are never handed out again.
     async fn drop_fork(fork: String) -> Result<ForkInfo, ServiceError>;
-    /// Release the unused part of the lease, lowering the manifest to what was granted.
+    /// Give back the unused part of this daemon's own leases (DESIGN rule 9: only
+    /// ids in its own leases that were never granted; admin role).
     async fn checkpoint(fork: Option<String>) -> Result<Hwm, ServiceError>;
     /// Version, mode, mirror health and per-namespace counters.
     async fn status() -> Result<Status, ServiceError>;

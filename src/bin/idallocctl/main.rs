@@ -108,7 +108,7 @@ enum Command {
     /// Create, list and drop forks
     #[command(subcommand)]
     Fork(ForkCommand),
-    /// Release the unused part of the daemon's lease (the manifest drops to what was granted)
+    /// Give back the unused part of this daemon's own lease (admin; never another daemon's ids)
     Checkpoint {
         /// The fork [default: the primary]
         #[arg(long, value_name = "ID")]

@@ -398,8 +398,8 @@ impl Client {
         }))
     }
 
-    /// Release the unused part of the daemon's lease for a namespace (lowers the
-    /// manifest to what was granted). Ranges already handed out stay valid.
+    /// Give back the unused part of the daemon's own leases for a namespace (only
+    /// never-granted ids of its own; admin role). Ranges handed out stay valid.
     pub async fn checkpoint(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
         let fork = fork.map(str::to_owned);
         self.call(|c, ctx| {
