@@ -131,6 +131,9 @@ impl Counter {
     /// Give back every id at or above `point` (from [`Counter::give_back_point`]).
     pub fn release_from(&mut self, point: u64) {
         debug_assert!(point >= self.granted);
+        // A point inside the parked lease would keep that lease while the ceiling
+        // drops below its end: only `give_back_point`'s points are valid.
+        debug_assert!(self.next.is_none_or(|(s, e)| point <= s || point >= e));
         if let Some((s, _)) = self.next {
             if point <= s {
                 self.next = None;
