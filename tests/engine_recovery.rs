@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use idalloc::engine::StoreHandle;
 use idalloc::protocol::IdRange;
 use idalloc::{Kind, Namespace};
-
-fn copy_dir(from: &Path, to: &Path) {
-    if to.exists() {
-        std::fs::remove_dir_all(to).unwrap();
-    }
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_wiped_data_directory_resumes_above_the_ceiling_within_one_lease() {

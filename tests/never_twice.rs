@@ -4,30 +4,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use idalloc::engine::{OpenError, StoreHandle};
 use idalloc::protocol::IdRange;
 use idalloc::{ForkId, Kind, Namespace, ServiceError};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-
-fn copy_dir(from: &Path, to: &Path) {
-    if to.exists() {
-        std::fs::remove_dir_all(to).unwrap();
-    }
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 async fn put(store: &std::sync::Arc<dyn ObjectStore>, path: &str, body: &'static [u8]) {
     store

@@ -119,3 +119,21 @@ pub async fn ceilings(store: &Arc<dyn ObjectStore>, path: &str) -> Option<(u64, 
         v["next_eid_batch"].as_u64().unwrap(),
     ))
 }
+
+/// Replace `to` with a copy of the tree at `from` (a data directory rolled back
+/// to an older state, as a power cut or a restored snapshot leaves it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    if to.exists() {
+        std::fs::remove_dir_all(to).unwrap();
+    }
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
