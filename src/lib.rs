@@ -21,7 +21,7 @@
 
 #![warn(missing_docs)]
 
-pub use idalloc_client::{client, endpoint, error, fork_id, namespace, protocol};
+pub use idalloc_client::{client, endpoint, error, fork_id, namespace, protocol, tls};
 
 #[cfg(feature = "server")]
 pub mod engine;
@@ -36,3 +36,4 @@ pub use error::ServiceError;
 pub use fork_id::{ForkId, IdForm};
 pub use namespace::{Kind, Namespace};
 pub use protocol::IdRange;
+pub use tls::TlsFiles;

@@ -172,7 +172,10 @@ fn bad_listen_flag_is_rejected_by_the_parser() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, _, err) = run_to_end(&["--listen", "http://x"], dir.path());
     assert!(!ok);
-    assert!(err.contains("expected unix:PATH or tcp:HOST:PORT"), "{err}");
+    assert!(
+        err.contains("expected unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"),
+        "{err}"
+    );
 }
 
 #[test]

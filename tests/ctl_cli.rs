@@ -127,7 +127,10 @@ async fn errors_are_one_line_with_a_hint() {
     assert!(err.contains("--help"), "{err}");
     let out = ctl(Some("http://x"), &["hwm"]).await;
     let err = one_line_error(&out);
-    assert!(err.contains("unix:PATH or tcp:HOST:PORT"), "{err}");
+    assert!(
+        err.contains("unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"),
+        "{err}"
+    );
     assert_eq!(
         out.status.code(),
         Some(2),

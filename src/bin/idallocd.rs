@@ -34,7 +34,8 @@ Examples:
 Flags override the config file. SIGTERM or SIGINT stops it gracefully (requests in
 flight are answered, unused leases of its own given back); a second signal exits at
 once. SIGHUP (systemctl reload) re-reads the config file: the [log] level is applied
-at once, other changes are logged as needing a restart. The documented config with every key and default is config/idallocd.toml.";
+at once and the [tls] certificate, key and client CA files are read again; other
+changes are logged as needing a restart. The documented config with every key and default is config/idallocd.toml.";
 
 #[derive(Parser, Debug)]
 #[command(name = "idallocd", version, about = "The idalloc id allocation daemon", long_about = LONG_ABOUT)]
@@ -46,7 +47,7 @@ struct Cli {
     /// Directory of the local state; overrides `data_dir`.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Endpoint to serve on, `unix:PATH` or `tcp:HOST:PORT`; repeat for several.
+    /// Endpoint to serve on, `unix:PATH`, `tcp:HOST:PORT` (loopback) or `tls:HOST:PORT` (needs [tls]); repeat for several.
     /// Overrides `listen`.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<Endpoint>,
@@ -222,7 +223,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         watch_signals(shutdown.clone())?;
-        watch_reload(cli, config, log)?;
+        watch_reload(cli, config, log, settings.tls.clone())?;
         server::run(settings, shutdown).await?;
         Ok(())
     })
@@ -247,10 +248,16 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 /// SIGHUP (`systemctl reload`): read the config again; apply what can change
-/// safely while running (the log filter), and say which other changes need a
-/// restart. A config that does not load is logged and the running one kept.
-/// SIGHUP never stops the daemon.
-fn watch_reload(cli: Cli, mut running: Config, log: LogReload) -> anyhow::Result<()> {
+/// safely while running (the log filter; the TLS certificate, key and client CA
+/// files are re-read), and say which other changes need a restart. A config or
+/// certificate that does not load is logged and the running one kept. SIGHUP
+/// never stops the daemon.
+fn watch_reload(
+    cli: Cli,
+    mut running: Config,
+    log: LogReload,
+    tls: Option<std::sync::Arc<idalloc::server::tls::TlsServer>>,
+) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
@@ -264,6 +271,12 @@ fn watch_reload(cli: Cli, mut running: Config, log: LogReload) -> anyhow::Result
             if let Err(e) = fresh.resolve(&Environment::from_process()) {
                 tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
                 continue;
+            }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
+                }
             }
             if fresh.log.level != running.log.level {
                 match log.set_level(&fresh.log.level) {

@@ -38,12 +38,14 @@ pub struct Config {
     /// Directory of the local (sled) state. Default: `$STATE_DIRECTORY` if set, else
     /// `./idallocd-data`.
     pub data_dir: Option<PathBuf>,
-    /// Endpoints to serve on (`unix:PATH`, `tcp:HOST:PORT`). Default: the unix socket
+    /// Endpoints to serve on (`unix:PATH`, `tcp:HOST:PORT` on loopback, `tls:HOST:PORT`). Default: the unix socket
     /// `idallocd.sock` in `$RUNTIME_DIRECTORY` if set, else in the data directory.
     pub listen: Option<Vec<String>>,
     /// Permission bits of unix sockets the daemon creates, in octal. Default `"0660"`.
     pub socket_mode: String,
-    /// Allow TCP listeners on non-loopback addresses (TCP is unauthenticated).
+    /// Allow listeners on non-loopback addresses. Only `tls:` listeners may use
+    /// it: `true` without a `[tls]` section is refused, and plain `tcp:` stays on
+    /// loopback whatever this says.
     pub allow_remote: bool,
     /// Most client connections served at once; further clients wait in the backlog.
     pub max_connections: usize,
@@ -77,6 +79,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Who may do what (roles).
     pub access: AccessConfig,
+    /// TLS listeners: certificate, key, client CA, certificate names to roles.
+    pub tls: Option<super::tls::TlsConfig>,
 }
 
 /// `[access]`: the writer and admin roles of unix-socket peers (by uid or group,
@@ -234,6 +238,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             access: AccessConfig::default(),
+            tls: None,
         }
     }
 }
@@ -297,6 +302,9 @@ pub enum ConfigError {
         /// The parser's message.
         message: String,
     },
+    /// A `[tls]` file or value cannot be used (the message names the key).
+    #[error("config {0}")]
+    Tls(String),
     /// A value has the right type but is not acceptable.
     #[error("config key `{key}`: {reason}")]
     Invalid {
@@ -381,6 +389,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Roles.
     pub access: super::access::AccessPolicy,
+    /// TLS listeners' certificates and role mapping, when `[tls]` is set.
+    pub tls: Option<std::sync::Arc<super::tls::TlsServer>>,
 }
 
 impl Config {
@@ -420,12 +430,10 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         };
         let listen = match &self.listen {
-            Some(list) if list.is_empty() => {
-                return Err(invalid(
-                    "listen",
-                    "is empty: give at least one endpoint (unix:PATH or tcp:HOST:PORT)",
-                ))
-            }
+            Some(list) if list.is_empty() => return Err(invalid(
+                "listen",
+                "is empty: give at least one endpoint (unix:PATH, tcp:HOST:PORT or tls:HOST:PORT)",
+            )),
             Some(list) => list
                 .iter()
                 .map(|s| {
@@ -529,7 +537,28 @@ impl Config {
             )
         })?;
         let access = self.access.resolve()?;
+        let tls = match &self.tls {
+            Some(t) => Some(std::sync::Arc::new(
+                super::tls::TlsServer::load(t).map_err(ConfigError::Tls)?,
+            )),
+            None => None,
+        };
+        if tls.is_none() {
+            if let Some(e) = listen.iter().find(|e| matches!(e, Endpoint::Tls(_))) {
+                return Err(invalid(
+                    "listen",
+                    format!("{e} needs a [tls] section (cert, key, client_ca)"),
+                ));
+            }
+            if self.allow_remote {
+                return Err(invalid(
+                    "allow_remote",
+                    "true needs TLS: plain TCP is unauthenticated, so other hosts may only connect to tls:HOST:PORT listeners with a [tls] section (cert, key, client_ca)",
+                ));
+            }
+        }
         Ok(Settings {
+            tls,
             access,
             data_dir,
             listen,

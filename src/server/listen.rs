@@ -6,8 +6,9 @@
 //! - a unix socket path with a live daemon behind it is never taken over (two daemons
 //!   answering on one path would split clients); a stale file left by a crash is;
 //! - a path that is not a socket is never deleted;
-//! - TCP has no authentication, so only loopback addresses are accepted unless the
-//!   operator opts in with `allow_remote = true`.
+//! - plain TCP (`tcp:`) has no authentication, so it is served on loopback
+//!   addresses only, whatever the config says; a non-loopback address needs TLS
+//!   with client certificates (`tls:`, see [`super::tls`]) *and* `allow_remote = true`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,13 +20,22 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::Endpoint;
 
-/// One accepted connection, of either family.
-pub type Conn = Either<UnixStream, TcpStream>;
+/// One accepted connection, before any TLS handshake.
+pub enum Conn {
+    /// From a unix socket (the peer is known by `SO_PEERCRED`).
+    Unix(UnixStream),
+    /// Plain TCP (loopback only).
+    Tcp(TcpStream),
+    /// TCP on a TLS listener: the handshake is still to be made.
+    Tls(TcpStream),
+}
+
+/// The name systemd socket units give a TLS socket (`FileDescriptorName=tls`).
+pub const ACTIVATED_TLS_NAME: &str = "tls";
 
 /// Why a listener could not be set up. Each message says which endpoint and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +43,17 @@ pub enum ListenError {
     /// A daemon already answers on this unix socket.
     #[error("another idallocd is serving on {0}: stop it first or configure another socket path")]
     InUse(String),
-    /// A non-loopback TCP address without `allow_remote`.
-    #[error("refusing to listen on {endpoint}: {addr} is not a loopback address and TCP is unauthenticated; use a unix socket, a loopback address, or set allow_remote = true")]
+    /// A non-loopback address for plain TCP, which is never allowed.
+    #[error("refusing to listen on {endpoint}: {addr} is not a loopback address and plain TCP is unauthenticated; use a unix socket, a loopback address, or tls:HOST:PORT with a [tls] section and allow_remote = true")]
     NotLoopback {
+        /// The endpoint as configured.
+        endpoint: String,
+        /// The offending resolved address.
+        addr: SocketAddr,
+    },
+    /// A non-loopback TLS address without `allow_remote`.
+    #[error("refusing to listen on {endpoint}: {addr} is not a loopback address; set allow_remote = true to serve TLS clients on other hosts")]
+    RemoteNotAllowed {
         /// The endpoint as configured.
         endpoint: String,
         /// The offending resolved address.
@@ -69,8 +87,13 @@ pub enum Listener {
         /// `(dev, ino)` of the socket file this process created.
         owned: Option<(u64, u64)>,
     },
-    /// A TCP socket.
-    Tcp(TcpListener),
+    /// A TCP socket; `tls` when its connections start with a TLS handshake.
+    Tcp {
+        /// The socket.
+        listener: TcpListener,
+        /// Whether it is a `tls:` listener.
+        tls: bool,
+    },
 }
 
 impl Listener {
@@ -78,24 +101,25 @@ impl Listener {
     pub fn describe(&self) -> String {
         match self {
             Listener::Unix { path, .. } => Endpoint::Unix(path.clone()).to_string(),
-            Listener::Tcp(l) => match l.local_addr() {
-                Ok(a) => format!("tcp:{a}"),
-                Err(_) => "tcp:<unknown>".into(),
-            },
+            Listener::Tcp { listener, tls } => {
+                let scheme = if *tls { "tls" } else { "tcp" };
+                match listener.local_addr() {
+                    Ok(a) => format!("{scheme}:{a}"),
+                    Err(_) => format!("{scheme}:<unknown>"),
+                }
+            }
         }
     }
 
     /// Accept one connection.
     pub async fn accept(&self) -> io::Result<Conn> {
         match self {
-            Listener::Unix { listener, .. } => {
-                listener.accept().await.map(|(s, _)| Either::Left(s))
-            }
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
+            Listener::Unix { listener, .. } => listener.accept().await.map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp { listener, tls } => {
+                let (s, _) = listener.accept().await?;
                 // Replies are small and latency-bound: do not let Nagle hold them back.
                 s.set_nodelay(true)?;
-                Ok(Either::Right(s))
+                Ok(if *tls { Conn::Tls(s) } else { Conn::Tcp(s) })
             }
         }
     }
@@ -125,7 +149,7 @@ impl Drop for Listener {
 pub struct BindOptions {
     /// Mode bits of created unix sockets.
     pub socket_mode: u32,
-    /// Whether non-loopback TCP addresses are allowed.
+    /// Whether non-loopback addresses are allowed (for TLS listeners only).
     pub allow_remote: bool,
 }
 
@@ -133,7 +157,8 @@ pub struct BindOptions {
 pub async fn bind(endpoint: &Endpoint, opts: BindOptions) -> Result<Listener, ListenError> {
     match endpoint {
         Endpoint::Unix(path) => bind_unix(path, opts.socket_mode),
-        Endpoint::Tcp(hp) => bind_tcp(hp, opts.allow_remote).await,
+        Endpoint::Tcp(hp) => bind_tcp(hp, opts.allow_remote, false).await,
+        Endpoint::Tls(hp) => bind_tcp(hp, opts.allow_remote, true).await,
     }
 }
 
@@ -171,8 +196,8 @@ fn bind_unix(path: &Path, mode: u32) -> Result<Listener, ListenError> {
     })
 }
 
-async fn bind_tcp(host_port: &str, allow_remote: bool) -> Result<Listener, ListenError> {
-    let endpoint = format!("tcp:{host_port}");
+async fn bind_tcp(host_port: &str, allow_remote: bool, tls: bool) -> Result<Listener, ListenError> {
+    let endpoint = format!("{}:{host_port}", if tls { "tls" } else { "tcp" });
     let io_err = |source| ListenError::Io {
         endpoint: endpoint.clone(),
         source,
@@ -189,45 +214,53 @@ async fn bind_tcp(host_port: &str, allow_remote: bool) -> Result<Listener, Liste
             "the host name resolves to no address",
         ))
     })?;
-    check_loopback(&endpoint, &addrs, allow_remote)?;
+    check_loopback(&endpoint, &addrs, allow_remote, tls)?;
     let listener = TcpListener::bind(first).await.map_err(io_err)?;
-    Ok(Listener::Tcp(listener))
+    Ok(Listener::Tcp { listener, tls })
 }
 
 fn check_loopback(
     endpoint: &str,
     addrs: &[SocketAddr],
     allow_remote: bool,
+    tls: bool,
 ) -> Result<(), ListenError> {
     if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-        if !allow_remote {
-            return Err(ListenError::NotLoopback {
-                endpoint: endpoint.to_string(),
-                addr: *addr,
-            });
+        let (endpoint, addr) = (endpoint.to_string(), *addr);
+        if !tls {
+            return Err(ListenError::NotLoopback { endpoint, addr });
         }
-        tracing::warn!(
-            endpoint,
-            "TCP listener on a non-loopback address: TCP is unauthenticated, anyone who can reach {addr} can allocate ids and drop forks"
-        );
+        if !allow_remote {
+            return Err(ListenError::RemoteNotAllowed { endpoint, addr });
+        }
+        tracing::info!(%endpoint, "TLS listener on a non-loopback address: clients need a certificate signed by [tls] client_ca");
     }
     Ok(())
 }
 
 /// The sockets systemd passed (`LISTEN_FDS`), or `None` when not socket-activated.
-pub fn activated(allow_remote: bool) -> Result<Option<Vec<Listener>>, ListenError> {
-    let fds = sd_notify::listen_fds().map_err(|e| ListenError::Activation(e.to_string()))?;
+/// A TCP socket named `tls` (`FileDescriptorName=tls`) is a TLS listener, which
+/// needs `have_tls` (a `[tls]` section); other TCP sockets are plain.
+pub fn activated(allow_remote: bool, have_tls: bool) -> Result<Option<Vec<Listener>>, ListenError> {
+    let fds =
+        sd_notify::listen_fds_with_names().map_err(|e| ListenError::Activation(e.to_string()))?;
     if fds.len() == 0 {
         return Ok(None);
     }
     let mut out = Vec::new();
-    for fd in fds {
-        out.push(adopt_fd(fd, allow_remote)?);
+    for (fd, name) in fds {
+        let tls = name == ACTIVATED_TLS_NAME;
+        if tls && !have_tls {
+            return Err(ListenError::Activation(format!(
+                "descriptor {fd} is named {ACTIVATED_TLS_NAME:?} (a TLS socket) but the config has no [tls] section"
+            )));
+        }
+        out.push(adopt_fd(fd, allow_remote, tls)?);
     }
     Ok(Some(out))
 }
 
-fn adopt_fd(fd: RawFd, allow_remote: bool) -> Result<Listener, ListenError> {
+fn adopt_fd(fd: RawFd, allow_remote: bool, tls: bool) -> Result<Listener, ListenError> {
     let act = |m: String| ListenError::Activation(format!("descriptor {fd}: {m}"));
     // SAFETY: getsockname writes at most `len` bytes into the zeroed storage.
     let family = unsafe {
@@ -265,9 +298,10 @@ fn adopt_fd(fd: RawFd, allow_remote: bool) -> Result<Listener, ListenError> {
             let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
             std_listener.set_nonblocking(true).map_err(|e| act(e.to_string()))?;
             let addr = std_listener.local_addr().map_err(|e| act(e.to_string()))?;
-            check_loopback(&format!("tcp:{addr}"), &[addr], allow_remote)?;
+            let scheme = if tls { "tls" } else { "tcp" };
+            check_loopback(&format!("{scheme}:{addr}"), &[addr], allow_remote, tls)?;
             let listener = TcpListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
-            Ok(Listener::Tcp(listener))
+            Ok(Listener::Tcp { listener, tls })
         }
         other => Err(act(format!(
             "address family {other} is neither unix nor TCP; configure ListenStream= with a path or a port"
@@ -385,27 +419,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tcp_is_loopback_only_unless_allowed() {
+    async fn plain_tcp_is_loopback_only_tls_needs_allow_remote() {
         let l = bind(&Endpoint::Tcp("127.0.0.1:0".into()), opts())
             .await
             .unwrap();
         assert!(l.describe().starts_with("tcp:127.0.0.1:"));
         let l6 = bind(&Endpoint::Tcp("localhost:0".into()), opts()).await;
         assert!(l6.is_ok(), "localhost resolves to loopback only");
-        let err = bind(&Endpoint::Tcp("0.0.0.0:0".into()), opts())
+        let remote = BindOptions {
+            allow_remote: true,
+            ..opts()
+        };
+        for o in [opts(), remote] {
+            let err = bind(&Endpoint::Tcp("0.0.0.0:0".into()), o)
+                .await
+                .err()
+                .expect("plain TCP beyond loopback is refused even with allow_remote");
+            assert!(matches!(err, ListenError::NotLoopback { .. }), "{err}");
+            assert!(err.to_string().contains("tls:HOST:PORT"), "{err}");
+        }
+        let err = bind(&Endpoint::Tls("0.0.0.0:0".into()), opts())
             .await
             .err()
             .unwrap();
-        assert!(matches!(err, ListenError::NotLoopback { .. }), "{err}");
-        assert!(err.to_string().contains("allow_remote"));
-        let ok = bind(
-            &Endpoint::Tcp("0.0.0.0:0".into()),
-            BindOptions {
-                allow_remote: true,
-                ..opts()
-            },
-        )
-        .await;
-        assert!(ok.is_ok());
+        assert!(matches!(err, ListenError::RemoteNotAllowed { .. }), "{err}");
+        let tls = bind(&Endpoint::Tls("0.0.0.0:0".into()), remote)
+            .await
+            .unwrap();
+        assert!(tls.describe().starts_with("tls:0.0.0.0:"));
     }
 }

@@ -23,6 +23,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const CONNECTIONS_TOTAL: &str = "idalloc_connections_total";
 /// Connections open now (gauge).
 pub const CONNECTIONS_OPEN: &str = "idalloc_connections_open";
+/// Connections refused before any request, by reason (counter).
+pub const CONNECTIONS_REFUSED: &str = "idalloc_connections_refused_total";
+/// The reasons of [`CONNECTIONS_REFUSED`]: a unix peer in no `[access]` list, a TLS
+/// handshake refused or a certificate whose names have no role.
+pub const REFUSAL_REASONS: &[&str] = &["no_role", "tls"];
 
 /// Latency buckets in seconds: 25 µs to 10 s (a flush is ~100 µs, an S3 call tens
 /// of ms, a stalled store seconds).
@@ -161,6 +166,13 @@ fn describe() {
     metrics::counter!(CONNECTIONS_TOTAL).absolute(0);
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused before any request: no_role (a unix peer in no [access] list), tls (handshake refused, or certificate names without a role)."
+    );
+    for r in REFUSAL_REASONS {
+        metrics::counter!(CONNECTIONS_REFUSED, "reason" => *r).absolute(0);
+    }
+    describe_counter!(
         "idalloc_requests_total",
         "RPC requests answered, by method and outcome (ok, or the error's kind)."
     );
@@ -240,6 +252,11 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
     }
+}
+
+/// Count a connection refused for `reason` (one of [`REFUSAL_REASONS`]).
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
 /// The `outcome` label of a reply.

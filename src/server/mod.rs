@@ -20,6 +20,7 @@ pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod service;
+pub mod tls;
 pub mod transport;
 
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use crate::error::ServiceError;
 use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
 use connection::{serve_connection, ConnLimits};
-use listen::{BindOptions, ListenError, Listener};
+use listen::{BindOptions, Conn, ListenError, Listener};
 use service::Service;
 
 /// Why the daemon stopped with an error. Each message is one line an operator can act on.
@@ -114,6 +115,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let access = Arc::new(settings.access.clone());
     for listener in listeners {
         let access = access.clone();
+        let tls = settings.tls.clone();
         let (service, busy, close_reads, force_close, connections) = (
             service.clone(),
             busy.clone(),
@@ -126,32 +128,58 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             conn_limit.clone(),
             stop_accepting.clone(),
             move |conn, permit| {
-                let peer = match &conn {
-                    tokio_util::either::Either::Left(unix) => match access.unix_peer(unix) {
-                        Ok(p) => p,
-                        Err(why) => {
-                            tracing::warn!(reason = %why, "connection refused: the peer has no role");
-                            return;
-                        }
-                    },
-                    tokio_util::either::Either::Right(tcp) => access::Peer {
-                        name: tcp
-                            .peer_addr()
-                            .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
-                        role: access.tcp_role,
-                    },
-                };
-                let (service, busy, close_reads, force_close) = (
-                    service.with_peer(peer),
+                let (access, service, busy, close_reads, force_close, tls) = (
+                    access.clone(),
+                    service.clone(),
                     busy.clone(),
                     close_reads.clone(),
                     force_close.clone(),
+                    tls.clone(),
                 );
+                // Who the peer is decides its role; a peer with none is refused
+                // before a single request is read. The TLS handshake runs on the
+                // connection's own task, so a slow peer never stalls accepting.
                 connections.spawn(async move {
                     let _permit = permit;
-                    let _counted = metrics::ConnectionGuard::open();
+                    let served = async move {
+                        match conn {
+                            Conn::Unix(unix) => match access.unix_peer(&unix) {
+                                Ok(peer) => {
+                                    serve_peer(unix, peer, service, limits, busy, close_reads).await
+                                }
+                                Err(why) => {
+                                    metrics::connection_refused("no_role");
+                                    tracing::warn!(reason = %why, "connection refused: the peer has no role")
+                                }
+                            },
+                            Conn::Tcp(tcp) => {
+                                let peer = access::Peer {
+                                    name: tcp
+                                        .peer_addr()
+                                        .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
+                                    role: access.tcp_role,
+                                };
+                                serve_peer(tcp, peer, service, limits, busy, close_reads).await
+                            }
+                            Conn::Tls(tcp) => {
+                                let Some(tls) = tls else {
+                                    return tracing::error!("a TLS connection without [tls]: refused");
+                                };
+                                match tls.accept(tcp).await {
+                                    Ok((stream, peer)) => {
+                                        serve_peer(stream, peer, service, limits, busy, close_reads)
+                                            .await
+                                    }
+                                    Err(why) => {
+                                        metrics::connection_refused("tls");
+                                        tracing::warn!(reason = %why, "TLS connection refused")
+                                    }
+                                }
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = serve_connection(conn, service, limits, busy, close_reads) => {}
+                        _ = served => {}
                         _ = force_close.cancelled() => {}
                     }
                 });
@@ -210,8 +238,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
 }
 
+/// Serve one connection whose peer has a role, counted in the connection gauge.
+async fn serve_peer<S>(
+    io: S,
+    peer: access::Peer,
+    service: Service,
+    limits: ConnLimits,
+    busy: Arc<BusyPoll>,
+    close_reads: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _counted = metrics::ConnectionGuard::open();
+    serve_connection(io, service.with_peer(peer), limits, busy, close_reads).await
+}
+
 async fn bind_all(settings: &Settings) -> Result<Vec<Listener>, ListenError> {
-    if let Some(activated) = listen::activated(settings.allow_remote)? {
+    if let Some(activated) = listen::activated(settings.allow_remote, settings.tls.is_some())? {
         tracing::info!(
             count = activated.len(),
             "using sockets passed by systemd (socket activation); `listen` is ignored"

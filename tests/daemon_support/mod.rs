@@ -52,6 +52,8 @@ pub struct Opts<'a> {
     /// The body of the `[allocation]` table instead of
     /// `max_count = 1000` / `lease_size = 10000`.
     pub allocation_toml: Option<&'a str>,
+    /// More endpoints to listen on (after the unix socket and the TCP port).
+    pub extra_listen: Vec<String>,
 }
 
 impl Default for Opts<'_> {
@@ -62,6 +64,7 @@ impl Default for Opts<'_> {
             wait: true,
             data_dir: None,
             allocation_toml: None,
+            extra_listen: vec![],
         }
     }
 }
@@ -82,13 +85,14 @@ impl Daemon {
         let allocation = opts
             .allocation_toml
             .unwrap_or("max_count = 1000\nlease_size = 10000\n");
+        let mut listen = vec![format!("unix:{}", socket.display()), format!("tcp:{tcp}")];
+        listen.extend(opts.extra_listen.iter().cloned());
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\nlisten = [{:?}, {:?}]\nshutdown_timeout = \"5s\"\n{}\n[allocation]\n{}\n",
+                "data_dir = {:?}\nlisten = {:?}\nshutdown_timeout = \"5s\"\n{}\n[allocation]\n{}\n",
                 data_dir.display().to_string(),
-                format!("unix:{}", socket.display()),
-                format!("tcp:{tcp}"),
+                listen,
                 opts.extra_toml,
                 allocation,
             ),

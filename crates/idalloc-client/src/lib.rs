@@ -40,7 +40,8 @@
 //!   the daemon; [`ServiceError`] is the typed error a caller can act on.
 //! - [`fork_id`], [`namespace`]: what a counter is addressed by — the primary or a
 //!   fork ([`ForkId`]: 128 bits, UUID or ULID text) and a [`Kind`] (vid, eid).
-//! - [`endpoint`]: `unix:PATH` / `tcp:HOST:PORT` addresses.
+//! - [`endpoint`]: `unix:PATH` / `tcp:HOST:PORT` / `tls:HOST:PORT` addresses;
+//!   [`tls`]: the CA and client certificate a `tls:` endpoint needs.
 //!
 //! # Cancellation safety
 //!
@@ -63,6 +64,7 @@ pub mod error;
 pub mod fork_id;
 pub mod namespace;
 pub mod protocol;
+pub mod tls;
 
 pub use client::{Allocator, AllocatorConfig, Client, ClientConfig, ClientError};
 pub use endpoint::Endpoint;
@@ -70,3 +72,4 @@ pub use error::ServiceError;
 pub use fork_id::{ForkId, IdForm};
 pub use namespace::{Kind, Namespace};
 pub use protocol::IdRange;
+pub use tls::TlsFiles;

@@ -46,12 +46,16 @@ Examples:
   idallocctl checkpoint
   idallocctl repair --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --vid-floor 120000 --eid-floor 450000
   idallocctl --endpoint tcp:127.0.0.1:7420 status
+  idallocctl --endpoint tls:ids.db1.example:7443 --tls-ca ca.pem --tls-cert me.pem --tls-key me.key status
   idallocctl bench --clients 4 --concurrency 4 --duration 10s
 
 Ranges are half-open: [start, end). Fork ids are UUIDs or ULIDs (26 characters);
 the two spellings of one value are the same fork.
 
-The endpoint is unix:PATH or tcp:HOST:PORT. Without --endpoint or IDALLOC_ENDPOINT
+The endpoint is unix:PATH, tcp:HOST:PORT (plain, loopback only) or tls:HOST:PORT
+(TLS: the daemon's certificate is checked against --tls-ca for HOST, and this
+client presents --tls-cert/--tls-key, whose names the daemon maps to a role).
+Without --endpoint or IDALLOC_ENDPOINT
 it is the daemon's default socket: $RUNTIME_DIRECTORY/idallocd.sock under systemd,
 else $STATE_DIRECTORY/idallocd.sock, else ./idallocd-data/idallocd.sock.
 
@@ -62,9 +66,18 @@ on stderr. A closed stdout (`| head`) ends the program quietly with status 141."
 #[derive(Parser, Debug)]
 #[command(name = "idallocctl", version, after_help = EXAMPLES)]
 struct Cli {
-    /// Daemon address: unix:PATH or tcp:HOST:PORT [default: the daemon's default socket]
+    /// Daemon address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [default: the daemon's default socket]
     #[arg(long, global = true, env = "IDALLOC_ENDPOINT", value_name = "ADDR")]
     endpoint: Option<String>,
+    /// For tls: endpoints, the CA (PEM) that signed the daemon's certificate
+    #[arg(long, global = true, env = idalloc::tls::ENV_CA, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// For tls: endpoints, this client's certificate (PEM), mapped to a role by the daemon
+    #[arg(long, global = true, env = idalloc::tls::ENV_CERT, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// For tls: endpoints, the private key (PEM) of --tls-cert
+    #[arg(long, global = true, env = idalloc::tls::ENV_KEY, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Give up on a call after this long, reconnects and retries included (e.g. 500ms, 30s)
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s")]
     timeout: humantime::Duration,
@@ -322,6 +335,7 @@ fn one_line(e: &anyhow::Error) -> String {
             ClientError::Connect { .. } => " (is idallocd running? set --endpoint or IDALLOC_ENDPOINT)",
             ClientError::DeadlineExceeded { .. } => " (is idallocd overloaded or its object store unreachable? check `idallocctl status`, or raise --timeout)",
             ClientError::Disconnected { .. } => " (check with `idallocctl fork list` before retrying)",
+            ClientError::Tls { .. } => " (the idallocd log says why it refused, with the certificate's names)",
             ClientError::Service(ServiceError::Internal(_)) => " (see the idallocd log)",
             _ => "",
         })
@@ -333,10 +347,14 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
-    let config = ClientConfig {
-        deadline: Duration::from(cli.timeout),
-        ..ClientConfig::default()
-    };
+    let mut config = ClientConfig::default().with_deadline(Duration::from(cli.timeout));
+    if let Some(ca) = &cli.tls_ca {
+        let mut files = idalloc::TlsFiles::new(ca);
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            files = files.with_client_cert(cert, key);
+        }
+        config = config.with_tls(files);
+    }
     if let Command::Bench(args) = cli.command {
         return bench::run(endpoint, config, args).await;
     }

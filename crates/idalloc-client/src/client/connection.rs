@@ -32,6 +32,7 @@ use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::Kind;
 use crate::protocol::{BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, Status};
+use crate::tls::{tls_failure, TlsFiles};
 
 /// What [`Client::connect`] accepts: an [`Endpoint`] or its text (`unix:PATH`,
 /// `tcp:HOST:PORT`).
@@ -104,6 +105,10 @@ pub struct ClientConfig {
     /// have been coming well within the budget (not under a busy daemon). The
     /// allocator's background prefetch never spins. docs/performance.md has the numbers.
     pub busy_poll: Duration,
+    /// The CA and client certificate for `tls:HOST:PORT` endpoints (required for
+    /// them, unused otherwise). Default: none; [`TlsFiles::from_env`] reads
+    /// `IDALLOC_TLS_CA`, `IDALLOC_TLS_CERT` and `IDALLOC_TLS_KEY`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ClientConfig {
@@ -115,6 +120,7 @@ impl Default for ClientConfig {
             max_frame_length: 16 * 1024 * 1024,
             list_page_size: 1000,
             busy_poll: Duration::from_micros(200),
+            tls: None,
         }
     }
 }
@@ -167,6 +173,15 @@ impl ClientConfig {
     pub fn with_busy_poll(self, busy_poll: Duration) -> Self {
         ClientConfig { busy_poll, ..self }
     }
+
+    /// This configuration with [`tls`](Self::tls) set.
+    #[must_use]
+    pub fn with_tls(self, tls: TlsFiles) -> Self {
+        ClientConfig {
+            tls: Some(tls),
+            ..self
+        }
+    }
 }
 
 /// A connection to `idallocd`, shared by clones (it is an `Arc` inside).
@@ -182,6 +197,8 @@ struct Inner {
     endpoint: Endpoint,
     endpoint_text: String,
     config: ClientConfig,
+    /// For `tls:` endpoints: the rustls configuration, built once at connect.
+    tls: Option<tokio_rustls::TlsConnector>,
     /// The live channel and its generation. A std mutex: held only to clone or
     /// replace the handle, never across an await.
     current: Mutex<Option<(u64, IdAllocClient)>>,
@@ -215,11 +232,28 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
         let endpoint = endpoint.into_endpoint()?;
+        let endpoint_text = endpoint.to_string();
+        let tls = match (&endpoint, &config.tls) {
+            (Endpoint::Tls(_), Some(files)) => Some(tokio_rustls::TlsConnector::from(
+                files.client_config().map_err(|e| ClientError::Tls {
+                    endpoint: endpoint_text.clone(),
+                    reason: e.0,
+                })?,
+            )),
+            (Endpoint::Tls(_), None) => {
+                return Err(ClientError::Tls {
+                    endpoint: endpoint_text,
+                    reason: "a tls: endpoint needs the CA that signed the daemon's certificate (--tls-ca or IDALLOC_TLS_CA; ClientConfig::with_tls in the library)".into(),
+                })
+            }
+            _ => None,
+        };
         let client = Client {
             inner: Arc::new(Inner {
-                endpoint_text: endpoint.to_string(),
+                endpoint_text,
                 endpoint,
                 config,
+                tls,
                 current: Mutex::new(None),
                 dial: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
@@ -227,14 +261,10 @@ impl Client {
             }),
         };
         let deadline = Instant::now() + client.inner.config.deadline;
-        let conn =
-            tokio::time::timeout_at(deadline, dial(&client.inner.endpoint, &client.inner.config))
-                .await
-                .map_err(|_| client.deadline_error(None))?
-                .map_err(|source| ClientError::Connect {
-                    endpoint: client.inner.endpoint_text.clone(),
-                    source,
-                })?;
+        let conn = tokio::time::timeout_at(deadline, dial(&client.inner))
+            .await
+            .map_err(|_| client.deadline_error(None))?
+            .map_err(|source| client.connect_error(source))?;
         *client.inner.current.lock().unwrap() = Some((0, conn));
         Ok(client)
     }
@@ -289,6 +319,11 @@ impl Client {
     /// [`Client::checkpoint`] with the fork named by a [`ForkId`] (`None`: the primary).
     pub async fn checkpoint_for(&self, fork: Option<ForkId>) -> Result<Hwm, ClientError> {
         self.checkpoint(fork.map(|f| f.text()).as_deref()).await
+    }
+
+    /// [`Client::drop_fork`] with the fork named by a [`ForkId`].
+    pub async fn drop_fork_id(&self, fork: ForkId) -> Result<ForkInfo, ClientError> {
+        self.drop_fork(&fork.text()).await
     }
 
     /// The next ids the daemon would grant in a namespace.
@@ -427,6 +462,21 @@ impl Client {
         .await
     }
 
+    /// A failed dial: a TLS failure is said as such (it will not go away by
+    /// retrying), anything else is a connect error.
+    fn connect_error(&self, source: std::io::Error) -> ClientError {
+        match tls_failure(&source) {
+            Some(reason) => ClientError::Tls {
+                endpoint: self.inner.endpoint_text.clone(),
+                reason,
+            },
+            None => ClientError::Connect {
+                endpoint: self.inner.endpoint_text.clone(),
+                source,
+            },
+        }
+    }
+
     fn deadline_error(&self, last_error: Option<String>) -> ClientError {
         ClientError::DeadlineExceeded {
             endpoint: self.inner.endpoint_text.clone(),
@@ -471,6 +521,15 @@ impl Client {
                     format!("the daemon aborted the request: {}", e.detail),
                 ),
                 Ok(Err(e @ (RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_)))) => {
+                    // The daemon refused this client's certificate after the
+                    // handshake looked done (TLS 1.3 verifies the client last):
+                    // redialing would be refused the same way.
+                    if let Some(reason) = tls_failure(&e) {
+                        return Err(ClientError::Tls {
+                            endpoint: self.inner.endpoint_text.clone(),
+                            reason,
+                        });
+                    }
                     Attempt::Broken(error_chain(&e))
                 }
             };
@@ -521,12 +580,7 @@ impl Client {
         }
         let mut pause = self.inner.config.backoff_initial;
         loop {
-            let err = match tokio::time::timeout_at(
-                deadline,
-                dial(&self.inner.endpoint, &self.inner.config),
-            )
-            .await
-            {
+            let err = match tokio::time::timeout_at(deadline, dial(&self.inner)).await {
                 Ok(Ok(conn)) => {
                     let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
                     self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -534,14 +588,12 @@ impl Client {
                     *self.inner.current.lock().unwrap() = Some((generation, conn.clone()));
                     return Ok((generation, conn));
                 }
+                Ok(Err(e)) if tls_failure(&e).is_some() => return Err(self.connect_error(e)),
                 Ok(Err(e)) => e,
                 Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
             };
             if Instant::now() + pause >= deadline {
-                return Err(ClientError::Connect {
-                    endpoint: self.inner.endpoint_text.clone(),
-                    source: err,
-                });
+                return Err(self.connect_error(err));
             }
             tokio::time::sleep(pause).await;
             pause = jitter((pause * 2).min(self.inner.config.backoff_max));
@@ -571,11 +623,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Open one connection and spawn its tarpc dispatch task. Frames are tokio_util's
 /// length-delimited frames (4-byte big-endian length) carrying bincode 1.x, as the
 /// daemon expects; the length limit applies to replies.
-async fn dial(endpoint: &Endpoint, config: &ClientConfig) -> std::io::Result<IdAllocClient> {
+async fn dial(inner: &Inner) -> std::io::Result<IdAllocClient> {
     let mut framing = LengthDelimitedCodec::builder();
-    framing.max_frame_length(config.max_frame_length);
+    framing.max_frame_length(inner.config.max_frame_length);
     let rpc_config = tarpc::client::Config::default();
-    Ok(match endpoint {
+    Ok(match &inner.endpoint {
         Endpoint::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path).await?;
             let transport =
@@ -586,6 +638,22 @@ async fn dial(endpoint: &Endpoint, config: &ClientConfig) -> std::io::Result<IdA
             let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
             // Requests are small and latency-bound: do not let Nagle hold them back.
             stream.set_nodelay(true)?;
+            let transport =
+                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
+            IdAllocClient::new(rpc_config, transport).spawn()
+        }
+        Endpoint::Tls(host_port) => {
+            let connector = inner
+                .tls
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("tls: endpoint without TLS configuration"))?;
+            let host = inner.endpoint.host().unwrap_or_default().to_string();
+            let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?;
+            let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
+            stream.set_nodelay(true)?;
+            let stream = connector.connect(name, stream).await?;
             let transport =
                 tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
             IdAllocClient::new(rpc_config, transport).spawn()

@@ -51,6 +51,16 @@ pub enum ClientError {
     /// in-flight request limit), outside the service's own typed errors.
     #[error("the daemon aborted the request: {0}")]
     Aborted(String),
+    /// TLS refused: the daemon rejected this client's certificate (none, another
+    /// CA's, expired), the daemon's certificate is not trusted, or the TLS files
+    /// cannot be used. Not retried: it would fail the same way.
+    #[error("TLS to {endpoint}: {reason}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// What was refused and what to check.
+        reason: String,
+    },
     /// The endpoint text could not be parsed.
     #[error(transparent)]
     Endpoint(#[from] ParseEndpointError),
