@@ -221,10 +221,7 @@ async fn call_row(
     (clients, busy_poll): (usize, Duration),
     dur: Duration,
 ) -> Row {
-    let config = ClientConfig {
-        busy_poll,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().with_busy_poll(busy_poll);
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(

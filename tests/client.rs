@@ -15,12 +15,10 @@ use idalloc::protocol::BootstrapRequest;
 use idalloc::{ForkId, Kind, ServiceError};
 
 fn small_batches() -> AllocatorConfig {
-    AllocatorConfig {
-        initial_batch: 50,
-        min_batch: 50,
-        max_batch: 50,
-        ..AllocatorConfig::default()
-    }
+    AllocatorConfig::default()
+        .with_initial_batch(50)
+        .with_min_batch(50)
+        .with_max_batch(50)
 }
 
 fn assert_unique(ids: &[u64]) {
@@ -194,10 +192,7 @@ async fn unavailable_is_retried_within_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let state: Arc<State> = Arc::default();
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), state.clone()).await;
-    let config = ClientConfig {
-        deadline: Duration::from_millis(500),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().with_deadline(Duration::from_millis(500));
     let client = Client::connect_with(daemon.endpoint(), config)
         .await
         .unwrap();
@@ -222,10 +217,7 @@ async fn deadline_bounds_a_slow_call() {
     let dir = tempfile::tempdir().unwrap();
     let state: Arc<State> = Arc::default();
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), state.clone()).await;
-    let config = ClientConfig {
-        deadline: Duration::from_millis(200),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().with_deadline(Duration::from_millis(200));
     let client = Client::connect_with(daemon.endpoint(), config)
         .await
         .unwrap();
@@ -262,10 +254,7 @@ async fn connect_errors_name_the_endpoint_and_reconnect_gives_up_at_the_deadline
 
     // Connected, then the daemon goes away for good: calls fail at the deadline.
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
-    let config = ClientConfig {
-        deadline: Duration::from_millis(300),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().with_deadline(Duration::from_millis(300));
     let client = Client::connect_with(daemon.endpoint(), config)
         .await
         .unwrap();
@@ -286,10 +275,7 @@ async fn connect_errors_name_the_endpoint_and_reconnect_gives_up_at_the_deadline
 async fn list_forks_reads_every_page() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
-    let config = ClientConfig {
-        list_page_size: 10,
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().with_list_page_size(10);
     let client = Client::connect_with(daemon.endpoint(), config)
         .await
         .unwrap();

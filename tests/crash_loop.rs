@@ -130,11 +130,9 @@ fn crash_loop(
             tasks.push(rt.spawn(async move {
                 let client = Client::connect_with(
                     endpoint,
-                    ClientConfig {
-                        deadline: Duration::from_secs(3),
-                        backoff_max: Duration::from_millis(50),
-                        ..ClientConfig::default()
-                    },
+                    ClientConfig::default()
+                        .with_deadline(Duration::from_secs(3))
+                        .with_backoff_max(Duration::from_millis(50)),
                 )
                 .await
                 .unwrap();
@@ -295,13 +293,7 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
             let client = Client::connect(endpoint).await.unwrap();
             // The test daemon's `max_count` is 1000; the allocator's batch must
             // stay within it (its default ceiling is the daemon's default, 1e6).
-            let ids = client.allocator_with(
-                None,
-                AllocatorConfig {
-                    max_batch: 1000,
-                    ..AllocatorConfig::default()
-                },
-            );
+            let ids = client.allocator_with(None, AllocatorConfig::default().with_max_batch(1000));
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let sent = ledger.tick();

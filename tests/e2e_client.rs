@@ -282,12 +282,10 @@ async fn idallocctl_over_unix_and_tcp() {
 }
 
 fn small_batches() -> AllocatorConfig {
-    AllocatorConfig {
-        initial_batch: 64,
-        min_batch: 64,
-        max_batch: 64,
-        ..AllocatorConfig::default()
-    }
+    AllocatorConfig::default()
+        .with_initial_batch(64)
+        .with_min_batch(64)
+        .with_max_batch(64)
 }
 
 fn assert_unique(ids: &[u64], what: &str) {
@@ -303,11 +301,9 @@ fn assert_unique(ids: &[u64], what: &str) {
 async fn restart_tolerant_client(d: &Daemon) -> Client {
     Client::connect_with(
         endpoints(d)[0].as_str(),
-        ClientConfig {
-            deadline: Duration::from_secs(30),
-            backoff_max: Duration::from_millis(50),
-            ..ClientConfig::default()
-        },
+        ClientConfig::default()
+            .with_deadline(Duration::from_secs(30))
+            .with_backoff_max(Duration::from_millis(50)),
     )
     .await
     .unwrap()

@@ -249,10 +249,7 @@ impl Run {
         self.rt
             .block_on(Client::connect_with(
                 slot.endpoint(),
-                ClientConfig {
-                    deadline: Duration::from_secs(10),
-                    ..ClientConfig::default()
-                },
+                ClientConfig::default().with_deadline(Duration::from_secs(10)),
             ))
             .unwrap()
     }
@@ -488,11 +485,9 @@ fn power_cut_loop(label: &'static str, slots: &mut [Slot], mounts: &mut [Mount])
         tasks.push(run.rt.spawn(async move {
             let client = Client::connect_with(
                 endpoint,
-                ClientConfig {
-                    deadline: Duration::from_secs(3),
-                    backoff_max: Duration::from_millis(50),
-                    ..ClientConfig::default()
-                },
+                ClientConfig::default()
+                    .with_deadline(Duration::from_secs(3))
+                    .with_backoff_max(Duration::from_millis(50)),
             )
             .await
             .unwrap();

@@ -6,8 +6,9 @@
 //! identified with `SO_PEERCRED` (uid, gid, pid; supplementary groups from
 //! `/proc/<pid>/status`) and mapped to a role by `[access]`; a peer in neither
 //! list is refused at connect. Plain TCP carries no identity: it is loopback only
-//! (unless `allow_remote`) and gets `[access] tcp_role` (admin by default, as
-//! before roles existed). TLS with client certificates is not implemented.
+//! and gets `[access] tcp_role` (admin by default, as before roles existed). TLS
+//! connections get their role from the client certificate's names
+//! ([`super::tls`]).
 
 use std::collections::BTreeSet;
 

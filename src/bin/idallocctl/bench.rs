@@ -81,10 +81,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         bail!("--size must be at least 1");
     }
     let kind = Kind::from(args.kind);
-    let config = ClientConfig {
-        busy_poll: Duration::from(args.busy_poll),
-        ..config
-    };
+    let config = config.with_busy_poll(Duration::from(args.busy_poll));
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         clients.push(Client::connect_with(&endpoint, config.clone()).await?);

@@ -73,6 +73,7 @@ use crate::protocol::IdRange;
 /// assert_eq!(config.initial_batch, 10_000);
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AllocatorConfig {
     /// The first range size requested. Default 1000 (the reference allocator's batch).
     pub initial_batch: u64,

@@ -83,6 +83,7 @@ impl IntoEndpoint for &String {
 /// assert_eq!(config.deadline, Duration::from_secs(2));
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Time allowed for one call, retries and reconnects included. Default 10 s.
     pub deadline: Duration,
