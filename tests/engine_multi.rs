@@ -131,6 +131,24 @@ async fn two_contending_daemons_each_get_a_fair_share() {
         engines.push(open(env.config(&format!("d{i}"), 4), &h).await.unwrap());
     }
     let stop = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    // The most ids either daemon held ahead at once (current plus prefetched lease).
+    let sampler = {
+        let engines = engines.clone();
+        tokio::spawn(async move {
+            let mut most = 0u64;
+            while std::time::Instant::now() < stop {
+                for e in &engines {
+                    for ns in e.status_now().namespaces {
+                        for c in ns.counters {
+                            most = most.max(c.headroom);
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            most
+        })
+    };
     let mut tasks = Vec::new();
     for t in 0..8usize {
         let e = engines[t % 2].clone();
@@ -161,4 +179,13 @@ async fn two_contending_daemons_each_get_a_fair_share() {
     eprintln!("fair share: {per:?} reservations, slowest call {worst:?}");
     assert!(lo > 0, "a daemon starved: {per:?}");
     assert!(hi <= 4 * lo, "unfair: {per:?} (slowest calls {worst:?})");
+    // Frequent races grow the lease (fewer, larger leases), within rule 7's bound:
+    // a current and a prefetched lease of at most 4 x lease_size each.
+    let most = sampler.await.unwrap();
+    eprintln!("most ids held ahead by one daemon: {most} (lease_size 4)");
+    assert!(
+        most > 2 * 4,
+        "leases did not grow under contention: at most {most} ahead"
+    );
+    assert!(most <= 2 * 4 * 4, "beyond rule 7's bound: {most} ahead");
 }

@@ -24,6 +24,16 @@ use super::{store_err, Engine};
 /// Conditional-write conflicts tolerated in one call before giving up for now.
 const MAX_CONFLICTS: usize = 32;
 
+/// Under contention a namespace's leases grow to at most `lease_size << 2`: fewer,
+/// larger leases mean fewer races between the daemons sharing the root, at the
+/// price of a larger gap should this daemon lose its data directory (rule 7: at
+/// most this daemon's current lease plus one prefetched, each at most 4 x
+/// `lease_size`).
+pub(super) const MAX_LEASE_GROWTH: u32 = 2;
+
+/// Leases won at the first try, in a row, before the lease size steps back down.
+const SHRINK_AFTER_CLEAN_WINS: u32 = 4;
+
 impl Engine {
     /// Make sure `count` ids of `kind` can be taken, taking a lease if needed.
     pub(super) async fn lease(
@@ -73,14 +83,23 @@ impl Engine {
             Kind::Vid => Kind::Eid,
             Kind::Eid => Kind::Vid,
         };
+        // Another writer won the last round: back off a random while, so that
+        // contending daemons take turns instead of one winning every race
+        // (1 ms doubling to at most 64 ms, each pause plus up to as much again).
+        let mut pauses = {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(1))
+                .with_max_delay(std::time::Duration::from_millis(64))
+                .without_max_times()
+                .with_jitter()
+                .build()
+        };
         for lost in 0..MAX_CONFLICTS {
             if lost > 0 {
-                // Another writer won the last round: back off a random while, so
-                // that contending daemons take turns instead of one winning every
-                // race (full jitter, 1 ms doubling to at most 64 ms).
-                let cap = 1u64 << lost.min(6);
-                let wait = rand::random::<u64>() % (cap * 1000);
-                tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
+                if let Some(pause) = pauses.next() {
+                    tokio::time::sleep(pause).await;
+                }
             }
             let cur = match &ms.cached {
                 Some(v) => Some(v.clone()),
@@ -112,7 +131,20 @@ impl Engine {
             let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
             // Never below the ceiling (others' ids) nor below what we own (ours).
             let start = ceiling.max(owned);
-            let size = self.cfg.lease_size.max(need);
+            let growth = if lost > 0 {
+                (ms.lease_growth + 1).min(MAX_LEASE_GROWTH)
+            } else if ms.clean_wins + 1 >= SHRINK_AFTER_CLEAN_WINS {
+                ms.lease_growth.saturating_sub(1)
+            } else {
+                ms.lease_growth
+            };
+            let size = self
+                .cfg
+                .lease_size
+                .checked_shl(growth)
+                .filter(|s| s >> growth == self.cfg.lease_size)
+                .unwrap_or(u64::MAX)
+                .max(need);
             let end = match start.checked_add(size) {
                 Some(e) => e,
                 None if start.checked_add(need).is_some() => u64::MAX,
@@ -136,6 +168,28 @@ impl Engine {
                         manifest: m,
                         version,
                     });
+                    ms.clean_wins = if lost > 0 || growth != ms.lease_growth {
+                        0
+                    } else {
+                        ms.clean_wins + 1
+                    };
+                    if growth != ms.lease_growth {
+                        tracing::info!(
+                            namespace = %entry.ns, %kind, lease = size,
+                            "{} lease size: {}",
+                            if growth > ms.lease_growth { "raised" } else { "lowered" },
+                            if growth > ms.lease_growth {
+                                "other daemons won conditional writes first"
+                            } else {
+                                "the last leases were won at the first try"
+                            }
+                        );
+                        ms.lease_growth = growth;
+                    }
+                    if entry.ns == Namespace::Primary {
+                        metrics::gauge!("idalloc_primary_lease_size_ids", "kind" => kind.as_str())
+                            .set(size as f64);
+                    }
                     entry.state.lock().unwrap().counters[kind.index()].install(start, end);
                     let shape = if start == owned { "dense" } else { "jump" };
                     metrics::counter!("idalloc_leases_total", "kind" => kind.as_str(), "shape" => shape)

@@ -42,6 +42,13 @@ pub struct MirrorState {
     pub cached: Option<Versioned>,
     /// The last failed lease attempt, to fail fast for a while during an outage.
     pub last_failure: Option<(Instant, String)>,
+    /// Leases of this namespace are `lease_size << lease_growth` ids: raised by one
+    /// after a lease that lost races to other daemons, lowered by one after a few
+    /// leases in a row won at the first try (at most
+    /// [`super::lease::MAX_LEASE_GROWTH`]).
+    pub lease_growth: u32,
+    /// Leases won at the first try in a row since the size last changed.
+    pub clean_wins: u32,
 }
 
 /// A namespace.

@@ -162,7 +162,9 @@ fn cloud_store(
     let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
     Ok(match url.scheme() {
         "s3" | "s3a" => {
-            let mut b = AmazonS3Builder::from_env().with_url(root);
+            let mut b = AmazonS3Builder::from_env()
+                .with_url(root)
+                .with_retry(no_inner_retries());
             for (k, v) in options {
                 let key: AmazonS3ConfigKey =
                     k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
@@ -171,7 +173,9 @@ fn cloud_store(
             Box::new(b.build().map_err(|e| e.to_string())?)
         }
         "gs" => {
-            let mut b = GoogleCloudStorageBuilder::from_env().with_url(root);
+            let mut b = GoogleCloudStorageBuilder::from_env()
+                .with_url(root)
+                .with_retry(no_inner_retries());
             for (k, v) in options {
                 let key: GoogleConfigKey =
                     k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
@@ -180,7 +184,9 @@ fn cloud_store(
             Box::new(b.build().map_err(|e| e.to_string())?)
         }
         _ => {
-            let mut b = MicrosoftAzureBuilder::from_env().with_url(root);
+            let mut b = MicrosoftAzureBuilder::from_env()
+                .with_url(root)
+                .with_retry(no_inner_retries());
             for (k, v) in options {
                 let key: AzureConfigKey = k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
                 b = b.with_config(key, v);
@@ -276,6 +282,19 @@ pub enum StoreError {
         /// The store's message.
         reason: String,
     },
+}
+
+/// The longest pause between two attempts of one store call.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// object_store's own retries, off: [`Mirror`] retries with its own policy and
+/// time-out per attempt, and a second layer of retries inside would multiply the
+/// attempts and hide the real cause behind "retries exhausted".
+fn no_inner_retries() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 0,
+        ..object_store::RetryConfig::default()
+    }
 }
 
 /// Retry and time-out policy of store calls.
@@ -379,13 +398,21 @@ impl Mirror {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Attempt<T>>,
     {
+        use backon::BackoffBuilder;
         let bounded = matches!(op, "get" | "list") || self.handle.local_root.is_none();
-        let mut backoff = self.policy.backoff;
+        // Exponential from `backoff`, jittered so that daemons retrying against one
+        // recovering store do not all come back in the same instant.
+        let mut pauses = backon::ExponentialBuilder::default()
+            .with_min_delay(self.policy.backoff)
+            .with_max_delay(MAX_STORE_BACKOFF)
+            .with_max_times(self.policy.retries as usize)
+            .with_jitter()
+            .build();
         let mut last = String::new();
         for attempt in 0..=self.policy.retries {
             if attempt > 0 {
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2);
+                let Some(pause) = pauses.next() else { break };
+                tokio::time::sleep(pause).await;
             }
             let started = Instant::now();
             let outcome = if bounded {

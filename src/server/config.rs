@@ -778,7 +778,13 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let full = Config::from_toml(&uncommented, "uncommented").unwrap();
+        let mut full = Config::from_toml(&uncommented, "uncommented").unwrap();
+        // [tls] has no default (no TLS without it): the file shows an example
+        // whose optional keys are at their defaults.
+        let example = full.tls.take().expect("the file documents [tls]");
+        assert_eq!(example.writer_names, ["*"]);
+        assert!(example.admin_names.is_empty());
+        assert_eq!(example.handshake_timeout, "10s");
         let mut expected = Config::default().effective(&env()).unwrap();
         // The mirror URL's default is absolute (derived from data_dir), so the file
         // describes it in prose rather than as a setting line.

@@ -323,7 +323,14 @@ pub async fn accept_loop<F>(
 ) where
     F: FnMut(Conn, OwnedSemaphorePermit),
 {
-    let mut backoff = Duration::from_millis(10);
+    use backon::BackoffBuilder;
+    // EMFILE/ENFILE/ENOBUFS and friends: retrying at once would spin. Back off
+    // (10 ms doubling to 1 s) and let connections close; a success starts over.
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(10))
+        .with_max_delay(Duration::from_secs(1))
+        .without_max_times();
+    let mut pauses = policy.build();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -331,7 +338,7 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok(conn) => {
-                backoff = Duration::from_millis(10);
+                pauses = policy.build();
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     p = limit.clone().acquire_owned() => match p {
@@ -342,14 +349,12 @@ pub async fn accept_loop<F>(
                 serve(conn, permit);
             }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS and friends: retrying at once would spin. Back
-                // off (up to 1 s) and let connections close.
-                tracing::warn!(listener = %listener.describe(), error = %e, "accept failed; backing off {backoff:?}");
+                let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(listener = %listener.describe(), error = %e, "accept failed; backing off {pause:?}");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -210,6 +210,10 @@ fn describe() {
         "idalloc_leases_total",
         "Object-store leases taken, by kind and shape (dense or jump)."
     );
+    describe_gauge!(
+        "idalloc_primary_lease_size_ids",
+        "Ids in the primary's last lease, by kind: lease_size, or up to 4 x lease_size while other daemons win conditional writes first."
+    );
     describe_counter!(
         "idalloc_store_errors_total",
         "Failed object-store calls, by operation."

@@ -89,7 +89,8 @@ pub struct ClientConfig {
     pub deadline: Duration,
     /// First pause before dialing again after a failed connect. Default 10 ms.
     pub backoff_initial: Duration,
-    /// The longest pause between connect attempts (the backoff doubles up to it).
+    /// The longest pause between connect attempts before jitter (the backoff doubles up
+    /// to it, and each pause is lengthened by up to itself at random).
     /// Default 1 s.
     pub backoff_max: Duration,
     /// Largest frame accepted from the daemon. Replies (a page of forks, a status)
@@ -173,6 +174,19 @@ impl ClientConfig {
     #[must_use]
     pub fn with_busy_poll(self, busy_poll: Duration) -> Self {
         ClientConfig { busy_poll, ..self }
+    }
+
+    /// The pauses between attempts: from `backoff_initial`, doubling up to
+    /// `backoff_max`, each lengthened by a random part of itself so that the many
+    /// clients of a restarted daemon do not all dial in the same instant.
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.backoff_initial)
+            .with_max_delay(self.backoff_max)
+            .without_max_times()
+            .with_jitter()
+            .build()
     }
 
     /// This configuration with [`tls`](Self::tls) set.
@@ -493,7 +507,7 @@ impl Client {
         Fut: Future<Output = Result<Result<T, ServiceError>, RpcError>>,
     {
         let deadline = Instant::now() + self.inner.config.deadline;
-        let mut pause = self.inner.config.backoff_initial;
+        let mut pauses = self.inner.config.backoff();
         let mut last_error: Option<String> = None;
         loop {
             let (generation, conn) = match self.connection(deadline, &mut last_error).await {
@@ -507,6 +521,7 @@ impl Client {
                 Err(_) => return Err(self.deadline_error(last_error)),
                 Ok(Ok(Ok(v))) => Attempt::Done(v),
                 Ok(Ok(Err(e))) if e.is_retryable() => {
+                    let pause = pauses.next().unwrap_or(self.inner.config.backoff_max);
                     let hint = match &e {
                         ServiceError::Unavailable { retry_after_ms, .. } => {
                             Duration::from_millis(*retry_after_ms)
@@ -518,7 +533,7 @@ impl Client {
                 Ok(Ok(Err(e))) => return Err(ClientError::Service(e)),
                 Ok(Err(RpcError::DeadlineExceeded)) => return Err(self.deadline_error(last_error)),
                 Ok(Err(RpcError::Server(e))) => Attempt::RetryAfter(
-                    pause,
+                    pauses.next().unwrap_or(self.inner.config.backoff_max),
                     format!("the daemon aborted the request: {}", e.detail),
                 ),
                 Ok(Err(e @ (RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_)))) => {
@@ -548,7 +563,6 @@ impl Client {
                         });
                     }
                     tokio::time::sleep(wait).await;
-                    pause = (pause * 2).min(self.inner.config.backoff_max);
                 }
                 Attempt::Broken(why) => {
                     tracing::debug!(endpoint = %self.inner.endpoint_text, error = %why, "connection to idallocd broken; reconnecting");
@@ -579,7 +593,7 @@ impl Client {
         if let Some(c) = self.inner.current.lock().unwrap().clone() {
             return Ok(c);
         }
-        let mut pause = self.inner.config.backoff_initial;
+        let mut pauses = self.inner.config.backoff();
         loop {
             let err = match tokio::time::timeout_at(deadline, dial(&self.inner)).await {
                 Ok(Ok(conn)) => {
@@ -593,21 +607,13 @@ impl Client {
                 Ok(Err(e)) => e,
                 Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
             };
+            let pause = pauses.next().unwrap_or(self.inner.config.backoff_max);
             if Instant::now() + pause >= deadline {
                 return Err(self.connect_error(err));
             }
             tokio::time::sleep(pause).await;
-            pause = jitter((pause * 2).min(self.inner.config.backoff_max));
         }
     }
-}
-
-/// Up to 25% less than `d`, so that many clients of a restarted daemon do not all
-/// dial in the same instant.
-fn jitter(d: Duration) -> Duration {
-    use rand::Rng;
-    let cut = rand::thread_rng().gen_range(0.0..0.25);
-    d.mul_f64(1.0 - cut)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
