@@ -261,51 +261,46 @@ pub fn activated(allow_remote: bool, have_tls: bool) -> Result<Option<Vec<Listen
 }
 
 fn adopt_fd(fd: RawFd, allow_remote: bool, tls: bool) -> Result<Listener, ListenError> {
+    use socket2::{Domain, Socket, Type};
     let act = |m: String| ListenError::Activation(format!("descriptor {fd}: {m}"));
-    // SAFETY: getsockname writes at most `len` bytes into the zeroed storage.
-    let family = unsafe {
-        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(
-            fd,
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        ) != 0
-        {
-            return Err(act(io::Error::last_os_error().to_string()));
-        }
-        storage.ss_family as libc::c_int
-    };
-    match family {
-        libc::AF_UNIX => {
-            // SAFETY: systemd hands this process ownership of the descriptors it lists.
-            let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-            std_listener.set_nonblocking(true).map_err(|e| act(e.to_string()))?;
-            let path = std_listener
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-                .unwrap_or_else(|| PathBuf::from("<unnamed>"));
-            let listener = UnixListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
-            Ok(Listener::Unix {
-                listener,
-                path,
-                owned: None,
-            })
-        }
-        libc::AF_INET | libc::AF_INET6 => {
-            // SAFETY: as above.
-            let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-            std_listener.set_nonblocking(true).map_err(|e| act(e.to_string()))?;
-            let addr = std_listener.local_addr().map_err(|e| act(e.to_string()))?;
-            let scheme = if tls { "tls" } else { "tcp" };
-            check_loopback(&format!("{scheme}:{addr}"), &[addr], allow_remote, tls)?;
-            let listener = TcpListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
-            Ok(Listener::Tcp { listener, tls })
-        }
-        other => Err(act(format!(
-            "address family {other} is neither unix nor TCP; configure ListenStream= with a path or a port"
-        ))),
+    // SAFETY: systemd hands this process ownership of the descriptors it lists
+    // (LISTEN_FDS), and each is adopted exactly once.
+    let socket = unsafe { Socket::from_raw_fd(fd) };
+    let kind = socket.r#type().map_err(|e| act(e.to_string()))?;
+    if kind != Type::STREAM || !socket.is_listener().map_err(|e| act(e.to_string()))? {
+        return Err(act(
+            "not a listening stream socket; configure ListenStream= in the socket unit".into(),
+        ));
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| act(e.to_string()))?;
+    let domain = socket.domain().map_err(|e| act(e.to_string()))?;
+    if domain == Domain::UNIX {
+        let std_listener =
+            std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket));
+        let path = std_listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("<unnamed>"));
+        let listener = UnixListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
+        Ok(Listener::Unix {
+            listener,
+            path,
+            owned: None,
+        })
+    } else if domain == Domain::IPV4 || domain == Domain::IPV6 {
+        let std_listener = std::net::TcpListener::from(std::os::fd::OwnedFd::from(socket));
+        let addr = std_listener.local_addr().map_err(|e| act(e.to_string()))?;
+        let scheme = if tls { "tls" } else { "tcp" };
+        check_loopback(&format!("{scheme}:{addr}"), &[addr], allow_remote, tls)?;
+        let listener = TcpListener::from_std(std_listener).map_err(|e| act(e.to_string()))?;
+        Ok(Listener::Tcp { listener, tls })
+    } else {
+        Err(act(format!(
+            "address family {domain:?} is neither unix nor TCP; configure ListenStream= with a path or a port"
+        )))
     }
 }
 
@@ -408,6 +403,35 @@ mod tests {
         assert!(matches!(err, ListenError::InUse(_)), "{err}");
         assert!(err.to_string().contains("another idallocd is serving on"));
         drop(live);
+    }
+
+    #[tokio::test]
+    async fn activated_descriptors_are_typed_and_checked() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(dir.path().join("a.sock")).unwrap();
+        let l = adopt_fd(unix.into_raw_fd(), false, false).unwrap();
+        assert!(matches!(&l, Listener::Unix { owned: None, .. }));
+        assert!(l.describe().ends_with("a.sock"), "{}", l.describe());
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = adopt_fd(tcp.into_raw_fd(), false, true).unwrap();
+        assert!(l.describe().starts_with("tls:127.0.0.1:"));
+        let public = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let err = adopt_fd(public.into_raw_fd(), true, false).err().unwrap();
+        assert!(matches!(err, ListenError::NotLoopback { .. }), "{err}");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = adopt_fd(udp.into_raw_fd(), false, false).err().unwrap();
+        assert!(
+            err.to_string().contains("not a listening stream socket"),
+            "{err}"
+        );
+        let unbound =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let err = adopt_fd(unbound.into_raw_fd(), false, false).err().unwrap();
+        assert!(
+            err.to_string().contains("not a listening stream socket"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
