@@ -375,25 +375,35 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
             build_filter(level).unwrap_or_else(|_| build_filter("info").expect("info is a filter"))
         });
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    // systemd sets JOURNAL_STREAM when stderr goes to the journal, which timestamps
-    // every line itself and shows escape codes literally.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal: then log to the
+    // journal natively (priorities per level, fields as journal fields). The
+    // variable is inherited, so it counts only while stderr is that very stream.
+    let journald = stderr_is_journal();
+    let journal = journald
+        .then(|| match tracing_journald::layer() {
+            Ok(layer) => Some(layer.with_syslog_identifier("idallocd".into())),
+            Err(e) => {
+                eprintln!("idallocd: cannot reach the journal socket ({e}); logging to stderr");
+                None
+            }
+        })
+        .flatten();
     let ansi = colour(
         format,
         std::io::stderr().is_terminal(),
         journald,
         std::env::var_os("NO_COLOR"),
     );
-    let plain = (!journald).then(|| {
-        tracing_subscriber::fmt::layer()
+    let plain = journal.is_none().then(|| {
+        let layer = tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
-            .with_writer(std::io::stderr)
-    });
-    let journal = journald.then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .without_time()
-            .with_writer(std::io::stderr)
+            .with_writer(std::io::stderr);
+        // The journal timestamps each line itself.
+        if journald {
+            layer.without_time().boxed()
+        } else {
+            layer.boxed()
+        }
     });
     tracing_subscriber::registry()
         .with(filter)
@@ -401,6 +411,22 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
         .with(journal)
         .init();
     LogReload { handle, from_env }
+}
+
+/// Whether stderr is the journal stream `JOURNAL_STREAM` names (`DEVICE:INODE`),
+/// as systemd.exec(5) says to check.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    match std::fs::metadata("/proc/self/fd/2") {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
 }
 
 /// Whether log lines are coloured: `auto` colours a terminal, unless the journal
