@@ -163,6 +163,56 @@ async fn every_command_has_json_spelled_as_the_text_is() {
     assert_eq!(s["mode"], "single-writer", "as the text output spells it");
 }
 
+/// `fork list` is a table people read and scripts split: a header row, each column
+/// as wide as its widest cell (a dropped fork's row included), plain ASCII with no
+/// colour or box drawing, whether or not stdout is a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_list_is_a_table_awk_can_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
+    let endpoint = daemon.endpoint();
+    let ep = Some(endpoint.as_str());
+    let uuid = ForkId::generate().to_string();
+    let ulid = ulid::Ulid::from(ForkId::generate().value()).to_string();
+    for args in [
+        &["fork", "bootstrap", &uuid, "--eid-hwm", "123456789012"][..],
+        &["fork", "bootstrap", &ulid, "--parent", &uuid][..],
+        &["fork", "drop", &uuid][..],
+    ] {
+        let out = ctl(ep, args).await;
+        assert!(out.status.success(), "{args:?}: {:?}", out.stderr);
+    }
+    let out = ctl(ep, &["fork", "list"]).await;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.is_ascii() && !text.contains('\x1b'), "{text:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let rows: Vec<Vec<&str>> = lines
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["FORK", "PARENT", "NEXT_VID", "NEXT_EID", "STATE"],
+        "{text}"
+    );
+    let row = |fork: &str| rows.iter().find(|r| r[0] == fork).unwrap().clone();
+    assert_eq!(row(&uuid)[1..], ["primary", "0", "123456789012", "dropped"]);
+    assert_eq!(
+        row(&ulid)[1..],
+        [uuid.as_str(), "0", "123456789012", "live"]
+    );
+    // Aligned: each cell starts (text) or ends (numbers) where its column's name
+    // does, so no cell overflows into the next column.
+    let col = |name: &str| lines[0].find(name).unwrap();
+    for (line, r) in lines.iter().zip(&rows).skip(1) {
+        assert!(line[col("PARENT")..].starts_with(r[1]), "{text}");
+        assert!(line[..col("NEXT_EID") + 8].ends_with(r[3]), "{text}");
+        assert_eq!(&line[col("STATE")..], r[4], "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stdout_ends_the_program_quietly() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,7 +15,7 @@ use idalloc::{Endpoint, IdRange, Kind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::KindArg;
+use super::{table, KindArg};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -258,14 +258,18 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         );
         println!("elapsed          {secs:.2} s");
         println!();
-        println!("{:<16} {:>14} {:>14}", "", "total", "per second");
-        println!(
-            "{:<16} {:>14} {:>14.0}",
-            "reservations",
-            reservations,
-            reservations as f64 / secs
-        );
-        println!("{:<16} {:>14} {:>14.0}", "ids", ids, ids as f64 / secs);
+        let mut t = table::new(&["", "total", "per second"], &[1, 2]);
+        t.add_row([
+            "reservations".to_string(),
+            reservations.to_string(),
+            format!("{:.0}", reservations as f64 / secs),
+        ]);
+        t.add_row([
+            "ids".to_string(),
+            ids.to_string(),
+            format!("{:.0}", ids as f64 / secs),
+        ]);
+        println!("{}", table::render(&t));
         println!();
         println!(
             "latency          p50 {}   p99 {}   p999 {}   max {}",

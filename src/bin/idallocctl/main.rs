@@ -16,6 +16,7 @@ macro_rules! println {
 }
 
 mod bench;
+mod table;
 
 /// What to do when writing to stdout fails.
 fn stdout_failed(e: std::io::Error) -> ! {
@@ -31,7 +32,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use idalloc::client::{self, Client, ClientConfig, ClientError};
-use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, Status};
+use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, NamespaceStatus, Status};
 use idalloc::{Kind, ServiceError};
 use serde_json::json;
 
@@ -513,30 +514,36 @@ fn print_fork_table(forks: &[ForkInfo]) {
         println!("no forks (create one with: idallocctl fork bootstrap ID)");
         return;
     }
-    println!(
-        "{:<36}  {:<36}  {:>20}  {:>20}  STATE",
-        "FORK", "PARENT", "NEXT_VID", "NEXT_EID"
+    println!("{}", table::render(&fork_table(forks)));
+}
+
+/// `fork list`'s table: one row per fork.
+fn fork_table(forks: &[ForkInfo]) -> comfy_table::Table {
+    let mut t = table::new(
+        &["FORK", "PARENT", "NEXT_VID", "NEXT_EID", "STATE"],
+        &[2, 3],
     );
     for f in forks {
-        if let Some(e) = &f.error {
-            println!(
-                "{:<36}  {:<36}  {:>20}  {:>20}  unavailable: {e}",
-                f.fork,
-                f.parent.as_deref().unwrap_or("primary"),
-                "-",
-                "-"
-            );
-            continue;
-        }
-        println!(
-            "{:<36}  {:<36}  {:>20}  {:>20}  {}",
-            f.fork,
-            f.parent.as_deref().unwrap_or("primary"),
-            f.next_vid,
-            f.next_eid,
-            if f.dropped { "dropped" } else { "live" }
-        );
+        let parent = f.parent.clone().unwrap_or_else(|| "primary".into());
+        t.add_row(match &f.error {
+            // Not verified: its numbers are not reported.
+            Some(e) => [
+                f.fork.clone(),
+                parent,
+                "-".into(),
+                "-".into(),
+                format!("unavailable: {}", table::one_line(e)),
+            ],
+            None => [
+                f.fork.clone(),
+                parent,
+                f.next_vid.to_string(),
+                f.next_eid.to_string(),
+                if f.dropped { "dropped" } else { "live" }.into(),
+            ],
+        });
     }
+    t
 }
 
 fn print_status(endpoint: &str, s: &Status) {
@@ -566,29 +573,140 @@ fn print_status(endpoint: &str, s: &Status) {
         return;
     }
     println!();
-    println!(
-        "{:<36}  {:<4}  {:>20}  {:>20}  {:>20}  {:>12}",
-        "NAMESPACE", "KIND", "GRANTED", "LEASE_START", "LEASE_END", "HEADROOM"
+    println!("{}", table::render(&namespace_table(&s.namespaces)));
+}
+
+/// `status`'s table: one row per counter of each namespace (one for a namespace
+/// that could not be verified), its state in the last column.
+fn namespace_table(namespaces: &[NamespaceStatus]) -> comfy_table::Table {
+    let mut t = table::new(
+        &[
+            "NAMESPACE",
+            "KIND",
+            "GRANTED",
+            "LEASE_START",
+            "LEASE_END",
+            "HEADROOM",
+            "STATE",
+        ],
+        &[2, 3, 4, 5],
     );
-    for ns in &s.namespaces {
-        let name = match (&ns.fork, ns.dropped) {
-            (None, _) => "primary".to_string(),
-            (Some(f), false) => f.clone(),
-            (Some(f), true) => format!("{f} (dropped)"),
+    for ns in namespaces {
+        let name = ns.fork.clone().unwrap_or_else(|| "primary".into());
+        let state = match (&ns.error, ns.dropped) {
+            (Some(e), _) => format!("unavailable: {}", table::one_line(e)),
+            (None, true) => "dropped".into(),
+            (None, false) => "live".into(),
         };
-        if let Some(e) = &ns.error {
-            println!("{name:<36}  unavailable: {e}");
+        if ns.counters.is_empty() {
+            // Not verified: its counters are not reported.
+            let mut row = vec![name.clone()];
+            row.extend(std::iter::repeat_n("-".to_string(), 5));
+            row.push(state.clone());
+            t.add_row(row);
         }
         for c in &ns.counters {
-            println!(
-                "{:<36}  {:<4}  {:>20}  {:>20}  {:>20}  {:>12}",
-                name,
-                c.kind.as_str(),
-                c.granted,
-                c.lease_start,
-                c.lease_end,
-                c.headroom
-            );
+            t.add_row([
+                name.clone(),
+                c.kind.as_str().into(),
+                c.granted.to_string(),
+                c.lease_start.to_string(),
+                c.lease_end.to_string(),
+                c.headroom.to_string(),
+                state.clone(),
+            ]);
         }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use idalloc::protocol::CounterStatus;
+
+    use super::*;
+
+    const UUID: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
+    const ULID: &str = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";
+
+    fn fork(fork: &str, dropped: bool, error: Option<&str>) -> ForkInfo {
+        ForkInfo {
+            fork: fork.into(),
+            parent: (fork == ULID).then(|| UUID.into()),
+            next_vid: 123_456_789_012,
+            next_eid: 5,
+            floor_vid: 0,
+            floor_eid: 0,
+            created: false,
+            dropped,
+            error: error.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn fork_list_columns_fit_every_row() {
+        let forks = [
+            fork(ULID, false, None),
+            fork(UUID, true, None),
+            fork(
+                UUID,
+                false,
+                Some("its manifest cannot be parsed\nrepair it"),
+            ),
+        ];
+        assert_eq!(
+            table::render(&fork_table(&forks)),
+            "\
+FORK                                  PARENT                                    NEXT_VID  NEXT_EID  STATE
+01J2VF4Z0Y8Q3R5S7T9V1W3X5Z            0190b6f2-7c1e-7a4b-9c3d-5e6f70819203  123456789012         5  live
+0190b6f2-7c1e-7a4b-9c3d-5e6f70819203  primary                               123456789012         5  dropped
+0190b6f2-7c1e-7a4b-9c3d-5e6f70819203  primary                                          -         -  unavailable: its manifest cannot be parsed repair it"
+        );
+    }
+
+    #[test]
+    fn status_shows_a_dropped_fork_in_its_own_column() {
+        let counter = |kind, granted| CounterStatus {
+            kind,
+            granted,
+            lease_start: 0,
+            lease_end: 1_000_000,
+            headroom: 1_000_000 - granted,
+        };
+        let ns = |fork: Option<&str>, dropped, error: Option<&str>| NamespaceStatus {
+            fork: fork.map(Into::into),
+            dropped,
+            counters: if error.is_some() {
+                Vec::new()
+            } else {
+                vec![counter(Kind::Vid, 11), counter(Kind::Eid, 0)]
+            },
+            error: error.map(Into::into),
+        };
+        let namespaces = [
+            ns(None, false, None),
+            ns(Some(UUID), true, None),
+            ns(Some(ULID), false, Some("the store is unreachable")),
+        ];
+        let text = table::render(&namespace_table(&namespaces));
+        assert_eq!(
+            text,
+            "\
+NAMESPACE                             KIND  GRANTED  LEASE_START  LEASE_END  HEADROOM  STATE
+primary                               vid        11            0    1000000    999989  live
+primary                               eid         0            0    1000000   1000000  live
+0190b6f2-7c1e-7a4b-9c3d-5e6f70819203  vid        11            0    1000000    999989  dropped
+0190b6f2-7c1e-7a4b-9c3d-5e6f70819203  eid         0            0    1000000   1000000  dropped
+01J2VF4Z0Y8Q3R5S7T9V1W3X5Z            -           -            -          -         -  unavailable: the store is unreachable"
+        );
+        // What a script does with it: `awk '$7 == "dropped" { print $1 }'`.
+        let dropped: Vec<&str> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[6] == "dropped").then_some(f[0])
+            })
+            .collect();
+        assert_eq!(dropped, [UUID, UUID]);
     }
 }
