@@ -279,6 +279,10 @@ async fn bench_reports_and_checks_disjointness() {
     assert_eq!(r["ids"].as_u64(), Some(4200));
     assert_eq!(r["disjoint"], true);
     assert!(r["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    let l: Vec<f64> = ["p50", "p99", "p999", "max"]
+        .map(|k| r["latency_us"][k].as_f64().unwrap())
+        .to_vec();
+    assert!(l.windows(2).all(|w| w[0] <= w[1]), "{}", r["latency_us"]);
     let text = ctl(
         Some(&ep),
         &[

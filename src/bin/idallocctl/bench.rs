@@ -5,11 +5,12 @@
 //! one namespace and kind benchmarked). The run fails, non-zero, if two overlap.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
+use hdrhistogram::Histogram;
 use idalloc::client::{Client, ClientConfig};
 use idalloc::{Endpoint, IdRange, Kind};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,9 +69,37 @@ impl BenchArgs {
     }
 }
 
-struct TaskResult {
-    ranges: Vec<IdRange>,
-    latencies_ns: Vec<u64>,
+/// Latencies are recorded in nanoseconds, from 1 ns to this (an hour, far beyond
+/// the default `--timeout` of 10 s); a longer one counts as this long.
+const HIGHEST_LATENCY_NS: u64 = 3_600_000_000_000;
+
+/// Three significant figures: each percentile is within 0.1% of the latency
+/// measured, in 264 KiB of counts for the whole run however long it lasts.
+const SIGNIFICANT_FIGURES: u8 = 3;
+
+/// Every reservation's latency, in nanoseconds.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIGHEST_LATENCY_NS, SIGNIFICANT_FIGURES)
+        .expect("static bounds are valid")
+}
+
+/// p50, p99, p999 and max of a histogram, in nanoseconds.
+struct Percentiles {
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            p50: h.value_at_quantile(0.50),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
 }
 
 pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> anyhow::Result<()> {
@@ -92,6 +121,10 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
     // at the time limit.
     let budget = Arc::new(AtomicU64::new(args.requests.unwrap_or(u64::MAX)));
     let stop = Arc::new(AtomicBool::new(false));
+    // One histogram for every task: fixed memory, and recording is a few
+    // nanoseconds under a lock no task holds across an await (a std Mutex), next to
+    // a round trip of tens of microseconds.
+    let latencies = Arc::new(Mutex::new(latency_histogram()));
 
     let bar = match args.requests {
         Some(n) => ProgressBar::new(n).with_style(
@@ -111,19 +144,17 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
     let mut tasks = tokio::task::JoinSet::new();
     for client in &clients {
         for _ in 0..args.concurrency {
-            let (client, done, budget, stop, fork) = (
+            let (client, done, budget, stop, latencies, fork) = (
                 client.clone(),
                 done.clone(),
                 budget.clone(),
                 stop.clone(),
+                latencies.clone(),
                 args.fork.clone(),
             );
             let size = args.size;
             tasks.spawn(async move {
-                let mut out = TaskResult {
-                    ranges: Vec::new(),
-                    latencies_ns: Vec::new(),
-                };
+                let mut ranges = Vec::new();
                 loop {
                     if stop.load(Ordering::Relaxed)
                         || budget
@@ -132,11 +163,15 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                             })
                             .is_err()
                     {
-                        return Ok::<_, anyhow::Error>(out);
+                        return Ok::<_, anyhow::Error>(ranges);
                     }
                     let t = Instant::now();
                     let r = client.reserve(fork.as_deref(), kind, size).await?;
-                    out.latencies_ns.push(t.elapsed().as_nanos() as u64);
+                    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    latencies
+                        .lock()
+                        .expect("no task panics holding it")
+                        .saturating_record(ns.max(1));
                     if r.len() != size {
                         bail!(
                             "asked for {size} ids, got [{}, {}) ({} ids)",
@@ -145,7 +180,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                             r.len()
                         );
                     }
-                    out.ranges.push(r);
+                    ranges.push(r);
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -177,14 +212,10 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
     };
 
     let mut ranges = Vec::new();
-    let mut latencies = Vec::new();
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
         match joined.context("a bench task panicked")? {
-            Ok(r) => {
-                ranges.extend(r.ranges);
-                latencies.extend(r.latencies_ns);
-            }
+            Ok(r) => ranges.extend(r),
             Err(e) => {
                 // Stop the others; report the first failure.
                 stop.store(true, Ordering::Relaxed);
@@ -203,10 +234,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
     }
 
     let overlap = find_overlap(&mut ranges);
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
-    };
+    let latency = Percentiles::of(&latencies.lock().expect("every task has ended"));
     let reservations = ranges.len() as u64;
     let ids = reservations * args.size;
     let secs = elapsed.as_secs_f64();
@@ -231,10 +259,10 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                 "reservations_per_sec": reservations as f64 / secs,
                 "ids_per_sec": ids as f64 / secs,
                 "latency_us": {
-                    "p50": pct(0.50) as f64 / 1e3,
-                    "p99": pct(0.99) as f64 / 1e3,
-                    "p999": pct(0.999) as f64 / 1e3,
-                    "max": *latencies.last().unwrap() as f64 / 1e3,
+                    "p50": latency.p50 as f64 / 1e3,
+                    "p99": latency.p99 as f64 / 1e3,
+                    "p999": latency.p999 as f64 / 1e3,
+                    "max": latency.max as f64 / 1e3,
                 },
                 "disjoint": overlap.is_none(),
             })
@@ -273,10 +301,10 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         println!();
         println!(
             "latency          p50 {}   p99 {}   p999 {}   max {}",
-            ms(pct(0.5)),
-            ms(pct(0.99)),
-            ms(pct(0.999)),
-            ms(*latencies.last().unwrap())
+            ms(latency.p50),
+            ms(latency.p99),
+            ms(latency.p999),
+            ms(latency.max)
         );
         if overlap.is_none() {
             println!("ranges           {reservations} received, all disjoint");
@@ -303,6 +331,31 @@ fn find_overlap(ranges: &mut [IdRange]) -> Option<(IdRange, IdRange)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_are_within_a_thousandth() {
+        let mut h = latency_histogram();
+        // 1..=100_000 µs: p50 is 50 ms, p99 99 ms, p999 99.9 ms, max 100 ms.
+        for us in 1..=100_000u64 {
+            h.saturating_record(us * 1_000);
+        }
+        let p = Percentiles::of(&h);
+        for (got, want) in [
+            (p.p50, 50_000_000),
+            (p.p99, 99_000_000),
+            (p.p999, 99_900_000),
+            (p.max, 100_000_000),
+        ] {
+            assert!(
+                got.abs_diff(want) <= want / 1_000,
+                "{got} ns, wanted {want} ns within 0.1%"
+            );
+        }
+        // Beyond the highest trackable latency: counted, at that bound.
+        h.saturating_record(u64::MAX);
+        assert_eq!(h.len(), 100_001);
+        assert!(Percentiles::of(&h).max >= HIGHEST_LATENCY_NS);
+    }
 
     #[test]
     fn overlap_is_found_in_any_order() {
