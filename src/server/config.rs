@@ -396,16 +396,22 @@ pub struct Settings {
 impl Config {
     /// Parse TOML text; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let (key, line) = match e.span() {
-                Some(span) => locate_key(text, span.start),
-                None => (None, 0),
-            };
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            // The dotted path of the key being read when it failed (an unknown
+            // key included); "." when the error is about the file as a whole.
+            let path = e.path().to_string();
+            let e = e.into_inner();
+            // One line: toml's syntax errors come as "what\nexpected what".
+            let message = e.message().trim().replace('\n', ": ");
+            let key = (path != ".").then_some(path);
+            let line = e.span().map_or(0, |s| {
+                text[..s.start.min(text.len())].matches('\n').count() + 1
+            });
             ConfigError::Parse {
                 path: origin.to_string(),
                 key,
                 line,
-                message: e.message().trim().to_string(),
+                message,
             }
         })
     }
@@ -622,45 +628,48 @@ fn duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-/// Find the dotted key a parse error points at: the key on the error's line, prefixed
-/// by the `[table]` header above it. Good enough for a hand-written config file, which
-/// is all `idallocd` reads.
-fn locate_key(text: &str, offset: usize) -> (Option<String>, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line_no = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[line_start..]
-        .find('\n')
-        .map(|i| line_start + i)
-        .unwrap_or(text.len());
-    let line = text[line_start..line_end].trim();
-    let mut table = None;
-    for l in before[..line_start].lines() {
-        let l = l.trim();
-        if l.starts_with('[') && !l.starts_with("[[") {
-            table = Some(l.trim_matches(['[', ']']).trim().to_string());
-        }
-    }
-    let key = if line.starts_with('[') {
-        Some(line.trim_matches(['[', ']']).trim().to_string())
-    } else {
-        line.split_once('=').map(|(k, _)| {
-            let k = k.trim().trim_matches('"').to_string();
-            match &table {
-                Some(t) => format!("{t}.{k}"),
-                None => k,
-            }
-        })
-    };
-    (key.filter(|k| !k.is_empty()), line_no)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn env() -> Environment {
         Environment::default()
+    }
+
+    #[test]
+    fn parse_errors_name_the_dotted_key_on_one_line() {
+        let cases = [
+            ("bogus = 1\n", Some("bogus"), 1),
+            (
+                "\n[allocation]\nlease_sizee = 3\n",
+                Some("allocation.lease_sizee"),
+                3,
+            ),
+            (
+                "[object_store.options]\naws_region = 3\n",
+                Some("object_store.options.aws_region"),
+                2,
+            ),
+            ("[tls]\ncert = 1\n", Some("tls.cert"), 2),
+            ("x = [\n", None, 2),
+        ];
+        for (text, key, line) in cases {
+            match Config::from_toml(text, "t.toml") {
+                Err(e @ ConfigError::Parse { .. }) => {
+                    let shown = e.to_string();
+                    assert_eq!(shown.lines().count(), 1, "{shown}");
+                    let ConfigError::Parse {
+                        key: k, line: l, ..
+                    } = e
+                    else {
+                        unreachable!()
+                    };
+                    assert_eq!(k.as_deref(), key, "{text}: {shown}");
+                    assert_eq!(l, line, "{text}: {shown}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]
