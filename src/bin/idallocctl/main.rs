@@ -32,9 +32,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use idalloc::client::{self, Client, ClientConfig, ClientError};
-use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, NamespaceStatus, Status};
+use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, IdRange, NamespaceStatus, Status};
 use idalloc::{Kind, ServiceError};
-use serde_json::json;
+use serde::Serialize;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -370,16 +370,19 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             let kind = Kind::from(kind);
             let r = client.reserve(fork.as_deref(), kind, count).await?;
             if json {
-                print_json(&json!({
-                    "start": r.start, "end": r.end, "count": r.len(), "kind": kind.as_str(), "fork": fork,
-                }));
+                print_json(&Reserved {
+                    range: r,
+                    count: r.len(),
+                    kind,
+                    fork: fork.as_deref(),
+                })?;
             } else {
                 println!("{}..{}", r.start, r.end);
             }
         }
         Command::Hwm { fork, json } => {
             let h = client.hwm(fork.as_deref()).await?;
-            print_hwm(&h, json);
+            print_hwm(&h, json)?;
         }
         Command::Fork(ForkCommand::Bootstrap(a)) => {
             let info = client
@@ -392,7 +395,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 })
                 .await?;
             if a.json {
-                print_json(&fork_json(&info));
+                print_json(&info)?;
             } else {
                 let what = if info.created { "created" } else { "exists" };
                 println!(
@@ -404,17 +407,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
         Command::Fork(ForkCommand::List { json }) => {
             let forks = client.list_forks().await?;
             if json {
-                // `created` only means something in a bootstrap's reply.
-                print_json(&serde_json::Value::Array(
-                    forks
-                        .iter()
-                        .map(|f| {
-                            let mut v = fork_json(f);
-                            v.as_object_mut().map(|o| o.remove("created"));
-                            v
-                        })
-                        .collect(),
-                ));
+                print_json(&forks.iter().map(ListedFork::from).collect::<Vec<_>>())?;
             } else {
                 print_fork_table(&forks);
             }
@@ -422,7 +415,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
         Command::Fork(ForkCommand::Drop { id, json }) => {
             let info = client.drop_fork(&id).await?;
             if json {
-                print_json(&fork_json(&info));
+                print_json(&info)?;
             } else {
                 println!("fork {} dropped (its ids are retired)", info.fork);
             }
@@ -430,7 +423,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
         Command::Checkpoint { fork, json } => {
             let h = client.checkpoint(fork.as_deref()).await?;
             if json {
-                print_json(&serde_json::to_value(&h)?);
+                print_json(&h)?;
             } else {
                 println!(
                     "checkpointed {}: next_vid {} next_eid {}",
@@ -454,7 +447,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 })
                 .await?;
             if json {
-                print_json(&serde_json::to_value(&r)?);
+                print_json(&r)?;
             } else {
                 println!(
                     "repaired {}: was {}; now vid ceiling {}, eid ceiling {}",
@@ -468,7 +461,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
         Command::Status { json } => {
             let status = client.status().await?;
             if json {
-                print_json(&serde_json::to_value(&status)?);
+                print_json(&status)?;
             } else {
                 print_status(&endpoint.to_string(), &status);
             }
@@ -480,15 +473,69 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{v}");
+/// Print `v` as one line of JSON. Its keys come out sorted (through
+/// `serde_json::Value`), as scripts and the README have always seen them.
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_value(v)?);
+    Ok(())
 }
 
-fn print_hwm(h: &Hwm, json: bool) {
+/// `alloc --json`: the range, its length, and the kind and fork as they were asked
+/// for (the fork as typed: `null` for the primary).
+#[derive(Serialize)]
+struct Reserved<'a> {
+    #[serde(flatten)]
+    range: IdRange,
+    count: u64,
+    kind: Kind,
+    fork: Option<&'a str>,
+}
+
+/// One fork in `fork list --json`: a [`ForkInfo`] without `created`, which only
+/// means something in a bootstrap's reply.
+#[derive(Serialize)]
+struct ListedFork<'a> {
+    fork: &'a str,
+    parent: Option<&'a str>,
+    next_vid: u64,
+    next_eid: u64,
+    floor_vid: u64,
+    floor_eid: u64,
+    dropped: bool,
+    error: Option<&'a str>,
+}
+
+impl<'a> From<&'a ForkInfo> for ListedFork<'a> {
+    fn from(f: &'a ForkInfo) -> Self {
+        // Every field named, so that a field added to the protocol is a decision
+        // here, not an omission.
+        let ForkInfo {
+            fork,
+            parent,
+            next_vid,
+            next_eid,
+            floor_vid,
+            floor_eid,
+            created: _,
+            dropped,
+            error,
+        } = f;
+        ListedFork {
+            fork,
+            parent: parent.as_deref(),
+            next_vid: *next_vid,
+            next_eid: *next_eid,
+            floor_vid: *floor_vid,
+            floor_eid: *floor_eid,
+            dropped: *dropped,
+            error: error.as_deref(),
+        }
+    }
+}
+
+fn print_hwm(h: &Hwm, json: bool) -> anyhow::Result<()> {
     if json {
-        print_json(&json!({
-            "fork": h.fork, "next_vid": h.next_vid, "next_eid": h.next_eid, "root_wide": h.root_wide,
-        }));
+        print_json(h)?;
     } else {
         println!("namespace {}", h.fork.as_deref().unwrap_or("primary"));
         println!("next_vid  {}", h.next_vid);
@@ -499,14 +546,7 @@ fn print_hwm(h: &Hwm, json: bool) {
             );
         }
     }
-}
-
-fn fork_json(f: &ForkInfo) -> serde_json::Value {
-    json!({
-        "fork": f.fork, "parent": f.parent, "next_vid": f.next_vid, "next_eid": f.next_eid,
-        "floor_vid": f.floor_vid, "floor_eid": f.floor_eid, "created": f.created, "dropped": f.dropped,
-        "error": f.error,
-    })
+    Ok(())
 }
 
 fn print_fork_table(forks: &[ForkInfo]) {
@@ -641,6 +681,35 @@ mod tests {
             dropped,
             error: error.map(Into::into),
         }
+    }
+
+    /// The README's example, byte for byte: keys sorted, the kind spelled as typed.
+    #[test]
+    fn alloc_json_is_the_documented_line() {
+        let r = IdRange {
+            start: 0,
+            end: 1000,
+        };
+        let v = serde_json::to_value(Reserved {
+            range: r,
+            count: r.len(),
+            kind: Kind::Eid,
+            fork: None,
+        })
+        .unwrap();
+        assert_eq!(
+            v.to_string(),
+            r#"{"count":1000,"end":1000,"fork":null,"kind":"eid","start":0}"#
+        );
+    }
+
+    /// `fork list --json` has every key of a bootstrap's reply but `created`.
+    #[test]
+    fn listed_forks_are_fork_info_without_created() {
+        let f = fork(ULID, true, Some("broken"));
+        let mut info = serde_json::to_value(&f).unwrap();
+        info.as_object_mut().unwrap().remove("created");
+        assert_eq!(serde_json::to_value(ListedFork::from(&f)).unwrap(), info);
     }
 
     #[test]
