@@ -9,6 +9,14 @@
 //! start-up to ready with 10,000 forks. Every client runs on `ClientConfig`'s
 //! defaults otherwise.
 //!
+//! Beside Redis (when `redis-server` and `redis-benchmark` are on PATH; Debian's
+//! `redis-server` and `redis-tools`): Redis with `appendonly yes`, `appendfsync
+//! always` on the same disk, `INCRBY ctr 1000` at 1, 16, 64 and 256 clients
+//! (`redis-benchmark -P 1`), beside idallocd's durable reservations over the unix
+//! socket at the same client counts, with the ratio, p99 and each server's CPU
+//! per operation ([`support/redis_beside.rs`]). Without Redis one line says so
+//! and the rest runs.
+//!
 //! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
 //! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
 //! of issue 6 is printed as met or NOT met. The daemon is the release binary cargo
@@ -31,6 +39,9 @@ use idalloc::protocol::BootstrapRequest;
 use idalloc::{ForkId, Kind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
+
+#[path = "support/redis_beside.rs"]
+mod redis_beside;
 
 struct Daemon {
     child: Child,
@@ -364,12 +375,22 @@ async fn bench(dur: Duration, forks: usize) {
         (TCP_OFF, Call::Reserve, &d.tcp, alone_off),
         (UNIX, Call::Reserve, &d.unix, (16, default_poll)),
         (TCP, Call::Reserve, &d.tcp, (16, default_poll)),
+        (UNIX, Call::Reserve, &d.unix, (64, default_poll)),
+        (UNIX, Call::Reserve, &d.unix, (256, default_poll)),
     ];
     for (name, call, endpoint, clients) in plan {
         rows.push(call_row(name, call, endpoint, pid, clients, dur).await);
     }
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
+    // Redis right after, on the same disk, while the daemon idles.
+    let redis = match redis_beside::Redis::start(&dir.path().join("redis"), free_port()) {
+        Ok(r) => Some([1, 16, 64, 256].map(|c| r.row(c, dur))),
+        Err(why) => {
+            println!("Redis rows skipped: {why}");
+            None
+        }
+    };
     let hwm_rss = d.rss_kib("VmHWM:");
     d.stop();
     let mut after = fsync_row(dir.path(), dur);
@@ -464,6 +485,9 @@ async fn bench(dur: Duration, forks: usize) {
         u16.rate() / t16.rate(),
         verdict(worst <= 1.5)
     );
+    if let Some(redis) = &redis {
+        beside_redis(redis, &|c| find(UNIX, c));
+    }
     let peak = peak_rss.load(Ordering::Relaxed);
     println!(
         "daemon RSS under load: peak sampled {:.1} MiB, VmHWM {:.1} MiB (target <= 64): {}",
@@ -519,6 +543,73 @@ async fn bench(dur: Duration, forks: usize) {
     );
     d.stop();
     let _ = std::io::stdout().flush();
+}
+
+/// The table of issue 21: idallocd's durable reservations over the unix socket
+/// against Redis AOF-always `INCRBY`, same client counts, one run, and its targets.
+fn beside_redis<'a>(redis: &[redis_beside::RedisRow], ours: &dyn Fn(usize) -> &'a Row) {
+    println!();
+    println!(
+        "{:>7} {:>13} {:>13} {:>7} {:>11} {:>11} {:>11} {:>12} {:>12}",
+        "clients",
+        "redis /s",
+        "idallocd /s",
+        "ratio",
+        "redis p50",
+        "redis p99",
+        "ours p99",
+        "redis cpu us",
+        "ours cpu us"
+    );
+    let mut met = Vec::new();
+    for r in redis {
+        let o = ours(r.clients);
+        let ratio = o.rate() / r.rate;
+        let cpu = o
+            .cost
+            .map_or(f64::NAN, |c| c.daemon_cpu_s * 1e6 / o.ops.max(1) as f64);
+        println!(
+            "{:>7} {:>13.0} {:>13.0} {:>7.2} {:>9.0}us {:>9.0}us {:>9.0}us {:>12.1} {:>12.1}",
+            r.clients,
+            r.rate,
+            o.rate(),
+            ratio,
+            r.p50_us,
+            r.p99_us,
+            o.pct_us(0.99),
+            r.cpu_us,
+            cpu
+        );
+        met.push((r.clients, ratio, o.pct_us(0.99) <= r.p99_us, cpu, o.rate()));
+    }
+    let at = |c: usize| met.iter().find(|m| m.0 == c).copied();
+    if let Some((_, ratio, _, _, _)) = at(1) {
+        println!(
+            "1 client: {ratio:.2}x Redis (target >= 2): {}",
+            verdict(ratio >= 2.0)
+        );
+    }
+    for c in [16, 64] {
+        if let Some((_, ratio, _, _, _)) = at(c) {
+            println!(
+                "{c} clients: {ratio:.2}x Redis (target >= 1.5): {}",
+                verdict(ratio >= 1.5)
+            );
+        }
+    }
+    if let Some((_, _, p99_ok, cpu, rate64)) = at(64) {
+        println!("64 clients: p99 no worse than Redis's: {}", verdict(p99_ok));
+        println!(
+            "64 clients: daemon cpu {cpu:.1} us per reservation (target <= 8): {}",
+            verdict(cpu <= 8.0)
+        );
+        if let Some((_, _, _, _, rate256)) = at(256) {
+            println!(
+                "256 clients: {rate256:.0}/s against {rate64:.0}/s at 64 (target: not below): {}",
+                verdict(rate256 >= rate64)
+            );
+        }
+    }
 }
 
 fn main() {
