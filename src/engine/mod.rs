@@ -231,8 +231,17 @@ impl Engine {
             )));
         }
         let _guard = self.enter()?;
-        let entry = self.entry(ns).await?;
-        self.ensure_verified(&entry).await?;
+        // The hot path is a cached, verified entry and ids in the current lease.
+        // The cold paths (loading a fork, verifying, taking a lease) are boxed so
+        // their large state machines are not part of every reservation's future,
+        // which tarpc moves and copies per request (docs/performance.md).
+        let entry = match self.cached_entry(&ns) {
+            Some(e) => e,
+            None => Box::pin(self.entry(ns)).await?,
+        };
+        if !entry.verified.load(std::sync::atomic::Ordering::Acquire) {
+            Box::pin(self.ensure_verified(&entry)).await?;
+        }
         let k = kind.index();
         let range = loop {
             let taken = {
@@ -253,7 +262,7 @@ impl Engine {
                         entry.ns
                     )));
                 }
-                Err(TakeError::NeedLease) => self.lease(&entry, kind, count).await?,
+                Err(TakeError::NeedLease) => Box::pin(self.lease(&entry, kind, count)).await?,
             }
         };
         self.maybe_prefetch(&entry, kind);
@@ -423,6 +432,14 @@ impl Engine {
 
     /// The entry of a namespace; a fork this daemon has not seen is looked up in the
     /// object store (another daemon, or an earlier life, may have created it).
+    /// The entry of `ns` if it is in memory (the primary always is).
+    fn cached_entry(&self, ns: &Namespace) -> Option<Arc<NsEntry>> {
+        match ns {
+            Namespace::Primary => Some(self.primary.clone()),
+            Namespace::Fork(id) => self.forks.read().unwrap().get(id).cloned(),
+        }
+    }
+
     async fn entry(&self, ns: Namespace) -> Result<Arc<NsEntry>, ServiceError> {
         match ns {
             Namespace::Primary => Ok(self.primary.clone()),

@@ -83,6 +83,18 @@ async fn observed<T>(
     r
 }
 
+/// [`observed`] with its future on the heap, for every method but `reserve`:
+/// tarpc's per-request future is an enum as large as its largest method's, and
+/// it is moved (copied) per request, so the cold methods' large state machines
+/// (bootstrap, status, repair, ...) would otherwise be paid by every
+/// reservation.
+fn cold<'a, T: Send + 'a>(
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'a,
+) -> futures::future::BoxFuture<'a, Result<T, ServiceError>> {
+    Box::pin(observed(method, call))
+}
+
 impl IdAlloc for Service {
     async fn reserve(
         self,
@@ -99,7 +111,7 @@ impl IdAlloc for Service {
     }
 
     async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
-        observed("hwm", async move {
+        cold("hwm", async move {
             let ns = namespace(fork.as_deref())?;
             self.engine.hwm(ns).await
         })
@@ -111,7 +123,7 @@ impl IdAlloc for Service {
         _: Context,
         req: BootstrapRequest,
     ) -> Result<ForkInfo, ServiceError> {
-        observed("bootstrap_fork", async move {
+        cold("bootstrap_fork", async move {
             let fork = fork_id(&req.fork, "fork")?;
             let parent = match req.parent.as_deref() {
                 None | Some("") => None,
@@ -142,7 +154,7 @@ impl IdAlloc for Service {
         after: Option<String>,
         limit: u32,
     ) -> Result<ForkPage, ServiceError> {
-        observed("list_forks", async move {
+        cold("list_forks", async move {
             let after = match after.as_deref() {
                 None | Some("") => None,
                 Some(a) => Some(fork_id(a, "after")?),
@@ -161,7 +173,7 @@ impl IdAlloc for Service {
     }
 
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
-        observed("drop_fork", async move {
+        cold("drop_fork", async move {
             self.peer.require_admin("fork drop")?;
             let fork = fork_id(&fork, "fork")?;
             self.engine.drop_fork(fork).await
@@ -170,7 +182,7 @@ impl IdAlloc for Service {
     }
 
     async fn checkpoint(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
-        observed("checkpoint", async move {
+        cold("checkpoint", async move {
             self.peer.require_admin("checkpoint")?;
             let ns = namespace(fork.as_deref())?;
             self.engine.checkpoint(ns).await
@@ -179,11 +191,11 @@ impl IdAlloc for Service {
     }
 
     async fn status(self, _: Context) -> Result<Status, ServiceError> {
-        observed("status", async move { Ok(self.engine.status().await) }).await
+        cold("status", async move { Ok(self.engine.status().await) }).await
     }
 
     async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
-        observed("repair", async move {
+        cold("repair", async move {
             self.peer.require_admin("repair")?;
             let ns = namespace(req.fork.as_deref())?;
             self.engine.repair(ns, req.vid_floor, req.eid_floor).await
