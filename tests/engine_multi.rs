@@ -154,31 +154,36 @@ async fn two_contending_daemons_each_get_a_fair_share() {
         let e = engines[t % 2].clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            let mut worst = std::time::Duration::ZERO;
+            let mut lat = Vec::new();
             while std::time::Instant::now() < stop {
                 let t0 = std::time::Instant::now();
                 if let Ok(r) = e.reserve(Namespace::Primary, Kind::Vid, 1).await {
                     got.push(r);
                 }
-                worst = worst.max(t0.elapsed());
+                lat.push(t0.elapsed());
             }
-            (t % 2, got, worst)
+            (t % 2, got, lat)
         }));
     }
     let mut per = [0usize; 2];
-    let mut worst = [std::time::Duration::ZERO; 2];
+    let mut lat: [Vec<std::time::Duration>; 2] = [Vec::new(), Vec::new()];
     let mut all = Vec::new();
     for t in tasks {
-        let (d, got, w) = t.await.unwrap();
+        let (d, got, l) = t.await.unwrap();
         per[d] += got.len();
-        worst[d] = worst[d].max(w);
+        lat[d].extend(l);
         all.extend(got);
     }
+    let p99 = |l: &mut Vec<std::time::Duration>| {
+        l.sort_unstable();
+        l.get(l.len() * 99 / 100).copied().unwrap_or_default()
+    };
+    let worst = [p99(&mut lat[0]), p99(&mut lat[1])];
     assert_disjoint(&all, "two contending daemons");
     let (lo, hi) = (per[0].min(per[1]), per[0].max(per[1]));
-    eprintln!("fair share: {per:?} reservations, slowest call {worst:?}");
+    eprintln!("fair share: {per:?} reservations, p99 {worst:?}");
     assert!(lo > 0, "a daemon starved: {per:?}");
-    assert!(hi <= 4 * lo, "unfair: {per:?} (slowest calls {worst:?})");
+    assert!(hi <= 4 * lo, "unfair: {per:?} (p99 {worst:?})");
     // Frequent races grow the lease (fewer, larger leases), within rule 7's bound:
     // a current and a prefetched lease of at most 4 x lease_size each.
     let most = sampler.await.unwrap();
