@@ -56,9 +56,9 @@ the two spellings of one value are the same fork.
 The endpoint is unix:PATH, tcp:HOST:PORT (plain, loopback only) or tls:HOST:PORT
 (TLS: the daemon's certificate is checked against --tls-ca for HOST, and this
 client presents --tls-cert/--tls-key, whose names the daemon maps to a role).
-Without --endpoint or IDALLOC_ENDPOINT
-it is the daemon's default socket: $RUNTIME_DIRECTORY/idallocd.sock under systemd,
-else $STATE_DIRECTORY/idallocd.sock, else ./idallocd-data/idallocd.sock.
+Without --endpoint or IDALLOC_ENDPOINT it is the daemon's default socket:
+$RUNTIME_DIRECTORY/idallocd.sock under systemd, else $STATE_DIRECTORY/idallocd.sock,
+else ./idallocd-data/idallocd.sock.
 
 Errors: exit status 1 (2 for bad usage, a bad --endpoint included) and one line
 on stderr. A closed stdout (`| head`) ends the program quietly with status 141.";
