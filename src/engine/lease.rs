@@ -85,20 +85,21 @@ impl Engine {
         };
         // Another writer won the last round: back off a random while, so that
         // contending daemons take turns instead of one winning every race
-        // (1 ms doubling to at most 64 ms, each pause plus up to as much again).
+        // (a cap of 1 ms doubling to 64 ms, the pause anywhere below it).
         let mut pauses = {
             use backon::BackoffBuilder;
             backon::ExponentialBuilder::default()
                 .with_min_delay(std::time::Duration::from_millis(1))
                 .with_max_delay(std::time::Duration::from_millis(64))
                 .without_max_times()
-                .with_jitter()
                 .build()
         };
         for lost in 0..MAX_CONFLICTS {
             if lost > 0 {
-                if let Some(pause) = pauses.next() {
-                    tokio::time::sleep(pause).await;
+                if let Some(cap) = pauses.next() {
+                    // Full jitter: anywhere below the cap, so that a daemon that
+                    // keeps losing still gets short waits, not ever longer ones.
+                    tokio::time::sleep(cap.mul_f64(rand::random::<f64>())).await;
                 }
             }
             let cur = match &ms.cached {
