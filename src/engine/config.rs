@@ -35,6 +35,9 @@ pub struct EngineConfig {
     /// (a few racing updates under a scratch prefix) and refuse a store that
     /// lets two writers win. Default: on.
     pub store_startup_check: bool,
+    /// How the root counts fork ids: per namespace (the reference design) or one
+    /// sequence for the whole tree (`[allocation] fork_ids`). Default: namespace.
+    pub fork_ids: crate::protocol::ForkIds,
 }
 
 impl EngineConfig {
@@ -77,6 +80,7 @@ impl Default for EngineConfig {
             boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
             sled_cache_bytes: 16 << 20,
             store_startup_check: true,
+            fork_ids: crate::protocol::ForkIds::Namespace,
         }
     }
 }

@@ -144,6 +144,27 @@ impl Counter {
         }
     }
 
+    /// Never grant below `at` again, keeping what is left of our leases above it
+    /// (a fork's ids up to `at` were merged into this namespace).
+    pub fn skip_to(&mut self, at: u64) {
+        if self.granted >= at {
+            return;
+        }
+        if at <= self.lease_end {
+            self.granted = at;
+            return;
+        }
+        match self.next {
+            Some((s, e)) if at < e => {
+                self.lease_start = s.max(at);
+                self.lease_end = e;
+                self.granted = s.max(at);
+                self.next = None;
+            }
+            _ => *self = Counter::resume_at(at.max(self.owned_end())),
+        }
+    }
+
     /// Move up to at least `at` with no lease (the ceiling moved under us, or local
     /// state cannot be trusted). Never moves down.
     pub fn jump_to(&mut self, at: u64) {
@@ -155,6 +176,23 @@ impl Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skip_to_keeps_the_lease_above_the_point_and_never_moves_down() {
+        let mut c = Counter::resume_at(100);
+        c.install(100, 200);
+        c.take(10).unwrap();
+        c.skip_to(50);
+        assert_eq!(c.granted, 110, "never down");
+        c.skip_to(150);
+        assert_eq!((c.granted, c.lease_end), (150, 200), "inside the lease");
+        c.install(300, 400);
+        c.skip_to(320);
+        assert_eq!((c.granted, c.lease_start, c.lease_end, c.next), (320, 320, 400, None));
+        c.skip_to(1000);
+        assert_eq!(c.take(1).unwrap_err(), TakeError::NeedLease);
+        assert_eq!(c.granted, 1000);
+    }
 
     #[test]
     fn takes_are_increasing_and_disjoint_across_leases() {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ServiceError;
 use crate::fork_id::{ForkId, IdForm};
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkInfo, WriterMode};
+use crate::protocol::{ForkIds, ForkInfo, WriterMode};
 
 use super::counter::Counter;
 use super::manifest::{path_for, ForkMeta, Manifest};
@@ -214,6 +214,7 @@ impl Engine {
                 "fork {fork} cannot be its own parent"
             )));
         }
+        self.ensure_mode().await?;
         let _b = self.bootstrap_lock.lock().await;
         let existing = self.forks.read().unwrap().get(&fork).cloned();
         if let Some(e) = existing {
@@ -254,10 +255,8 @@ impl Engine {
         };
         self.ensure_verified(&parent_entry).await?;
         let pst = parent_entry.snapshot();
-        if pst.meta.dropped {
-            return Err(ServiceError::DroppedFork(
-                parent.map(|p| p.text()).unwrap_or_default(),
-            ));
+        if pst.meta.retired() {
+            return Err(parent_entry.retired_error());
         }
         // In multi-writer mode other daemons may have granted up to the parent's
         // ceiling, so the ceiling is the only safe HWM. A single writer (verified
@@ -270,16 +269,28 @@ impl Engine {
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?,
             WriterMode::SingleWriter => None,
         };
+        // In tree mode the primary's ceiling is the tree's sequence: at or above
+        // everything any namespace was ever granted.
+        let tree = match self.cfg.fork_ids {
+            ForkIds::Tree => self
+                .mirror
+                .read(&self.primary.path())
+                .await
+                .map_err(|e| store_err(e, self.retry_hint_ms()))?,
+            ForkIds::Namespace => None,
+        };
         let floor = |k: Kind, caller: u64| {
             let local = pst.counters[k.index()].granted;
             let ceiling = pman.as_ref().map_or(0, |v| v.manifest.ceiling(k));
-            caller.max(local).max(ceiling)
+            let sequence = tree.as_ref().map_or(0, |v| v.manifest.ceiling(k));
+            caller.max(local).max(ceiling).max(sequence)
         };
         let meta = ForkMeta {
             parent: parent_entry.fork().map(|f| f.text()),
             floor_vid: floor(Kind::Vid, vid_floor),
             floor_eid: floor(Kind::Eid, eid_floor),
             dropped: false,
+            merged_into: None,
         };
         let mut m = Manifest::new(meta.floor_vid, meta.floor_eid);
         m.set_fork_meta(&meta);
@@ -315,6 +326,10 @@ impl Engine {
             },
         };
         debug_assert!(won);
+        // A daemon switching the root's mode lists forks after it rewrote the
+        // record: either it sees this claim and switches back, or we see its
+        // record now and serve nothing of this fork.
+        self.mode_unchanged().await?;
         let ns = Namespace::Fork(fork);
         let path = path_for(&ns);
         let written = self
@@ -362,6 +377,11 @@ impl Engine {
         if entry.snapshot().meta.dropped {
             return Ok(entry.info(false));
         }
+        if let Some(into) = entry.snapshot().meta.merged_into {
+            return Err(ServiceError::InvalidArgument(format!(
+                "fork {fork} was merged into {into}: its ids are retired already, and a merged fork is not dropped"
+            )));
+        }
         let path = entry.path();
         for _ in 0..32 {
             let cur = self
@@ -372,6 +392,11 @@ impl Engine {
             let st = entry.snapshot();
             let mut m = super::lease::manifest_to_rewrite(cur.as_ref(), &entry, &st.meta);
             let mut meta = m.fork_meta().unwrap_or_else(|| st.meta.clone());
+            if let Some(into) = &meta.merged_into {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "fork {fork} was merged into {into} (by another daemon): its ids are retired already, and a merged fork is not dropped"
+                )));
+            }
             meta.dropped = true;
             m.set_fork_meta(&meta);
             for k in Kind::ALL {
@@ -412,8 +437,8 @@ impl Engine {
     ) -> Result<ForkInfo, ServiceError> {
         self.ensure_verified(e).await?;
         let info = e.info(created);
-        if info.dropped {
-            return Err(ServiceError::DroppedFork(info.fork));
+        if info.dropped || info.merged_into.is_some() {
+            return Err(e.retired_error());
         }
         Ok(info)
     }

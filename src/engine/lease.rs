@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::error::ServiceError;
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::Hwm;
+use crate::protocol::{ForkIds, Hwm};
 
 use super::manifest::{ForkMeta, Manifest};
 use super::ns::{MirrorState, NsEntry};
@@ -77,6 +77,12 @@ impl Engine {
         kind: Kind,
         need: u64,
     ) -> Result<(), ServiceError> {
+        if entry.fork().is_some() {
+            self.ensure_mode().await?;
+            if self.cfg.fork_ids == ForkIds::Tree {
+                return self.take_tree_lease(entry, ms, kind, need).await;
+            }
+        }
         let path = entry.path();
         let hint = self.retry_hint_ms();
         let other = match kind {
@@ -110,17 +116,8 @@ impl Engine {
                     .await
                     .map_err(|e| store_err(e, hint))?,
             };
-            if let Some(meta) = cur.as_ref().and_then(|v| v.manifest.fork_meta()) {
-                if meta.dropped {
-                    // Another daemon dropped this fork: honour the tombstone.
-                    entry.state.lock().unwrap().meta.dropped = true;
-                    ms.cached = cur;
-                    self.persist(entry).await?;
-                    return Err(ServiceError::DroppedFork(
-                        entry.fork().map(|f| f.text()).unwrap_or_default(),
-                    ));
-                }
-            }
+            // Another daemon dropped or merged this fork: honour the tombstone.
+            self.honour_tombstone(entry, ms, cur.as_ref()).await?;
             let (owned, other_owned, meta) = {
                 let st = entry.state.lock().unwrap();
                 (
@@ -293,6 +290,12 @@ impl Engine {
         // Only verified, current counters know which ids are still ours: a stale
         // namespace's `granted` may be below what an earlier life handed out.
         if before.stale || !entry.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // In tree mode a fork's leases come from the tree's sequence: giving them
+        // back to the fork's manifest would not return them to the sequence, and
+        // keeping them lets a restart resume inside them (no gap).
+        if self.cfg.fork_ids == ForkIds::Tree && entry.fork().is_some() {
             return Ok(());
         }
         if Kind::ALL

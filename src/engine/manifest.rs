@@ -19,6 +19,9 @@ pub const FORKS_DIR: &str = "catalog/forks";
 /// The key under which idalloc keeps its own fork metadata inside a fork manifest.
 /// The reference reader ignores it (serde skips unknown fields).
 const IDALLOC_KEY: &str = "idalloc";
+/// The key under which a namespace that forks were merged into records the
+/// highest end of their ids (`{"vid": N, "eid": M}`): it never grants below it.
+const MERGED_KEY: &str = "idalloc_merged_floor";
 
 /// Object-store path of a namespace's manifest; forks use the given text form.
 pub fn path_for(ns: &Namespace) -> Path {
@@ -48,6 +51,17 @@ pub struct ForkMeta {
     /// A tombstone: the fork was dropped and its ids are retired.
     #[serde(default)]
     pub dropped: bool,
+    /// A tombstone: the fork was merged into this namespace (a fork id's text or
+    /// `"primary"`), and its ids are retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+}
+
+impl ForkMeta {
+    /// Whether the fork serves no more ids (dropped or merged).
+    pub fn retired(&self) -> bool {
+        self.dropped || self.merged_into.is_some()
+    }
 }
 
 /// A manifest: the ceiling of each counter (every id below it may have been handed
@@ -96,6 +110,17 @@ impl Manifest {
             serde_json::from_value::<ForkMeta>(v.clone())
                 .map_err(|e| format!("field \"{IDALLOC_KEY}\" of {path}: {e}"))?;
         }
+        if let Some(v) = m.extra.get(MERGED_KEY) {
+            let ok = v.as_object().is_some_and(|o| {
+                o.iter()
+                    .all(|(k, v)| matches!(k.as_str(), "vid" | "eid") && v.as_u64().is_some())
+            });
+            if !ok {
+                return Err(format!(
+                    "field \"{MERGED_KEY}\" of {path} is not {{\"vid\": N, \"eid\": M}}"
+                ));
+            }
+        }
         Ok(m)
     }
 
@@ -110,6 +135,32 @@ impl Manifest {
         self.extra
             .get(IDALLOC_KEY)
             .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
+    /// The floor below which this namespace never grants again, because forks
+    /// whose ids reach up to it were merged into it (0 when none was).
+    pub fn merged_floor(&self, kind: Kind) -> u64 {
+        self.extra
+            .get(MERGED_KEY)
+            .and_then(|v| v.get(kind.as_str()))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Raise the merged floor of `kind` to at least `at`.
+    pub fn raise_merged_floor(&mut self, kind: Kind, at: u64) {
+        let cur = self.merged_floor(kind);
+        let entry = self
+            .extra
+            .entry(MERGED_KEY.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        entry
+            .as_object_mut()
+            .expect("an object")
+            .insert(kind.as_str().to_string(), Value::from(cur.max(at)));
     }
 
     /// Record idalloc's fork metadata.

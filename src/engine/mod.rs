@@ -28,10 +28,12 @@ pub mod local;
 pub mod manifest;
 pub mod ns;
 mod recovery;
+mod merge;
 mod repair;
 pub mod root_lock;
 pub mod store;
 pub mod store_check;
+mod tree;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -131,6 +133,8 @@ pub struct Engine {
     idle: tokio::sync::Notify,
     started: Instant,
     boot_id: String,
+    /// Set once the root's recorded fork-id mode is known to be ours.
+    mode_settled: tokio::sync::OnceCell<()>,
     /// Held for the engine's life on `file://` roots.
     _root_lock: Option<root_lock::RootLock>,
     /// Both tiers on one disk (the mirror is inside the data directory).
@@ -246,10 +250,9 @@ impl Engine {
         let range = loop {
             let taken = {
                 let mut st = entry.state.lock().unwrap();
-                if st.meta.dropped {
-                    return Err(ServiceError::DroppedFork(
-                        entry.fork().map(|f| f.text()).unwrap_or_default(),
-                    ));
+                if st.meta.retired() {
+                    drop(st);
+                    return Err(entry.retired_error());
                 }
                 st.counters[k].take(count)
             };
@@ -392,6 +395,7 @@ impl Engine {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             mode: self.mirror.mode(),
+            fork_ids: self.cfg.fork_ids,
             object_store: self.mirror.display_url().to_string(),
             mirror: self.mirror.health(),
             namespaces_total: 1 + self.forks.read().unwrap().len() as u64,

@@ -148,6 +148,19 @@ impl NsEntry {
         })
     }
 
+    /// The error a reservation in this retired fork (dropped or merged) answers.
+    pub fn retired_error(&self) -> crate::error::ServiceError {
+        let fork = self.fork().map(|f| f.text()).unwrap_or_default();
+        let st = self.state.lock().unwrap();
+        match &st.meta.merged_into {
+            Some(into) => crate::error::ServiceError::MergedFork {
+                fork,
+                into: into.clone(),
+            },
+            None => crate::error::ServiceError::DroppedFork(fork),
+        }
+    }
+
     /// High-water marks.
     pub fn hwm(&self) -> Hwm {
         let st = self.snapshot();
@@ -171,6 +184,7 @@ impl NsEntry {
             floor_eid: st.meta.floor_eid,
             created,
             dropped: st.meta.dropped,
+            merged_into: st.meta.merged_into.clone(),
             error: None,
         }
     }
@@ -187,6 +201,7 @@ impl NsEntry {
             floor_eid: st.meta.floor_eid,
             created: false,
             dropped: st.meta.dropped,
+            merged_into: st.meta.merged_into.clone(),
             error: Some(error),
         }
     }
@@ -198,6 +213,7 @@ impl NsEntry {
         NamespaceStatus {
             fork: self.fork().map(|f| f.text()),
             dropped: st.meta.dropped,
+            merged_into: st.meta.merged_into.clone(),
             counters: if error.is_some() {
                 vec![]
             } else {

@@ -137,6 +137,22 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         }
     }
 
+    // One mode per root. Unreachable now: checked again before the first fork
+    // operation (the primary is the same in both modes).
+    let mode_settled = tokio::sync::OnceCell::new();
+    match super::tree::settle_mode(&mirror, cfg.fork_ids).await {
+        Ok(()) => {
+            let _ = mode_settled.set(());
+            tracing::info!(fork_ids = %cfg.fork_ids, "fork ids are counted {}", match cfg.fork_ids {
+                crate::protocol::ForkIds::Namespace => "per namespace (a fork starts above its parent; both may then hand out the same ids)",
+                crate::protocol::ForkIds::Tree => "in one sequence for the whole tree (ids unique across the primary and every fork)",
+            });
+        }
+        Err(OpenError::StoreUnreachable(m)) => {
+            tracing::warn!(error = %m, "could not read the root's fork-id mode; checked again before the first fork operation")
+        }
+        Err(e) => return Err(e),
+    }
     let trusted = trust(&mark, loaded.meta.as_ref(), &boot_id);
     let fresh = loaded.meta.is_none() && primary.is_none() && forks.is_empty();
     if fresh {
@@ -164,6 +180,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         primary,
         forks: std::sync::RwLock::new(forks),
         bootstrap_lock: tokio::sync::Mutex::new(()),
+        mode_settled,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         idle: tokio::sync::Notify::new(),

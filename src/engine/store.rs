@@ -568,6 +568,20 @@ impl Mirror {
         self.handle.local_root.as_deref()
     }
 
+    /// Every object under `prefix`.
+    pub async fn list_paths(&self, prefix: &Path) -> Result<Vec<Path>, StoreError> {
+        let store = &self.handle.store;
+        self.retry("list", prefix, || async {
+            let metas: Result<Vec<_>, _> = store.list(Some(prefix)).try_collect().await;
+            match metas {
+                Ok(metas) => Attempt::Done(metas.into_iter().map(|m| m.location).collect()),
+                Err(object_store::Error::NotFound { .. }) => Attempt::Done(Vec::new()),
+                Err(e) => classify("list", prefix, e),
+            }
+        })
+        .await
+    }
+
     /// Directory names under `catalog/forks/` (one per fork manifest spelling).
     pub async fn list_fork_dirs(&self) -> Result<Vec<String>, StoreError> {
         let store = &self.handle.store;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
-use crate::protocol::WriterMode;
+use crate::protocol::{ForkIds, WriterMode};
 
 use super::forks::{claim_path, other_spelling, Claim};
 use super::lease::manifest_to_rewrite;
@@ -60,6 +60,20 @@ impl Evidence {
             .or_else(|| self.other.as_ref().and_then(|m| m.fork_meta()))
     }
 
+    fn merged_into(&self) -> Option<String> {
+        let a = self.cur.as_ref().and_then(|v| v.manifest.fork_meta());
+        let b = self.other.as_ref().and_then(|m| m.fork_meta());
+        a.and_then(|m| m.merged_into)
+            .or_else(|| b.and_then(|m| m.merged_into))
+    }
+
+    /// The floor forks merged into this namespace left (see `merge`).
+    fn merged_floor(&self, kind: Kind) -> u64 {
+        let a = self.cur.as_ref().map_or(0, |v| v.manifest.merged_floor(kind));
+        let b = self.other.as_ref().map_or(0, |m| m.merged_floor(kind));
+        a.max(b)
+    }
+
     fn dropped(&self) -> bool {
         let a = self.cur.as_ref().and_then(|v| v.manifest.fork_meta());
         let b = self.other.as_ref().and_then(|m| m.fork_meta());
@@ -68,6 +82,19 @@ impl Evidence {
 }
 
 impl Engine {
+    /// The end of the highest lease any fork of this daemon holds, per kind.
+    fn forks_owned_end(&self) -> [u64; 2] {
+        let forks: Vec<_> = self.forks.read().unwrap().values().cloned().collect();
+        let mut end = [0, 0];
+        for f in forks {
+            let st = f.snapshot();
+            for k in Kind::ALL {
+                end[k.index()] = end[k.index()].max(st.counters[k.index()].owned_end());
+            }
+        }
+        end
+    }
+
     /// Verify `entry` once per life before it serves or reports anything.
     pub(super) async fn ensure_verified(&self, entry: &Arc<NsEntry>) -> Result<(), ServiceError> {
         if entry.verified.load(Ordering::Acquire) {
@@ -196,6 +223,13 @@ impl Engine {
             let ev = self.evidence(entry).await?;
             let path = entry.path();
             let mut raise = false;
+            // In tree mode the primary's ceiling also covers the leases this
+            // daemon's forks took from the tree's sequence: those are ours too.
+            let forks_owned = if self.cfg.fork_ids == ForkIds::Tree && entry.fork().is_none() {
+                self.forks_owned_end()
+            } else {
+                [0, 0]
+            };
             {
                 let mut st = entry.state.lock().unwrap();
                 if st.stale && entry.fork().is_some() {
@@ -208,6 +242,9 @@ impl Engine {
                     }
                 }
                 st.meta.dropped |= ev.dropped();
+                if st.meta.merged_into.is_none() {
+                    st.meta.merged_into = ev.merged_into();
+                }
                 // A legacy fork under two spellings: another daemon may have leased
                 // the ids of our lease on the other manifest, so ours are not ours.
                 let stale = st.stale || ev.two_spellings;
@@ -217,13 +254,16 @@ impl Engine {
                     let owned = c.owned_end();
                     if stale {
                         c.jump_to(ceiling);
-                    } else if ceiling > owned && self.mirror.mode() == WriterMode::SingleWriter {
+                    } else if ceiling > owned.max(forks_owned[kind.index()])
+                        && self.mirror.mode() == WriterMode::SingleWriter
+                    {
                         tracing::warn!(
                             namespace = %entry.ns, %kind, local = owned, manifest = ceiling,
                             "manifest ceiling is above the lease recorded locally: local state is stale or another writer used this root; resuming above the ceiling"
                         );
                         c.jump_to(ceiling);
                     }
+                    c.skip_to(ev.merged_floor(kind));
                     let mine = ev.cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
                     if mine < c.owned_end().max(ceiling) {
                         raise = true;

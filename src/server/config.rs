@@ -161,6 +161,9 @@ pub struct AllocationConfig {
     pub max_count: u64,
     /// Fraction of a lease used before the next one is taken in the background.
     pub prefetch_at: f64,
+    /// `"namespace"` (each namespace counts on its own) or `"tree"` (one sequence
+    /// for the primary and every fork: ids unique across the fork tree).
+    pub fork_ids: crate::protocol::ForkIds,
 }
 
 /// `[object_store]`.
@@ -250,6 +253,7 @@ impl Default for AllocationConfig {
             lease_size: engine.lease_size,
             max_count: engine.max_count,
             prefetch_at: engine.prefetch_at,
+            fork_ids: engine.fork_ids,
         }
     }
 }
@@ -520,6 +524,7 @@ impl Config {
             boot_id_path: self.boot_id_path.clone(),
             sled_cache_bytes: self.sled_cache_bytes,
             store_startup_check: o.startup_check,
+            fork_ids: a.fork_ids,
         };
         engine
             .validate()

@@ -13,7 +13,7 @@ use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
 use crate::protocol::{
-    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, RepairReport, RepairRequest,
+    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest, RepairReport, RepairRequest,
     Status,
 };
 
@@ -177,6 +177,15 @@ impl IdAlloc for Service {
             self.peer.require_admin("fork drop")?;
             let fork = fork_id(&fork, "fork")?;
             self.engine.drop_fork(fork).await
+        })
+        .await
+    }
+
+    async fn merge_fork(self, _: Context, req: MergeRequest) -> Result<MergeReport, ServiceError> {
+        cold("merge_fork", async move {
+            self.peer.require_admin("fork merge")?;
+            let fork = fork_id(&req.fork, "fork")?;
+            self.engine.merge_fork(fork, req.into).await
         })
         .await
     }

@@ -48,6 +48,15 @@ pub enum ServiceError {
     /// `repair` need the admin role). Nothing was changed.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The fork was merged into an ancestor; its ids are retired, and its writers
+    /// write to the namespace it was merged into.
+    #[error("fork {fork} was merged into {into}: its ids are retired; write to {into} instead")]
+    MergedFork {
+        /// The merged fork.
+        fork: String,
+        /// Where it was merged: a fork id's text or `primary`.
+        into: String,
+    },
 }
 
 impl ServiceError {

@@ -118,6 +118,9 @@ pub struct ForkInfo {
     pub created: bool,
     /// True once the fork has been dropped (a tombstone).
     pub dropped: bool,
+    /// Set once the fork has been merged (a tombstone): the namespace it was merged
+    /// into, a fork id's text or `"primary"`.
+    pub merged_into: Option<String>,
     /// Set when the fork could not be verified against the object store (its
     /// manifest is broken, or the store is unreachable): the numbers above are
     /// then not reported (zero) and this says why.
@@ -155,6 +158,77 @@ impl std::fmt::Display for WriterMode {
     }
 }
 
+/// How a root counts the ids of its forks (`[allocation] fork_ids`).
+///
+/// Spelled `"namespace"` / `"tree"` in the config and in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForkIds {
+    /// Every namespace counts on its own (the reference design): a fork starts
+    /// above its parent's high-water mark, and the parent keeps counting from its
+    /// own, so after the fork point both may hand out the same ids.
+    #[default]
+    Namespace,
+    /// Every namespace of the root takes its leases from one sequence per kind
+    /// (the primary's manifest): an id is unique across the whole fork tree, so
+    /// a fork merges back without remapping.
+    Tree,
+}
+
+impl std::fmt::Display for ForkIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForkIds::Namespace => "namespace",
+            ForkIds::Tree => "tree",
+        })
+    }
+}
+
+/// Where `merge_fork` merges a fork.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MergeInto {
+    /// The fork's parent (the primary, or the fork it was bootstrapped from).
+    Parent,
+    /// The primary (an ancestor of every fork).
+    Primary,
+    /// An ancestor fork, by id text (either spelling).
+    Fork(String),
+}
+
+/// Arguments of `merge_fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRequest {
+    /// The fork whose data the database merged (either spelling).
+    pub fork: String,
+    /// The namespace it was merged into: the fork's parent or another ancestor.
+    pub into: MergeInto,
+}
+
+/// What `merge_fork` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeReport {
+    /// The merged fork, in the text form its manifest lives under.
+    pub fork: String,
+    /// The namespace it was merged into: a fork id's text or `"primary"`.
+    pub into: String,
+    /// Every vertex id the fork ever granted is below this (its final ceiling).
+    pub fork_vid_end: u64,
+    /// Every edge id the fork ever granted is below this.
+    pub fork_eid_end: u64,
+    /// The target's vertex-id ceiling afterwards: at or above `fork_vid_end`.
+    pub into_vid_ceiling: u64,
+    /// The target's edge-id ceiling afterwards: at or above `fork_eid_end`.
+    pub into_eid_ceiling: u64,
+    /// How the root counts fork ids. In tree mode the target's ids were already
+    /// disjoint from the fork's, and nothing had to be raised.
+    pub fork_ids: ForkIds,
+    /// False when the fork had already been merged into this target (an earlier
+    /// call, here or on another daemon): nothing changed.
+    pub merged_now: bool,
+    /// One sentence on what was done, for people.
+    pub summary: String,
+}
+
 /// One counter's state in `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterStatus {
@@ -177,6 +251,8 @@ pub struct NamespaceStatus {
     pub fork: Option<String>,
     /// Whether the fork was dropped.
     pub dropped: bool,
+    /// Where the fork was merged (a fork id's text or `"primary"`), once it was.
+    pub merged_into: Option<String>,
     /// The vid and eid counters (empty when `error` is set).
     pub counters: Vec<CounterStatus>,
     /// Why the namespace could not be verified against the object store; its
@@ -206,6 +282,8 @@ pub struct Status {
     pub uptime_secs: u64,
     /// Single- or multi-writer mode.
     pub mode: WriterMode,
+    /// How the root counts fork ids: per namespace, or one sequence for the tree.
+    pub fork_ids: ForkIds,
     /// The object-store URL, with credentials removed.
     pub object_store: String,
     /// Health of the object-store mirror.
@@ -270,4 +348,8 @@ pub trait IdAlloc {
     /// Write a namespace's manifest from an explicit floor, only upward from every
     /// other evidence (the way out of a broken manifest; never a reset).
     async fn repair(req: RepairRequest) -> Result<RepairReport, ServiceError>;
+    /// The database merged a fork's data into an ancestor: raise the ancestor above
+    /// every id the fork granted (already true in tree mode) and tombstone the fork
+    /// as merged (admin role). Idempotent.
+    async fn merge_fork(req: MergeRequest) -> Result<MergeReport, ServiceError>;
 }

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use idalloc::client::{self, Client, ClientConfig, ClientError};
-use idalloc::protocol::{BootstrapRequest, ForkInfo, Hwm, IdRange, NamespaceStatus, Status};
+use idalloc::protocol::{
+    BootstrapRequest, ForkIds, ForkInfo, Hwm, IdRange, MergeInto, NamespaceStatus, Status,
+};
 use idalloc::{Kind, ServiceError};
 use serde::Serialize;
 
@@ -119,7 +121,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create, list and drop forks
+    /// Create, list, merge and drop forks
     #[command(subcommand)]
     Fork(ForkCommand),
     /// Give back the unused part of this daemon's own lease (admin; never another daemon's ids)
@@ -187,9 +189,32 @@ enum ForkCommand {
         after_help = "Examples:\n  idallocctl fork bootstrap 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203\n  idallocctl fork bootstrap 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --parent 0190b6f2-7c1e-7a4b-9c3d-5e6f70819203 --vid-hwm 5000 --json"
     )]
     Bootstrap(BootstrapArgs),
-    /// List every fork, dropped ones included
+    /// List every fork, dropped and merged ones included
     List {
         /// Print a JSON array of forks
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tell the daemon a fork's data was merged into an ancestor (admin)
+    ///
+    /// Afterwards the ancestor never grants an id the fork granted: its counters
+    /// are raised above the fork's (in tree mode they were disjoint already, and
+    /// the reply says so), and the fork is retired as merged (`fork list` shows
+    /// it; its writers get an error naming the namespace to write to). Idempotent:
+    /// running it again changes nothing. Refused for a dropped fork, a target that
+    /// is not an ancestor, a fork with live child forks (merge or drop those
+    /// first), and, on a shared root that counts fork ids per namespace, always
+    /// (other daemons' leases could not be fenced; use fork_ids = "tree").
+    #[command(
+        after_help = "Examples:\n  idallocctl fork merge 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z\n  idallocctl fork merge 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --into primary --json"
+    )]
+    Merge {
+        /// The fork whose data was merged (UUID or ULID)
+        id: String,
+        /// The namespace it was merged into: an ancestor fork's id, or `primary` [default: its parent]
+        #[arg(long, value_name = "PARENT")]
+        into: Option<String>,
+        /// Print {"fork","into","fork_vid_end","fork_eid_end","into_vid_ceiling","into_eid_ceiling","fork_ids","merged_now","summary"}
         #[arg(long)]
         json: bool,
     },
@@ -412,6 +437,19 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 print_fork_table(&forks);
             }
         }
+        Command::Fork(ForkCommand::Merge { id, into, json }) => {
+            let into = match into.as_deref() {
+                None => MergeInto::Parent,
+                Some("primary") => MergeInto::Primary,
+                Some(f) => MergeInto::Fork(f.to_string()),
+            };
+            let report = client.merge_fork(&id, into).await?;
+            if json {
+                print_json(&report)?;
+            } else {
+                println!("{}", report.summary);
+            }
+        }
         Command::Fork(ForkCommand::Drop { id, json }) => {
             let info = client.drop_fork(&id).await?;
             if json {
@@ -502,6 +540,7 @@ struct ListedFork<'a> {
     floor_vid: u64,
     floor_eid: u64,
     dropped: bool,
+    merged_into: Option<&'a str>,
     error: Option<&'a str>,
 }
 
@@ -518,6 +557,7 @@ impl<'a> From<&'a ForkInfo> for ListedFork<'a> {
             floor_eid,
             created: _,
             dropped,
+            merged_into,
             error,
         } = f;
         ListedFork {
@@ -528,6 +568,7 @@ impl<'a> From<&'a ForkInfo> for ListedFork<'a> {
             floor_vid: *floor_vid,
             floor_eid: *floor_eid,
             dropped: *dropped,
+            merged_into: merged_into.as_deref(),
             error: error.as_deref(),
         }
     }
@@ -579,7 +620,11 @@ fn fork_table(forks: &[ForkInfo]) -> comfy_table::Table {
                 parent,
                 f.next_vid.to_string(),
                 f.next_eid.to_string(),
-                if f.dropped { "dropped" } else { "live" }.into(),
+                match (&f.merged_into, f.dropped) {
+                    (Some(into), _) => format!("merged into {into}"),
+                    (None, true) => "dropped".into(),
+                    (None, false) => "live".into(),
+                },
             ],
         });
     }
@@ -594,6 +639,10 @@ fn print_status(endpoint: &str, s: &Status) {
         humantime::format_duration(Duration::from_secs(s.uptime_secs))
     );
     println!("mode          {}", s.mode);
+    println!("fork ids      {}", match s.fork_ids {
+        ForkIds::Namespace => "per namespace",
+        ForkIds::Tree => "one sequence for the tree",
+    });
     println!("object store  {}", s.object_store);
     let mirror = if s.mirror.healthy {
         "healthy".to_string()
@@ -633,10 +682,11 @@ fn namespace_table(namespaces: &[NamespaceStatus]) -> comfy_table::Table {
     );
     for ns in namespaces {
         let name = ns.fork.clone().unwrap_or_else(|| "primary".into());
-        let state = match (&ns.error, ns.dropped) {
-            (Some(e), _) => format!("unavailable: {}", table::one_line(e)),
-            (None, true) => "dropped".into(),
-            (None, false) => "live".into(),
+        let state = match (&ns.error, &ns.merged_into, ns.dropped) {
+            (Some(e), _, _) => format!("unavailable: {}", table::one_line(e)),
+            (None, Some(into), _) => format!("merged into {into}"),
+            (None, None, true) => "dropped".into(),
+            (None, None, false) => "live".into(),
         };
         if ns.counters.is_empty() {
             // Not verified: its counters are not reported.

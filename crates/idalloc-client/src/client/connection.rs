@@ -31,7 +31,10 @@ use crate::endpoint::Endpoint;
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::Kind;
-use crate::protocol::{BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, Status};
+use crate::protocol::{
+    BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, MergeInto, MergeReport, MergeRequest,
+    Status,
+};
 use crate::tls::{tls_failure, TlsFiles};
 
 /// What [`Client::connect`] accepts: an [`Endpoint`] or its text (`unix:PATH`,
@@ -430,6 +433,35 @@ impl Client {
             }
             other => other,
         }
+    }
+
+    /// Tell the daemon the fork's data was merged into `into` (admin role): the
+    /// target never grants an id the fork granted from now on, and the fork is
+    /// retired as merged. Idempotent, so a lost reply is simply retried: a
+    /// repeat answers `merged_now: false`.
+    pub async fn merge_fork(
+        &self,
+        fork: &str,
+        into: MergeInto,
+    ) -> Result<MergeReport, ClientError> {
+        let req = MergeRequest {
+            fork: fork.to_owned(),
+            into,
+        };
+        self.call(move |c, ctx| {
+            let req = req.clone();
+            async move { c.merge_fork(ctx, req).await }
+        })
+        .await
+    }
+
+    /// [`Client::merge_fork`] with the fork named by a [`ForkId`].
+    pub async fn merge_fork_id(
+        &self,
+        fork: ForkId,
+        into: MergeInto,
+    ) -> Result<MergeReport, ClientError> {
+        self.merge_fork(&fork.text(), into).await
     }
 
     /// Look one fork up by id: the page that starts just below its value.

@@ -1,0 +1,327 @@
+//! Tree-unique fork ids (`[allocation] fork_ids = "tree"`): every namespace of a
+//! root takes its leases from one sequence per kind, the primary's manifest.
+//!
+//! Invariants protected: *unique across the tree* — a fork's lease is first won on
+//! the primary's manifest (one conditional write, like any lease there), so no
+//! two namespaces ever lease the same ids; it is then written into the fork's own
+//! manifest (a second conditional write, only upward), so each manifest stays at
+//! or above everything its namespace granted (*compatible files*, rule 5: a
+//! reference allocator that takes over the primary continues above every fork).
+//! The fork's lease starts at or above the fork manifest's ceiling as it was at
+//! that second write, so it is unique per namespace even against a daemon that
+//! counts per namespace. *One mode per root* — the root records its mode in
+//! [`MODE_PATH`], created once; a daemon configured otherwise refuses to start,
+//! and a root switches only while it has no forks, whose ids would already
+//! overlap (namespace to tree) or be relied on to be tree-unique (tree to
+//! namespace).
+
+use std::sync::Arc;
+
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServiceError;
+use crate::namespace::Kind;
+use crate::protocol::ForkIds;
+
+use super::forks::CLAIMS_DIR;
+use super::lease::manifest_to_rewrite;
+use super::ns::{MirrorState, NsEntry};
+use super::store::{Mirror, StoreError, Versioned, Written};
+use super::{store_err, Engine, OpenError};
+
+/// Where a root records how it counts fork ids (outside `catalog/`).
+pub const MODE_PATH: &str = "idalloc/fork-ids.json";
+
+/// Conditional-write conflicts tolerated in one tree lease.
+const MAX_CONFLICTS: usize = 32;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ModeRecord {
+    fork_ids: ForkIds,
+}
+
+fn mode_path() -> Path {
+    Path::from(MODE_PATH)
+}
+
+/// Read the root's recorded mode; `None` when it records none yet.
+async fn read_mode(
+    mirror: &Mirror,
+) -> Result<Option<(ForkIds, object_store::UpdateVersion)>, StoreError> {
+    let Some((bytes, version)) = mirror.read_bytes(&mode_path()).await? else {
+        return Ok(None);
+    };
+    let rec: ModeRecord = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        path: MODE_PATH.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some((rec.fork_ids, version)))
+}
+
+fn mode_bytes(mode: ForkIds) -> Vec<u8> {
+    serde_json::to_vec_pretty(&ModeRecord { fork_ids: mode }).expect("mode serialises")
+}
+
+/// Whether the root has any fork (a manifest or a creation claim).
+async fn root_has_forks(mirror: &Mirror) -> Result<bool, StoreError> {
+    if !mirror.list_fork_dirs().await?.is_empty() {
+        return Ok(true);
+    }
+    Ok(!mirror.list_paths(&Path::from(CLAIMS_DIR)).await?.is_empty())
+}
+
+/// Make the root's recorded mode `want`, or refuse and say why. Called at
+/// start-up; `Err(Unavailable)` when the store cannot be reached (the check is
+/// then made again before the first fork operation).
+pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), OpenError> {
+    for _ in 0..MAX_CONFLICTS {
+        let recorded = read_mode(mirror).await?;
+        match recorded {
+            Some((have, _)) if have == want => return Ok(()),
+            None => {
+                if want == ForkIds::Tree && root_has_forks(mirror).await? {
+                    return Err(refusal(ForkIds::Namespace, want));
+                }
+                match mirror.create_bytes(&mode_path(), mode_bytes(want)).await? {
+                    Written::Won(_) => {
+                        tracing::info!(fork_ids = %want, record = MODE_PATH, "the root now records how it counts fork ids");
+                        return Ok(());
+                    }
+                    Written::Lost => continue,
+                }
+            }
+            Some((have, version)) => {
+                if root_has_forks(mirror).await? {
+                    return Err(refusal(have, want));
+                }
+                match mirror
+                    .replace_bytes(&mode_path(), mode_bytes(want), &version)
+                    .await?
+                {
+                    Written::Won(_) => {}
+                    Written::Lost => continue,
+                }
+                // A daemon of the old mode may have created a fork meanwhile: then
+                // put the record back and refuse, as if the fork had been first.
+                if root_has_forks(mirror).await? {
+                    if let Some((_, v)) = read_mode(mirror).await? {
+                        mirror
+                            .replace_bytes(&mode_path(), mode_bytes(have), &v)
+                            .await?;
+                    }
+                    return Err(refusal(have, want));
+                }
+                tracing::warn!(from = %have, to = %want, record = MODE_PATH, "the root has no forks: switched how it counts fork ids; every daemon sharing this root must be restarted with the same [allocation] fork_ids");
+                return Ok(());
+            }
+        }
+    }
+    Err(OpenError::StoreUnreachable(format!(
+        "{MODE_PATH}: too many writers contending"
+    )))
+}
+
+fn refusal(have: ForkIds, want: ForkIds) -> OpenError {
+    let why = match (have, want) {
+        (ForkIds::Namespace, _) => "its forks counted ids per namespace, so their ids already overlap the primary's and tree mode could not make them unique",
+        (ForkIds::Tree, _) => "its forks' ids are unique across the tree, and a database may rely on that to merge them without remapping; counting per namespace from here would end it",
+    };
+    OpenError::InvalidConfig(format!(
+        "allocation.fork_ids = \"{want}\", but this root counts fork ids as \"{have}\" ({MODE_PATH}) and already has forks: {why}. Keep fork_ids = \"{have}\" for this root (every daemon sharing it must agree), or use a new root for \"{want}\""
+    ))
+}
+
+impl Engine {
+    /// The root's mode is the configured one (checked at start-up, or now if the
+    /// store could not be reached then). Every fork operation calls this first.
+    pub(super) async fn ensure_mode(&self) -> Result<(), ServiceError> {
+        self.mode_settled
+            .get_or_try_init(|| async {
+                settle_mode(&self.mirror, self.cfg.fork_ids)
+                    .await
+                    .map_err(|e| match e {
+                        OpenError::StoreUnreachable(m) => {
+                            ServiceError::unavailable(m, self.retry_hint_ms())
+                        }
+                        other => ServiceError::Internal(other.to_string()),
+                    })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether the root's mode is still the one this daemon runs in (a bootstrap
+    /// checks again after its claim, against a switch by another daemon).
+    pub(super) async fn mode_unchanged(&self) -> Result<(), ServiceError> {
+        let hint = self.retry_hint_ms();
+        match read_mode(&self.mirror).await.map_err(|e| store_err(e, hint))? {
+            Some((have, _)) if have != self.cfg.fork_ids => Err(ServiceError::Internal(format!(
+                "{MODE_PATH} now says fork_ids = \"{have}\" but this daemon runs with \"{}\": restart it with the root's setting",
+                self.cfg.fork_ids
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Take a lease for a fork in tree mode: win it on the primary's manifest,
+    /// then raise the fork's own manifest to its end. The caller holds the fork's
+    /// mirror lock; the primary's is taken inside (always fork, then primary).
+    pub(super) async fn take_tree_lease(
+        &self,
+        entry: &Arc<NsEntry>,
+        ms: &mut MirrorState,
+        kind: Kind,
+        need: u64,
+    ) -> Result<(), ServiceError> {
+        let hint = self.retry_hint_ms();
+        let fork_path = entry.path();
+        let size = self.cfg.lease_size.max(need);
+        for round in 0..MAX_CONFLICTS {
+            if round > 0 {
+                let pause = rand::random::<u64>() % (1u64 << round.min(6)) + 1;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            let fork_cur = self.read_cached(ms, &fork_path).await?;
+            self.honour_tombstone(entry, ms, fork_cur.as_ref()).await?;
+            let owned = entry.state.lock().unwrap().counters[kind.index()].owned_end();
+            let fork_ceiling = fork_cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
+            // 1. Win [start, end) on the tree's sequence.
+            let (start, end) = {
+                let mut pms = self.primary.mirror.lock().await;
+                let ppath = self.primary.path();
+                let pcur = self.read_cached(&mut pms, &ppath).await?;
+                let pceiling = pcur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
+                let start = pceiling.max(fork_ceiling).max(owned);
+                let end = start.checked_add(size).ok_or_else(|| {
+                    ServiceError::Exhausted(format!(
+                        "{kind} sequence of the tree is at {start}; a lease of {size} would overflow u64"
+                    ))
+                })?;
+                let pmeta = self.primary.snapshot().meta;
+                let mut m = manifest_to_rewrite(pcur.as_ref(), &self.primary, &pmeta);
+                m.set_ceiling(kind, end);
+                match self
+                    .mirror
+                    .write(&ppath, &m, pcur.as_ref().map(|v| &v.version))
+                    .await
+                {
+                    Ok(Written::Won(version)) => {
+                        pms.cached = Some(Versioned {
+                            manifest: m,
+                            version,
+                        })
+                    }
+                    Ok(Written::Lost) => {
+                        pms.cached = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        pms.cached = None;
+                        return Err(store_err(e, hint));
+                    }
+                }
+                (start, end)
+            };
+            // 2. Record it in the fork's manifest, only upward. Until this wins
+            // the ids are nobody's (a gap in the sequence if we stop here).
+            let mut cur = fork_cur;
+            for _ in 0..MAX_CONFLICTS {
+                self.honour_tombstone(entry, ms, cur.as_ref()).await?;
+                let ceiling = cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
+                if ceiling >= end {
+                    // Somebody raised the fork past our lease: take another.
+                    break;
+                }
+                let (meta, other_owned) = {
+                    let st = entry.state.lock().unwrap();
+                    (st.meta.clone(), st.counters[1 - kind.index()].owned_end())
+                };
+                let other = if kind == Kind::Vid {
+                    Kind::Eid
+                } else {
+                    Kind::Vid
+                };
+                let mut m = manifest_to_rewrite(cur.as_ref(), entry, &meta);
+                m.set_ceiling(kind, end);
+                m.set_ceiling(other, m.ceiling(other).max(other_owned));
+                match self
+                    .mirror
+                    .write(&fork_path, &m, cur.as_ref().map(|v| &v.version))
+                    .await
+                {
+                    Ok(Written::Won(version)) => {
+                        ms.cached = Some(Versioned {
+                            manifest: m,
+                            version,
+                        });
+                        let start = start.max(ceiling);
+                        entry.state.lock().unwrap().counters[kind.index()].install(start, end);
+                        metrics::counter!("idalloc_leases_total", "kind" => kind.as_str(), "shape" => "tree")
+                            .increment(1);
+                        tracing::debug!(namespace = %entry.ns, %kind, start, end, "tree lease taken");
+                        if let Err(e) = self.persist(entry).await {
+                            tracing::warn!(error = %e, "could not record a new lease locally");
+                        }
+                        return Ok(());
+                    }
+                    Ok(Written::Lost) => {
+                        ms.cached = None;
+                        cur = self.read_cached(ms, &fork_path).await?;
+                    }
+                    Err(e) => {
+                        ms.cached = None;
+                        return Err(store_err(e, hint));
+                    }
+                }
+            }
+        }
+        Err(ServiceError::unavailable(
+            format!("lost {MAX_CONFLICTS} conditional writes in a row taking a tree lease for {fork_path}; too many writers contending"),
+            hint,
+        ))
+    }
+
+    /// The manifest at `path` as last known under `ms`, read if unknown.
+    pub(super) async fn read_cached(
+        &self,
+        ms: &mut MirrorState,
+        path: &Path,
+    ) -> Result<Option<Versioned>, ServiceError> {
+        if let Some(v) = &ms.cached {
+            return Ok(Some(v.clone()));
+        }
+        let v = self
+            .mirror
+            .read(path)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+        ms.cached = v.clone();
+        Ok(v)
+    }
+
+    /// A fork manifest that says dropped or merged: record it here and refuse.
+    pub(super) async fn honour_tombstone(
+        &self,
+        entry: &Arc<NsEntry>,
+        ms: &mut MirrorState,
+        cur: Option<&Versioned>,
+    ) -> Result<(), ServiceError> {
+        let Some(meta) = cur.and_then(|v| v.manifest.fork_meta()) else {
+            return Ok(());
+        };
+        if !meta.retired() {
+            return Ok(());
+        }
+        {
+            let mut st = entry.state.lock().unwrap();
+            st.meta.dropped |= meta.dropped;
+            if st.meta.merged_into.is_none() {
+                st.meta.merged_into.clone_from(&meta.merged_into);
+            }
+        }
+        ms.cached = cur.cloned();
+        self.persist(entry).await?;
+        Err(entry.retired_error())
+    }
+}
