@@ -47,6 +47,9 @@
 //! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate, of
 //!   reserve, reserve-pair, wait, checkpoint, restart, crash, wipe, reboot,
 //!   bootstrap, bootstrap-pair, drop, fault, clear;
+//! - `IDALLOC_EXPLORE_FORK_IDS=tree|namespace`: every case in that mode (default:
+//!   one case in three in tree mode, where `disjoint` spans all namespaces and a
+//!   fork's floor is everything any namespace granted before its bootstrap);
 //! - `IDALLOC_EXPLORE_FAULT_OPS=get,list` (of get, put, list): the calls fault
 //!   steps aim at (all three by default);
 //! - `IDALLOC_EXPLORE_FAILURES=N`: failing cases to collect before stopping (1);
@@ -74,7 +77,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use idalloc::engine::{Engine, EngineConfig, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op as FaultOp};
-use idalloc::protocol::{ForkInfo, IdRange, WriterMode};
+use idalloc::protocol::{ForkIds, ForkInfo, IdRange, WriterMode};
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
@@ -573,8 +576,21 @@ struct Case {
     seed: u64,
     engines: usize,
     multi_thread: bool,
+    /// `[allocation] fork_ids = "tree"`: one sequence for every namespace.
+    tree: bool,
     forks: Vec<u128>,
     steps: Vec<Step>,
+}
+
+/// Tree mode for this case: `IDALLOC_EXPLORE_FORK_IDS=tree|namespace`, else one
+/// case in three (decided by the seed, outside its random stream, so that the
+/// steps a seed generates do not depend on it).
+fn gen_tree(seed: u64) -> bool {
+    match std::env::var("IDALLOC_EXPLORE_FORK_IDS").as_deref() {
+        Ok("tree") => true,
+        Ok("namespace") => false,
+        _ => seed % 3 == 0,
+    }
 }
 
 /// A fork some earlier step bootstraps (mostly), or any fork.
@@ -790,6 +806,7 @@ fn gen_case(seed: u64, steps: usize, weights: &[u32; 13]) -> Case {
         seed,
         engines,
         multi_thread,
+        tree: gen_tree(seed),
         forks,
         steps,
     }
@@ -835,6 +852,9 @@ struct Model {
     /// (engine, ns, kind) -> (end of its last range, step), within one order epoch.
     last: HashMap<(usize, NsKey, Kind), (u64, usize)>,
     forks: HashMap<u128, ForkModel>,
+    /// Tree mode: ids are unique across namespaces, and a fork starts above
+    /// everything any namespace granted.
+    tree: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -886,6 +906,15 @@ impl Model {
             .unwrap_or(0)
     }
 
+    fn max_end_anywhere(&self, kind: Kind) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| g.kind == kind)
+            .map(|g| g.range.end)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn engine_max_end(&self, e: usize, ns: NsKey, kind: Kind) -> u64 {
         self.grants
             .iter()
@@ -926,9 +955,13 @@ impl Model {
             .forks
             .get(&value)
             .is_some_and(|f| f.exists_since.is_some());
+        let above = |kind: Kind| match self.tree {
+            true => self.max_end_anywhere(kind),
+            false => self.max_end(parent, kind),
+        };
         let req = (
-            floors.0.max(self.max_end(parent, Kind::Vid)),
-            floors.1.max(self.max_end(parent, Kind::Eid)),
+            floors.0.max(above(Kind::Vid)),
+            floors.1.max(above(Kind::Eid)),
         );
         (pre, req)
     }
@@ -1059,7 +1092,7 @@ impl Model {
             ));
         }
         for g in &self.grants {
-            if g.ns == ns
+            if (self.tree || g.ns == ns)
                 && g.kind == kind
                 && range.start < g.range.end
                 && g.range.start < range.end
@@ -1068,8 +1101,8 @@ impl Model {
                     pos,
                     "disjoint",
                     format!(
-                        "{nsn} {kind}: {who}'s [{}, {}) overlaps [{}, {}) granted by {} (life {}) at step {}",
-                        range.start, range.end, g.range.start, g.range.end, NAMES[g.engine], g.life, g.step
+                        "{nsn} {kind}: {who}'s [{}, {}) overlaps [{}, {}) granted in {} by {} (life {}) at step {}",
+                        range.start, range.end, g.range.start, g.range.end, ns_name(g.ns, forks), NAMES[g.engine], g.life, g.step
                     ),
                 ));
             }
@@ -1180,8 +1213,13 @@ impl Stats {
     }
 }
 
-fn explorer_config(env: &Env, e: usize) -> EngineConfig {
+fn explorer_config(env: &Env, e: usize, tree: bool) -> EngineConfig {
     EngineConfig {
+        fork_ids: if tree {
+            ForkIds::Tree
+        } else {
+            ForkIds::Namespace
+        },
         boot_id_path: env.path().join(format!("boot-id-{}", NAMES[e])),
         store_timeout: Duration::from_millis(100),
         store_retries: 1,
@@ -1239,7 +1277,7 @@ impl World {
         let mut slots = Vec::new();
         for (e, name) in NAMES.iter().enumerate().take(case.engines) {
             let (faulty, ctl) = FaultyStore::wrap(shared.clone() as Arc<dyn ObjectStore>);
-            let cfg = explorer_config(&env, e);
+            let cfg = explorer_config(&env, e, case.tree);
             std::fs::write(&cfg.boot_id_path, format!("{name}-boot-1\n")).unwrap();
             slots.push(Slot {
                 cfg,
@@ -1257,7 +1295,10 @@ impl World {
             seed: case.seed,
             forks: case.forks.clone(),
             slots,
-            model: Model::default(),
+            model: Model {
+                tree: case.tree,
+                ..Model::default()
+            },
             snap_seq: 0,
         };
         for e in 0..case.engines {
@@ -1655,7 +1696,7 @@ fn case_header(case: &Case) -> String {
         })
         .collect();
     format!(
-        "engines {} ({}), {} runtime, lease_size {LEASE}, prefetch_at 0.5; forks: {}",
+        "engines {} ({}), {} runtime, fork_ids {}, lease_size {LEASE}, prefetch_at 0.5; forks: {}",
         case.engines,
         NAMES[..case.engines].iter().collect::<String>(),
         if case.multi_thread {
@@ -1663,6 +1704,7 @@ fn case_header(case: &Case) -> String {
         } else {
             "current-thread"
         },
+        if case.tree { "tree" } else { "namespace" },
         forks.join(", ")
     )
 }

@@ -188,7 +188,10 @@ mod tests {
         assert_eq!((c.granted, c.lease_end), (150, 200), "inside the lease");
         c.install(300, 400);
         c.skip_to(320);
-        assert_eq!((c.granted, c.lease_start, c.lease_end, c.next), (320, 320, 400, None));
+        assert_eq!(
+            (c.granted, c.lease_start, c.lease_end, c.next),
+            (320, 320, 400, None)
+        );
         c.skip_to(1000);
         assert_eq!(c.take(1).unwrap_err(), TakeError::NeedLease);
         assert_eq!(c.granted, 1000);

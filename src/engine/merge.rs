@@ -73,9 +73,8 @@ impl Engine {
             MergeInto::Parent => chain[0].clone(),
             MergeInto::Primary => self.primary.clone(),
             MergeInto::Fork(text) => {
-                let id = ForkId::parse(text).map_err(|e| {
-                    ServiceError::InvalidArgument(format!("--into {text:?}: {e}"))
-                })?;
+                let id = ForkId::parse(text)
+                    .map_err(|e| ServiceError::InvalidArgument(format!("--into {text:?}: {e}")))?;
                 match chain.iter().find(|a| a.ns == Namespace::Fork(id)) {
                     Some(a) => a.clone(),
                     None => {

@@ -69,7 +69,10 @@ impl Evidence {
 
     /// The floor forks merged into this namespace left (see `merge`).
     fn merged_floor(&self, kind: Kind) -> u64 {
-        let a = self.cur.as_ref().map_or(0, |v| v.manifest.merged_floor(kind));
+        let a = self
+            .cur
+            .as_ref()
+            .map_or(0, |v| v.manifest.merged_floor(kind));
         let b = self.other.as_ref().map_or(0, |m| m.merged_floor(kind));
         a.max(b)
     }

@@ -129,6 +129,7 @@ mod tests {
                 version: "x".repeat(200_000),
                 uptime_secs: 0,
                 mode: WriterMode::SingleWriter,
+                fork_ids: crate::protocol::ForkIds::Namespace,
                 object_store: "memory://".into(),
                 mirror: MirrorHealth {
                     healthy: true,
@@ -146,6 +147,13 @@ mod tests {
             _: Context,
             _: crate::protocol::RepairRequest,
         ) -> Result<crate::protocol::RepairReport, ServiceError> {
+            Err(ServiceError::Internal("not in the fake".into()))
+        }
+        async fn merge_fork(
+            self,
+            _: Context,
+            _: crate::protocol::MergeRequest,
+        ) -> Result<crate::protocol::MergeReport, ServiceError> {
             Err(ServiceError::Internal("not in the fake".into()))
         }
     }

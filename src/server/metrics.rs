@@ -276,6 +276,7 @@ pub fn outcome<T>(r: &Result<T, crate::error::ServiceError>) -> &'static str {
         Err(E::ShuttingDown) => "shutting_down",
         Err(E::BrokenManifest(_)) => "broken_manifest",
         Err(E::PermissionDenied(_)) => "permission_denied",
+        Err(E::MergedFork { .. }) => "merged_fork",
         Err(_) => "internal",
     }
 }

@@ -13,8 +13,8 @@ use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
 use crate::protocol::{
-    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest, RepairReport, RepairRequest,
-    Status,
+    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest,
+    RepairReport, RepairRequest, Status,
 };
 
 /// Largest `list_forks` page served, whatever the client asks: bounds one reply's

@@ -156,6 +156,7 @@ impl IdAlloc for Service {
             floor_eid: e,
             created: true,
             dropped: false,
+            merged_into: None,
             error: None,
         };
         let mut stored = info.clone();
@@ -220,6 +221,7 @@ impl IdAlloc for Service {
             version: "fake".into(),
             uptime_secs: 0,
             mode: WriterMode::SingleWriter,
+            fork_ids: idalloc::protocol::ForkIds::Namespace,
             object_store: "memory://".into(),
             mirror: MirrorHealth {
                 healthy: true,
@@ -240,6 +242,15 @@ impl IdAlloc for Service {
     ) -> Result<idalloc::protocol::RepairReport, ServiceError> {
         Err(ServiceError::Internal(
             "the fake daemon does not repair".into(),
+        ))
+    }
+    async fn merge_fork(
+        self,
+        _: tarpc::context::Context,
+        _: idalloc::protocol::MergeRequest,
+    ) -> Result<idalloc::protocol::MergeReport, ServiceError> {
+        Err(ServiceError::Internal(
+            "the fake daemon does not merge".into(),
         ))
     }
 }

@@ -55,6 +55,7 @@ impl Env {
             // The start-up probe makes store calls of its own, which would eat the
             // faults these tests inject; tests/store_check.rs attacks the probe.
             store_startup_check: false,
+            fork_ids: idalloc::protocol::ForkIds::Namespace,
         }
     }
 }

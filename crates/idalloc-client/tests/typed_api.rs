@@ -86,6 +86,7 @@ impl IdAlloc for Fake {
             floor_eid: req.eid_floor,
             created: true,
             dropped: false,
+            merged_into: None,
             error: None,
         })
     }
@@ -112,6 +113,20 @@ impl IdAlloc for Fake {
     }
     async fn repair(self, _: Context, _: RepairRequest) -> Result<RepairReport, ServiceError> {
         Err(ServiceError::Internal("not in the fake".into()))
+    }
+    async fn merge_fork(self, _: Context, req: MergeRequest) -> Result<MergeReport, ServiceError> {
+        self.record("merge_fork", Some(req.fork.clone()));
+        Ok(MergeReport {
+            fork: req.fork,
+            into: "primary".into(),
+            fork_vid_end: 0,
+            fork_eid_end: 0,
+            into_vid_ceiling: 0,
+            into_eid_ceiling: 0,
+            fork_ids: ForkIds::Namespace,
+            merged_now: true,
+            summary: String::new(),
+        })
     }
 }
 
@@ -162,6 +177,10 @@ async fn fork_ids_reach_the_wire_in_the_form_they_were_written_in() {
     client.reserve_for(Some(uuid), Kind::Vid, 3).await.unwrap();
     client.hwm_for(None).await.unwrap();
     client.checkpoint_for(Some(uuid)).await.unwrap();
+    client
+        .merge_fork_id(ulid, MergeInto::Primary)
+        .await
+        .unwrap();
     // The text API, for comparison: the same call on the wire.
     client.hwm(Some(ULID)).await.unwrap();
 
@@ -178,6 +197,7 @@ async fn fork_ids_reach_the_wire_in_the_form_they_were_written_in() {
         ("reserve", uuid_text.clone()),
         ("hwm", None),
         ("checkpoint", uuid_text.clone()),
+        ("merge_fork", ulid_text.clone()),
     ] {
         assert!(calls.contains(&expected), "{expected:?} not in {calls:?}");
     }

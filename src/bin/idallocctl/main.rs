@@ -639,10 +639,13 @@ fn print_status(endpoint: &str, s: &Status) {
         humantime::format_duration(Duration::from_secs(s.uptime_secs))
     );
     println!("mode          {}", s.mode);
-    println!("fork ids      {}", match s.fork_ids {
-        ForkIds::Namespace => "per namespace",
-        ForkIds::Tree => "one sequence for the tree",
-    });
+    println!(
+        "fork ids      {}",
+        match s.fork_ids {
+            ForkIds::Namespace => "per namespace",
+            ForkIds::Tree => "one sequence for the tree",
+        }
+    );
     println!("object store  {}", s.object_store);
     let mirror = if s.mirror.healthy {
         "healthy".to_string()
@@ -729,6 +732,7 @@ mod tests {
             floor_eid: 0,
             created: false,
             dropped,
+            merged_into: None,
             error: error.map(Into::into),
         }
     }
@@ -795,6 +799,7 @@ FORK                                  PARENT                                    
         let ns = |fork: Option<&str>, dropped, error: Option<&str>| NamespaceStatus {
             fork: fork.map(Into::into),
             dropped,
+            merged_into: None,
             counters: if error.is_some() {
                 Vec::new()
             } else {
