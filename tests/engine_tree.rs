@@ -477,7 +477,7 @@ async fn after_a_merge_the_parent_grants_above_the_fork_through_restarts_and_a_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_merge_crashed_after_its_local_step_is_still_above_the_fork_at_restart() {
+async fn a_merge_past_the_parent_is_in_the_primarys_manifest_for_a_daemon_that_lost_its_data() {
     // The merged floor in the parent's manifest is what a daemon that lost its
     // counters (or never had them) reads: a second engine's view after a wipe.
     let env = Env::new();

@@ -15,7 +15,7 @@
 //! to a copy taken after an earlier clean shutdown, the `unclean` mark file kept as
 //! it is, a new boot id), fork bootstrap under either spelling with or without a
 //! parent fork, concurrent bootstraps of one fork through two engines under two
-//! spellings, fork drop, store faults queued on one engine's next gets, puts or
+//! spellings, fork drop, fork merge into the parent, store faults queued on one engine's next gets, puts or
 //! lists (a put that lands and then reports an error, a failure, a stall shorter
 //! or longer than the store time-out). A case runs on a current-thread runtime (3
 //! in 4) or a two-worker multi-thread one.
@@ -33,6 +33,7 @@
 //!   at most once, and exactly once if the fork exists, unless some bootstrap
 //!   request gave up (its last attempt failed, so it may be the one whose create
 //!   landed). A request is retried like a client would, on retryable errors;
+//! - `merged`: an engine that merged a fork never grants in it again;
 //! - `hwm`: `Engine::hwm` (and checkpoint's reply) never below what that engine
 //!   granted in that namespace (over all its lives).
 //!
@@ -46,7 +47,7 @@
 //! - `IDALLOC_EXPLORE_STEPS=N`: steps per case (default 40);
 //! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate, of
 //!   reserve, reserve-pair, wait, checkpoint, restart, crash, wipe, reboot,
-//!   bootstrap, bootstrap-pair, drop, fault, clear;
+//!   bootstrap, bootstrap-pair, drop, fault, clear, merge;
 //! - `IDALLOC_EXPLORE_FORK_IDS=tree|namespace`: every case in that mode (default:
 //!   one case in three in tree mode, where `disjoint` spans all namespaces and a
 //!   fork's floor is everything any namespace granted before its bootstrap);
@@ -77,7 +78,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use idalloc::engine::{Engine, EngineConfig, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op as FaultOp};
-use idalloc::protocol::{ForkIds, ForkInfo, IdRange, WriterMode};
+use idalloc::protocol::{ForkIds, ForkInfo, IdRange, MergeInto, WriterMode};
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
@@ -300,6 +301,7 @@ fn error_kind(e: &ServiceError) -> &'static str {
         ServiceError::Unavailable { .. } => "Unavailable",
         ServiceError::ShuttingDown => "ShuttingDown",
         ServiceError::Internal(_) => "Internal",
+        ServiceError::MergedFork { .. } => "MergedFork",
         _ => "Other",
     }
 }
@@ -431,6 +433,12 @@ enum Step {
         fork: usize,
         form: IdForm,
     },
+    /// `fork merge` into the fork's parent.
+    Merge {
+        e: usize,
+        fork: usize,
+        form: IdForm,
+    },
     /// Faults for this engine's next calls of one kind, in order.
     Fault {
         e: usize,
@@ -442,7 +450,7 @@ enum Step {
     },
 }
 
-const STEP_KINDS: [&str; 13] = [
+const STEP_KINDS: [&str; 14] = [
     "reserve",
     "reserve-pair",
     "wait",
@@ -456,10 +464,11 @@ const STEP_KINDS: [&str; 13] = [
     "drop",
     "fault",
     "clear",
+    "merge",
 ];
 
 /// Relative weights of [`STEP_KINDS`].
-const WEIGHTS: [u32; 13] = [30, 4, 8, 6, 4, 3, 2, 3, 8, 4, 1, 6, 1];
+const WEIGHTS: [u32; 14] = [30, 4, 8, 6, 4, 3, 2, 3, 8, 4, 1, 6, 1, 2];
 
 impl fmt::Display for NsSel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -544,6 +553,9 @@ impl fmt::Display for Step {
             ),
             Step::Drop { e, fork, form } => {
                 write!(f, "{} drop f{fork}/{}", n(e), form_str(*form))
+            }
+            Step::Merge { e, fork, form } => {
+                write!(f, "{} merge f{fork}/{} into its parent", n(e), form_str(*form))
             }
             Step::Fault { e, op, faults } => {
                 let list: Vec<String> = faults
@@ -690,7 +702,7 @@ fn fault_ops() -> Vec<(FaultOp, u32)> {
 }
 
 /// One random step; `known[i]`: some earlier step bootstraps fork `i`.
-fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [bool]) -> Step {
+fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 14], known: &mut [bool]) -> Step {
     let total: u32 = weights.iter().sum();
     let mut pick = rng.gen_range(0..total);
     let mut which = 0;
@@ -789,11 +801,16 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 13], known: &mut [
             Step::Fault { e, op, faults }
         }
         "clear" => Step::Clear { e },
+        "merge" => Step::Merge {
+            e,
+            fork: gen_known_fork(rng, known),
+            form: gen_form(rng),
+        },
         other => unreachable!("{other}"),
     }
 }
 
-fn gen_case(seed: u64, steps: usize, weights: &[u32; 13]) -> Case {
+fn gen_case(seed: u64, steps: usize, weights: &[u32; 14]) -> Case {
     let mut rng = StdRng::seed_from_u64(seed);
     let engines = rng.gen_range(2..=3);
     let multi_thread = rng.gen_bool(0.25);
@@ -852,6 +869,9 @@ struct Model {
     /// (engine, ns, kind) -> (end of its last range, step), within one order epoch.
     last: HashMap<(usize, NsKey, Kind), (u64, usize)>,
     forks: HashMap<u128, ForkModel>,
+    /// Forks merged, with the engine that merged them and the step: that engine
+    /// never grants in them again (others may, from leases they already hold).
+    merged: HashMap<u128, (usize, usize)>,
     /// Tree mode: ids are unique across namespaces, and a fork starts above
     /// everything any namespace granted.
     tree: bool,
@@ -1120,6 +1140,17 @@ impl Model {
             }
         }
         if let Some(v) = ns {
+            if let Some((by, at)) = self.merged.get(&v) {
+                if *by == engine {
+                    return Err(fail(
+                        pos,
+                        "merged",
+                        format!(
+                            "{who} granted {kind} {range:?} in {nsn}, which it merged at step {at}"
+                        ),
+                    ));
+                }
+            }
             self.mark_exists(pos, v, forks)?;
             let fm = &self.forks[&v];
             if let Some((rv, re)) = fm.required {
@@ -1192,6 +1223,7 @@ struct Stats {
     grants: AtomicU64,
     errors: AtomicU64,
     created: AtomicU64,
+    merged: AtomicU64,
     rollbacks: AtomicU64,
     faults_injected: AtomicU64,
     /// Errors by operation and kind.
@@ -1653,6 +1685,33 @@ impl World {
                     }
                 }
             }
+            Step::Merge { e, fork, form } => {
+                let value = self.forks[*fork];
+                match self
+                    .engine(*e)
+                    .merge_fork(spell(value, *form), MergeInto::Parent)
+                    .await
+                {
+                    Ok(r) => {
+                        if r.merged_now {
+                            stats.merged.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.model.mark_exists(pos, value, &self.forks)?;
+                        self.model.merged.entry(value).or_insert((*e, pos));
+                        Ok(format!(
+                            "merged into {} (vid end {}, eid end {}{})",
+                            r.into,
+                            r.fork_vid_end,
+                            r.fork_eid_end,
+                            if r.merged_now { "" } else { ", already" }
+                        ))
+                    }
+                    Err(err) => {
+                        stats.error("merge", &err);
+                        Ok(short_err(&err))
+                    }
+                }
+            }
             Step::Fault { e, op, faults } => {
                 for fault in faults {
                     let f = match fault {
@@ -1844,7 +1903,7 @@ struct Settings {
     threads: usize,
     verbose: bool,
     shrink: bool,
-    weights: [u32; 13],
+    weights: [u32; 14],
     without: String,
 }
 
@@ -2016,7 +2075,7 @@ fn explore_random_histories() {
     });
     let reports = reports.into_inner().unwrap();
     eprintln!(
-        "explore: {} cases ({} steps run, incl. shrinking; a case's first run took {} ms on average) in {:.1?}: {} ranges acknowledged, {} errors, {} forks created, {} sled rollbacks, {} store faults injected; {} failing case(s)",
+        "explore: {} cases ({} steps run, incl. shrinking; a case's first run took {} ms on average) in {:.1?}: {} ranges acknowledged, {} errors, {} forks created, {} merged, {} sled rollbacks, {} store faults injected; {} failing case(s)",
         next.load(Ordering::SeqCst).min(s.cases),
         stats.steps.load(Ordering::Relaxed),
         stats.first_run_ms.load(Ordering::Relaxed) / stats.first_runs.load(Ordering::Relaxed).max(1),
@@ -2024,6 +2083,7 @@ fn explore_random_histories() {
         stats.grants.load(Ordering::Relaxed),
         stats.errors.load(Ordering::Relaxed),
         stats.created.load(Ordering::Relaxed),
+        stats.merged.load(Ordering::Relaxed),
         stats.rollbacks.load(Ordering::Relaxed),
         stats.faults_injected.load(Ordering::Relaxed),
         reports.len()
