@@ -24,6 +24,13 @@
 //! after the row, outside its timed iterations; divan's warm-up runs are in both
 //! counts). `benches/commit_bound.rs` measures the same baselines beside an ideal
 //! committer, without the engine.
+//!
+//! `fork_ids`: what tree mode costs. 16 callers reserving 100 vids at a time in a
+//! fork, with `[allocation] fork_ids` = namespace or tree, and a lease of 10,000
+//! ids (a lease every 100 reservations, so the lease path shows: in tree mode a
+//! fork's lease is two conditional writes instead of one) or of 2^40 (the cached
+//! path only, where both modes run the same code). The ratio that matters is tree
+//! item/s ÷ namespace item/s at the same lease size (`-- fork_ids`).
 
 use std::future::Future;
 use std::path::Path;
@@ -36,8 +43,8 @@ mod disk;
 use divan::counter::ItemsCount;
 use divan::Bencher;
 use idalloc::engine::{Engine, EngineConfig, StoreHandle};
-use idalloc::protocol::WriterMode;
-use idalloc::{Kind, Namespace};
+use idalloc::protocol::{ForkIds, WriterMode};
+use idalloc::{ForkId, Kind, Namespace};
 
 /// Reservations each caller makes, one after the other, in one divan iteration.
 const PER_CALLER: u64 = 50;
@@ -290,5 +297,63 @@ mod callers_16 {
     #[divan::bench]
     fn sled_flush_one_at_a_time(bencher: Bencher) {
         super::sled_flush_per_reservation(bencher, 16, true, &super::SLED_16_ALONE);
+    }
+}
+
+/// 16 callers reserving in a fork of an engine counting fork ids as `mode`.
+fn engine_in_fork(bencher: Bencher, mode: ForkIds, lease_size: u64) {
+    let rt = &*RUNTIME;
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let fork = ForkId::generate();
+    let engine = rt.block_on(async {
+        let store = StoreHandle::custom(
+            Arc::new(object_store::memory::InMemory::new()),
+            WriterMode::MultiWriter,
+            "memory://bench",
+        );
+        let cfg = EngineConfig {
+            data_dir: dir.path().join("data"),
+            lease_size,
+            fork_ids: mode,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::open(cfg, store).await.unwrap();
+        engine.bootstrap_fork(fork, None, 0, 0).await.unwrap();
+        engine
+            .reserve(Namespace::Fork(fork), Kind::Vid, 1)
+            .await
+            .unwrap();
+        engine
+    });
+    let callers = 16;
+    bencher
+        .counter(ItemsCount::new(callers as u64 * PER_CALLER))
+        .bench_local(|| {
+            let e = engine.clone();
+            rt.block_on(run_callers(callers, move || {
+                let e = e.clone();
+                async move {
+                    e.reserve(Namespace::Fork(fork), Kind::Vid, 100)
+                        .await
+                        .unwrap();
+                }
+            }));
+        });
+    rt.block_on(async move { drop(engine) });
+}
+
+#[divan::bench_group(sample_count = 20, sample_size = 1)]
+mod fork_ids {
+    use divan::Bencher;
+    use idalloc::protocol::ForkIds;
+
+    #[divan::bench(args = [10_000, 1 << 40])]
+    fn namespace(bencher: Bencher, lease_size: u64) {
+        super::engine_in_fork(bencher, ForkIds::Namespace, lease_size);
+    }
+
+    #[divan::bench(args = [10_000, 1 << 40])]
+    fn tree(bencher: Bencher, lease_size: u64) {
+        super::engine_in_fork(bencher, ForkIds::Tree, lease_size);
     }
 }

@@ -1,7 +1,7 @@
 //! Who may do what: the writer and admin roles, from the peer's credentials.
 //!
 //! Writers may `reserve`, `hwm`, `status`, `fork bootstrap` and `fork list`;
-//! admins also `checkpoint`, `fork drop` and `repair` — everything that gives
+//! admins also `checkpoint`, `fork drop`, `fork merge` and `repair` — everything that gives
 //! ids back, retires a fork or rewrites a manifest. On a unix socket the peer is
 //! identified with `SO_PEERCRED` (uid, gid, pid; supplementary groups from
 //! `/proc/<pid>/status`) and mapped to a role by `[access]`; a peer in neither

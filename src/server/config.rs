@@ -743,6 +743,26 @@ mod tests {
     }
 
     #[test]
+    fn fork_ids_is_namespace_or_tree() {
+        let c = Config::from_toml("[allocation]\nfork_ids = \"tree\"\n", "x.toml").unwrap();
+        assert_eq!(
+            c.resolve(&env()).unwrap().engine.fork_ids,
+            crate::protocol::ForkIds::Tree
+        );
+        let c = Config::from_toml("", "x.toml").unwrap();
+        assert_eq!(
+            c.resolve(&env()).unwrap().engine.fork_ids,
+            crate::protocol::ForkIds::Namespace
+        );
+        let err = Config::from_toml("[allocation]\nfork_ids = \"forest\"\n", "x.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("allocation.fork_ids") && msg.contains("tree") && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases = [
             ("socket_mode = \"0999\"", "socket_mode"),
