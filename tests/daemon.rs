@@ -731,6 +731,7 @@ fn unix_peers_get_the_role_their_uid_maps_to() {
     assert!(ok, "a writer bootstraps: {err}");
     for args in [
         &["fork", "drop", fork][..],
+        &["fork", "merge", fork][..],
         &["checkpoint"][..],
         &["repair", "--vid-floor", "1", "--eid-floor", "1"][..],
     ] {
@@ -859,4 +860,79 @@ fn writers_keep_connecting_while_a_socket_activated_daemon_restarts() {
     let mut ranges: Vec<IdRange> = got.iter().map(|(_, r)| *r).collect();
     assert_disjoint(&mut ranges);
     drop(listener);
+}
+
+/// `idallocctl fork merge` on a real daemon counting fork ids per namespace: the
+/// primary's next ids are above the fork's, through a restart; `fork list` shows
+/// the fork merged; a writer in it gets one line naming where to write.
+#[test]
+fn fork_merge_through_idallocctl_raises_the_primary_above_the_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let endpoint = format!("unix:{}", d.socket.display());
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"))
+            .arg("--endpoint")
+            .arg(&endpoint)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = ctl(args);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let fork = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";
+    json(&["alloc", "vid", "--count", "10", "--json"]);
+    json(&["fork", "bootstrap", fork, "--json"]);
+    let mut fork_end = 0;
+    for _ in 0..30 {
+        let r = json(&["alloc", "vid", "--count", "1000", "--fork", fork, "--json"]);
+        fork_end = r["end"].as_u64().unwrap();
+    }
+    let before = json(&["alloc", "vid", "--json"]);
+    assert!(before["start"].as_u64().unwrap() < fork_end, "{before}");
+    let report = json(&["fork", "merge", fork, "--json"]);
+    assert_eq!(report["merged_now"], true, "{report}");
+    assert_eq!(report["into"], "primary", "{report}");
+    assert_eq!(report["fork_ids"], "namespace", "{report}");
+    assert!(
+        report["fork_vid_end"].as_u64().unwrap() >= fork_end,
+        "{report}"
+    );
+    let after = json(&["alloc", "vid", "--json"]);
+    assert!(
+        after["start"].as_u64().unwrap() >= fork_end,
+        "{after} below {fork_end}"
+    );
+    let (ok, out, _) = ctl(&["fork", "merge", fork]);
+    assert!(ok && out.contains("already merged"), "{out}");
+    let (ok, out, _) = ctl(&["fork", "list"]);
+    assert!(ok && out.contains("merged into primary"), "{out}");
+    let (ok, _, err) = ctl(&["alloc", "eid", "--fork", fork]);
+    assert!(!ok && err.trim_end().lines().count() == 1, "{err}");
+    assert!(
+        err.contains("was merged into primary") && err.contains("write to primary instead"),
+        "{err}"
+    );
+    d.stop();
+    let d2 = Daemon::start(dir.path());
+    let endpoint2 = format!("unix:{}", d2.socket.display());
+    assert_eq!(endpoint, endpoint2);
+    let after = json(&["alloc", "vid", "--json"]);
+    assert!(
+        after["start"].as_u64().unwrap() >= fork_end,
+        "after a restart: {after}"
+    );
+    let (ok, out, _) = ctl(&["status"]);
+    assert!(
+        ok && out.contains("merged into primary") && out.contains("per namespace"),
+        "{out}"
+    );
 }
