@@ -18,7 +18,6 @@
 //!   children, a shared root counting per namespace.
 
 mod common;
-#[allow(dead_code)]
 mod s3_support;
 
 use std::collections::HashMap;
@@ -534,7 +533,7 @@ async fn merges_that_would_lose_ids_are_refused_with_the_reason() {
     e.bootstrap_fork(c, Some(b), 0, 0).await.unwrap();
     e.bootstrap_fork(other, None, 0, 0).await.unwrap();
     fn msg<T: std::fmt::Debug>(r: Result<T, ServiceError>) -> String {
-        r.err().expect("refused").to_string()
+        r.expect_err("refused").to_string()
     }
     // Live children first.
     let m = msg(e.merge_fork(b, MergeInto::Parent).await);

@@ -601,7 +601,7 @@ fn gen_tree(seed: u64) -> bool {
     match std::env::var("IDALLOC_EXPLORE_FORK_IDS").as_deref() {
         Ok("tree") => true,
         Ok("namespace") => false,
-        _ => seed % 3 == 0,
+        _ => seed.is_multiple_of(3),
     }
 }
 
