@@ -1,8 +1,10 @@
-//! Property test: random sequences of reserve / bootstrap / drop / checkpoint /
-//! restart / crash / data-dir wipe / reboot, on `InMemory` and `LocalFileSystem`.
-//! Checked after every step: no id in two reservations per namespace and kind, one
-//! daemon's reservations increasing, forks at or above their floor, and each error
-//! the one the model expects. `PROPTEST_CASES` runs more cases.
+//! Property test: random sequences of reserve / bootstrap / drop / merge /
+//! checkpoint / restart / crash / data-dir wipe / reboot, on `InMemory` and
+//! `LocalFileSystem`. Checked after every step: no id in two reservations per
+//! namespace and kind, one daemon's reservations increasing, forks at or above
+//! their floor, a namespace that a fork was merged into granting above every id
+//! of that fork, and each error the one the model expects (a merge on the shared
+//! `InMemory` root is refused in namespace mode). `PROPTEST_CASES` runs more cases.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use common::*;
 use idalloc::engine::{Engine, StoreHandle};
-use idalloc::protocol::IdRange;
+use idalloc::protocol::{IdRange, MergeInto};
 use idalloc::{ForkId, Kind, Namespace, ServiceError};
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -31,6 +33,9 @@ enum Step {
     Drop {
         fork: usize,
     },
+    Merge {
+        fork: usize,
+    },
     Checkpoint {
         ns: usize,
     },
@@ -46,6 +51,7 @@ fn step() -> impl Strategy<Value = Step> {
         10 => (0..4usize, kind, 1..300u64).prop_map(|(ns, kind, count)| Step::Reserve { ns, kind, count }),
         3 => (1..4usize, 0..4usize, 0..3000u64, 0..3000u64).prop_map(|(fork, parent, vid_floor, eid_floor)| Step::Bootstrap { fork, parent, vid_floor, eid_floor }),
         1 => (1..4usize).prop_map(|fork| Step::Drop { fork }),
+        2 => (1..4usize).prop_map(|fork| Step::Merge { fork }),
         1 => (0..4usize).prop_map(|ns| Step::Checkpoint { ns }),
         1 => Just(Step::Restart),
         1 => Just(Step::Crash),
@@ -59,6 +65,12 @@ struct Model {
     created: HashMap<usize, (u64, u64)>,
     dropped: HashSet<usize>,
     granted: HashMap<(usize, Kind), Vec<IdRange>>,
+    parents: HashMap<usize, usize>,
+    /// Merged forks, with the namespace they were merged into.
+    merged: HashMap<usize, usize>,
+    /// Per namespace and kind: nothing below this may be granted there any more
+    /// (the end of the ids of forks merged into it).
+    merged_floor: HashMap<(usize, Kind), u64>,
 }
 
 impl Model {
@@ -67,6 +79,10 @@ impl Model {
             .get(&(ns, kind))
             .and_then(|v| v.iter().map(|r| r.end).max())
             .unwrap_or(0)
+    }
+
+    fn retired(&self, ns: usize) -> bool {
+        self.dropped.contains(&ns) || self.merged.contains_key(&ns)
     }
 }
 
@@ -97,9 +113,19 @@ async fn run(steps: Vec<Step>, local_files: bool) -> Result<(), TestCaseError> {
                     prop_assert!(matches!(res, Err(ServiceError::UnknownFork(_))), "{res:?}");
                 } else if model.dropped.contains(&ns) {
                     prop_assert!(matches!(res, Err(ServiceError::DroppedFork(_))), "{res:?}");
+                } else if model.merged.contains_key(&ns) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::MergedFork { .. })),
+                        "{res:?}"
+                    );
                 } else {
                     let r = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(r.len(), count);
+                    let mf = model.merged_floor.get(&(ns, kind)).copied().unwrap_or(0);
+                    prop_assert!(
+                        r.start >= mf,
+                        "{r:?} below {mf}, the end of a fork merged into it"
+                    );
                     prop_assert!(
                         r.start >= model.max_end(ns, kind),
                         "{r:?} not after {}",
@@ -129,6 +155,11 @@ async fn run(steps: Vec<Step>, local_files: bool) -> Result<(), TestCaseError> {
                     );
                 } else if model.dropped.contains(&fork) {
                     prop_assert!(matches!(res, Err(ServiceError::DroppedFork(_))), "{res:?}");
+                } else if model.merged.contains_key(&fork) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::MergedFork { .. })),
+                        "{res:?}"
+                    );
                 } else if let Some((fv, fe)) = model.created.get(&fork) {
                     let info = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert!(!info.created);
@@ -137,17 +168,65 @@ async fn run(steps: Vec<Step>, local_files: bool) -> Result<(), TestCaseError> {
                     prop_assert!(matches!(res, Err(ServiceError::UnknownFork(_))), "{res:?}");
                 } else if model.dropped.contains(&parent) {
                     prop_assert!(matches!(res, Err(ServiceError::DroppedFork(_))), "{res:?}");
+                } else if model.merged.contains_key(&parent) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::MergedFork { .. })),
+                        "{res:?}"
+                    );
                 } else {
                     let info = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert!(info.created);
+                    model.parents.insert(fork, parent);
                     prop_assert!(info.floor_vid >= vid_floor.max(model.max_end(parent, Kind::Vid)));
                     prop_assert!(info.floor_eid >= eid_floor.max(model.max_end(parent, Kind::Eid)));
                     model.created.insert(fork, (info.floor_vid, info.floor_eid));
                 }
             }
+            Step::Merge { fork } => {
+                let res = engine.merge_fork(forks[fork], MergeInto::Parent).await;
+                let parent = model.parents.get(&fork).copied();
+                let live_child = model
+                    .parents
+                    .iter()
+                    .any(|(c, p)| *p == fork && *c != fork && !model.retired(*c));
+                if !local_files {
+                    // A shared root counting per namespace: refused, whatever the fork.
+                    prop_assert!(res.is_err(), "{res:?}");
+                } else if !model.created.contains_key(&fork) {
+                    prop_assert!(matches!(res, Err(ServiceError::UnknownFork(_))), "{res:?}");
+                } else if model.dropped.contains(&fork) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::InvalidArgument(_))),
+                        "{res:?}"
+                    );
+                } else if model.merged.contains_key(&fork) {
+                    let r = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(!r.merged_now);
+                } else if live_child || parent.is_some_and(|p| model.retired(p)) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::InvalidArgument(_))),
+                        "{res:?}"
+                    );
+                } else {
+                    let r = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(r.merged_now);
+                    let into = parent.unwrap_or(0);
+                    for kind in [Kind::Vid, Kind::Eid] {
+                        let end = model.max_end(fork, kind);
+                        let f = model.merged_floor.entry((into, kind)).or_default();
+                        *f = (*f).max(end);
+                    }
+                    model.merged.insert(fork, into);
+                }
+            }
             Step::Drop { fork } => {
                 let res = engine.drop_fork(forks[fork]).await;
-                if model.created.contains_key(&fork) {
+                if model.merged.contains_key(&fork) {
+                    prop_assert!(
+                        matches!(res, Err(ServiceError::InvalidArgument(_))),
+                        "{res:?}"
+                    );
+                } else if model.created.contains_key(&fork) {
                     prop_assert!(res.is_ok(), "{res:?}");
                     model.dropped.insert(fork);
                 } else {

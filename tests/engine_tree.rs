@@ -631,3 +631,36 @@ async fn in_tree_mode_a_merge_raises_nothing_and_concurrent_merges_agree() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_broken_mode_record_stops_fork_operations_only() {
+    let env = Env::new();
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let h = StoreHandle::custom(store.clone(), WriterMode::MultiWriter, "memory://broken");
+    store
+        .put(
+            &object_store::path::Path::from("idalloc/fork-ids.json"),
+            b"".to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let e = open(cfg(&env, "a", 100, ForkIds::Tree), &h)
+        .await
+        .expect("one broken record does not stop the daemon");
+    e.reserve(Namespace::Primary, Kind::Vid, 3)
+        .await
+        .expect("the primary keeps serving");
+    let err = e
+        .bootstrap_fork(ForkId::generate(), None, 0, 0)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ServiceError::BrokenManifest(_)), "{msg}");
+    assert!(
+        msg.contains("idalloc/fork-ids.json")
+            && msg.contains("cannot be parsed")
+            && !msg.contains('\n'),
+        "{msg}"
+    );
+    e.shutdown().await.unwrap();
+}

@@ -151,6 +151,11 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         Err(OpenError::StoreUnreachable(m)) => {
             tracing::warn!(error = %m, "could not read the root's fork-id mode; checked again before the first fork operation")
         }
+        // One broken record does not stop the daemon: the primary is the same in
+        // both modes and keeps serving; fork operations answer with the error.
+        Err(OpenError::CorruptManifest { path, reason }) => {
+            tracing::error!(record = %path, %reason, "{}", super::tree::broken_mode_message(&reason))
+        }
         Err(e) => return Err(e),
     }
     let trusted = trust(&mark, loaded.meta.as_ref(), &boot_id);

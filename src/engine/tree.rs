@@ -122,6 +122,13 @@ pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), Op
     )))
 }
 
+/// The one line a broken mode record answers with, and the way out.
+pub(super) fn broken_mode_message(reason: &str) -> String {
+    format!(
+        "{MODE_PATH} cannot be parsed ({reason}): fork operations are unavailable until it is fixed (the primary keeps serving). Write {{\"fork_ids\": \"namespace\"}} or {{\"fork_ids\": \"tree\"}}, the mode this root's forks were made in; ids stay unique per namespace either way, and no counter is touched"
+    )
+}
+
 fn refusal(have: ForkIds, want: ForkIds) -> OpenError {
     let why = match (have, want) {
         (ForkIds::Namespace, _) => "its forks counted ids per namespace, so their ids already overlap the primary's and tree mode could not make them unique",
@@ -143,6 +150,9 @@ impl Engine {
                     .map_err(|e| match e {
                         OpenError::StoreUnreachable(m) => {
                             ServiceError::unavailable(m, self.retry_hint_ms())
+                        }
+                        OpenError::CorruptManifest { reason, .. } => {
+                            ServiceError::BrokenManifest(broken_mode_message(&reason))
                         }
                         other => ServiceError::Internal(other.to_string()),
                     })
