@@ -664,3 +664,108 @@ async fn a_broken_mode_record_stops_fork_operations_only() {
     );
     e.shutdown().await.unwrap();
 }
+
+/// A daemon that was already running when another switched the (fork-less) root
+/// serves no fork in its old mode: it checks the record before every fork lease.
+#[tokio::test]
+async fn a_running_daemon_of_the_old_mode_serves_no_fork_after_a_switch() {
+    let env = Env::new();
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let h = StoreHandle::custom(store, WriterMode::MultiWriter, "memory://switch");
+    let n = open(cfg(&env, "n", 100, ForkIds::Namespace), &h)
+        .await
+        .unwrap();
+    n.reserve(Namespace::Primary, Kind::Vid, 5).await.unwrap();
+    let t = open(cfg(&env, "t", 100, ForkIds::Tree), &h).await.unwrap();
+    let f = ForkId::generate();
+    t.bootstrap_fork(f, None, 0, 0).await.unwrap();
+    let r = t.reserve(Namespace::Fork(f), Kind::Vid, 5).await.unwrap();
+    let err = n
+        .reserve(Namespace::Fork(f), Kind::Vid, 5)
+        .await
+        .expect_err("a namespace lease on a tree root");
+    assert!(err.to_string().contains("fork_ids = \"tree\""), "{err}");
+    // The primary is the same in both modes and still serves, above the fork.
+    let p = t.reserve(Namespace::Primary, Kind::Vid, 5).await.unwrap();
+    assert!(p.start >= r.end, "{p:?} {r:?}");
+    n.shutdown().await.unwrap();
+    t.shutdown().await.unwrap();
+}
+
+/// Tree mode: repairing the primary (its manifest broken) never sets the tree's
+/// sequence below a fork's lease, whatever floor the operator gives.
+#[tokio::test]
+async fn in_tree_mode_a_repair_of_the_primary_stays_above_the_forks() {
+    let env = Env::new();
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let h = StoreHandle::custom(store.clone(), WriterMode::MultiWriter, "memory://repair");
+    let e = open(cfg(&env, "a", 1000, ForkIds::Tree), &h).await.unwrap();
+    let f = ForkId::generate();
+    e.bootstrap_fork(f, None, 0, 0).await.unwrap();
+    let mut fork_end = 0;
+    for _ in 0..5 {
+        fork_end = e
+            .reserve(Namespace::Fork(f), Kind::Vid, 900)
+            .await
+            .unwrap()
+            .end;
+    }
+    store
+        .put(
+            &object_store::path::Path::from("id_allocator.json"),
+            b"{".to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let report = e
+        .repair(Namespace::Primary, 1, 1)
+        .await
+        .expect("repair from a low floor");
+    assert!(
+        report.vid_ceiling >= fork_end,
+        "{report:?} below the fork's {fork_end}"
+    );
+    let next = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
+    assert!(next.start >= fork_end, "{next:?}");
+    e.shutdown().await.unwrap();
+}
+
+/// A child merged into its parent whose merge stopped before raising the parent
+/// (its tombstone written, nothing else): merging the parent into the primary
+/// still lifts the primary above the child's ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merging_a_parent_covers_a_child_whose_merge_into_it_stopped_half_way() {
+    let env = Env::new();
+    let h = file_root(&env);
+    let e = open(cfg(&env, "d", 100, ForkIds::Namespace), &h)
+        .await
+        .unwrap();
+    let a = ForkId::generate();
+    let c = ForkId::generate();
+    e.bootstrap_fork(a, None, 0, 0).await.unwrap();
+    e.bootstrap_fork(c, Some(a), 0, 0).await.unwrap();
+    let mut c_end = 0;
+    for _ in 0..20 {
+        c_end = e
+            .reserve(Namespace::Fork(c), Kind::Vid, 90)
+            .await
+            .unwrap()
+            .end;
+    }
+    e.shutdown().await.unwrap();
+    crash(e).await;
+    // The child's tombstone as a merge that stopped after step 1 leaves it.
+    let path = env
+        .data_dir("root")
+        .join(format!("catalog/forks/{}/id_allocator.json", c.text()));
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["idalloc"]["merged_into"] = serde_json::Value::from(a.text());
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let e = open(cfg(&env, "d", 100, ForkIds::Namespace), &h)
+        .await
+        .unwrap();
+    let r = e.merge_fork(a, MergeInto::Parent).await.unwrap();
+    assert!(r.fork_vid_end >= c_end, "{r:?} below the child's {c_end}");
+    assert_primary_above(&e, [c_end, 0], "after merging the parent").await;
+    e.shutdown().await.unwrap();
+}

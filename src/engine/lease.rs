@@ -79,6 +79,7 @@ impl Engine {
     ) -> Result<(), ServiceError> {
         if entry.fork().is_some() {
             self.ensure_mode().await?;
+            self.mode_unchanged().await?;
             if self.cfg.fork_ids == ForkIds::Tree {
                 return self.take_tree_lease(entry, ms, kind, need).await;
             }

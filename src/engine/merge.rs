@@ -95,20 +95,31 @@ impl Engine {
                 )));
             }
         }
-        if target.snapshot().meta.retired() {
-            return Err(ServiceError::InvalidArgument(format!(
-                "cannot merge fork {fork} into {into_name}: {}",
-                target.retired_error()
-            )));
+        // A repeat of a merge that happened is answered as such even if the target
+        // was retired since; the checks below are for a merge still to be made.
+        if meta.merged_into.is_none() {
+            if target.snapshot().meta.retired() {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "cannot merge fork {fork} into {into_name}: {}",
+                    target.retired_error()
+                )));
+            }
+            let (live, _) = self.children(fork).await?;
+            if !live.is_empty() {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "fork {fork} has live child forks ({}): merge or drop them first, children before parents",
+                    live.join(", ")
+                )));
+            }
         }
-        let live = self.live_children(fork).await?;
-        if !live.is_empty() {
-            return Err(ServiceError::InvalidArgument(format!(
-                "fork {fork} has live child forks ({}): merge or drop them first, children before parents",
-                live.join(", ")
-            )));
-        }
-        let (fork_end, merged_now) = self.tombstone_merged(&entry, &target).await?;
+        // Children merged into this fork: their ids are the fork's now (a child's
+        // merge that stopped before raising this fork is covered too), and the
+        // tombstone records them in the fork's final ceiling.
+        let children_end = match meta.merged_into {
+            None => self.children(fork).await?.1,
+            Some(_) => [0, 0],
+        };
+        let (fork_end, merged_now) = self.tombstone_merged(&entry, &target, children_end).await?;
         let ceilings = self.raise_target(&target, fork_end, tree).await?;
         let summary = match (tree, merged_now) {
             (_, false) => format!(
@@ -162,11 +173,13 @@ impl Engine {
     }
 
     /// Forks whose parent is `fork` and that are neither dropped nor merged,
-    /// across the whole root (forks other daemons made included).
-    async fn live_children(&self, fork: ForkId) -> Result<Vec<String>, ServiceError> {
+    /// across the whole root (forks other daemons made included); and the end of
+    /// the ids of those merged into `fork` (their final ceilings).
+    async fn children(&self, fork: ForkId) -> Result<(Vec<String>, [u64; 2]), ServiceError> {
         self.discover_forks().await?;
         let all: Vec<Arc<NsEntry>> = self.forks.read().unwrap().values().cloned().collect();
         let mut live = Vec::new();
+        let mut merged_end = [0u64; 2];
         for e in all {
             if e.ns == Namespace::Fork(fork) {
                 continue;
@@ -181,8 +194,26 @@ impl Engine {
             if child && !meta.retired() {
                 live.push(entry_text(&e));
             }
+            let into_us = meta
+                .merged_into
+                .as_deref()
+                .and_then(|p| ForkId::parse(p).ok())
+                .is_some_and(|p| p == fork);
+            if child && into_us {
+                let hint = self.retry_hint_ms();
+                if let Some(v) = self
+                    .mirror
+                    .read(&e.path())
+                    .await
+                    .map_err(|err| store_err(err, hint))?
+                {
+                    for k in Kind::ALL {
+                        merged_end[k.index()] = merged_end[k.index()].max(v.manifest.ceiling(k));
+                    }
+                }
+            }
         }
-        Ok(live)
+        Ok((live, merged_end))
     }
 
     /// Step 1: tombstone the fork as merged into `into`. Returns the fork's final
@@ -191,6 +222,7 @@ impl Engine {
         &self,
         entry: &Arc<NsEntry>,
         target: &NsEntry,
+        children_end: [u64; 2],
     ) -> Result<([u64; 2], bool), ServiceError> {
         let into = ns_name(target);
         let into = into.as_str();
@@ -228,7 +260,7 @@ impl Engine {
             m.set_fork_meta(&meta);
             for k in Kind::ALL {
                 let owned = st.counters[k.index()].owned_end();
-                m.set_ceiling(k, m.ceiling(k).max(owned));
+                m.set_ceiling(k, m.ceiling(k).max(owned).max(children_end[k.index()]));
             }
             match self
                 .mirror

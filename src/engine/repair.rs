@@ -121,6 +121,31 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
+        if self.cfg.fork_ids == crate::protocol::ForkIds::Tree && entry.fork().is_none() {
+            // The primary is the tree's sequence: above every fork's ids too.
+            raise(
+                "this daemon's fork leases (tree mode)".to_string(),
+                self.forks_owned_end(),
+                &mut target,
+                &mut evidence,
+            );
+            let dirs = self
+                .mirror
+                .list_fork_dirs()
+                .await
+                .map_err(|e| store_err(e, self.retry_hint_ms()))?;
+            for dir in dirs {
+                let p = super::manifest::fork_path(&dir);
+                if let Ok(Some(v)) = self.mirror.read(&p).await {
+                    raise(
+                        format!("{p} (tree mode)"),
+                        [v.manifest.next_vid_batch, v.manifest.next_eid_batch],
+                        &mut target,
+                        &mut evidence,
+                    );
+                }
+            }
+        }
         let st = entry.snapshot();
         let local = Kind::ALL.map(|k| {
             let c = st.counters[k.index()];

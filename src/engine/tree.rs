@@ -39,6 +39,14 @@ const MAX_CONFLICTS: usize = 32;
 #[derive(Debug, Serialize, Deserialize)]
 struct ModeRecord {
     fork_ids: ForkIds,
+    /// False while a switch to `fork_ids` is being checked (no fork may have been
+    /// made in the old mode meanwhile): nobody makes forks or fork leases then.
+    #[serde(default = "settled_default")]
+    settled: bool,
+}
+
+fn settled_default() -> bool {
+    true
 }
 
 fn mode_path() -> Path {
@@ -48,7 +56,7 @@ fn mode_path() -> Path {
 /// Read the root's recorded mode; `None` when it records none yet.
 async fn read_mode(
     mirror: &Mirror,
-) -> Result<Option<(ForkIds, object_store::UpdateVersion)>, StoreError> {
+) -> Result<Option<(ModeRecord, object_store::UpdateVersion)>, StoreError> {
     let Some((bytes, version)) = mirror.read_bytes(&mode_path()).await? else {
         return Ok(None);
     };
@@ -56,11 +64,15 @@ async fn read_mode(
         path: MODE_PATH.to_string(),
         reason: e.to_string(),
     })?;
-    Ok(Some((rec.fork_ids, version)))
+    Ok(Some((rec, version)))
 }
 
-fn mode_bytes(mode: ForkIds) -> Vec<u8> {
-    serde_json::to_vec_pretty(&ModeRecord { fork_ids: mode }).expect("mode serialises")
+fn mode_bytes(mode: ForkIds, settled: bool) -> Vec<u8> {
+    serde_json::to_vec_pretty(&ModeRecord {
+        fork_ids: mode,
+        settled,
+    })
+    .expect("mode serialises")
 }
 
 /// Whether the root has any fork (a manifest or a creation claim).
@@ -72,18 +84,27 @@ async fn root_has_forks(mirror: &Mirror) -> Result<bool, StoreError> {
 }
 
 /// Make the root's recorded mode `want`, or refuse and say why. Called at
-/// start-up; `Err(Unavailable)` when the store cannot be reached (the check is
-/// then made again before the first fork operation).
+/// start-up; `Err(StoreUnreachable)` when the store cannot be reached (the check
+/// is then made again before the first fork operation).
+///
+/// A switch writes the new mode unsettled first, then looks for forks: a daemon
+/// of the old mode that makes a fork checks the record after its claim, so either
+/// the switch sees the fork (and puts the old mode back) or that daemon sees the
+/// record (and serves nothing of its fork). Only then is the record settled; an
+/// interrupted switch is finished (or refused) by the next check.
 pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), OpenError> {
     for _ in 0..MAX_CONFLICTS {
         let recorded = read_mode(mirror).await?;
         match recorded {
-            Some((have, _)) if have == want => return Ok(()),
+            Some((rec, _)) if rec.fork_ids == want && rec.settled => return Ok(()),
             None => {
                 if want == ForkIds::Tree && root_has_forks(mirror).await? {
                     return Err(refusal(ForkIds::Namespace, want));
                 }
-                match mirror.create_bytes(&mode_path(), mode_bytes(want)).await? {
+                match mirror
+                    .create_bytes(&mode_path(), mode_bytes(want, true))
+                    .await?
+                {
                     Written::Won(_) => {
                         tracing::info!(fork_ids = %want, record = MODE_PATH, "the root now records how it counts fork ids");
                         return Ok(());
@@ -91,26 +112,46 @@ pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), Op
                     Written::Lost => continue,
                 }
             }
-            Some((have, version)) => {
+            Some((rec, version)) => {
+                let have = rec.fork_ids;
                 if root_has_forks(mirror).await? {
+                    if have == want {
+                        // An interrupted switch to our mode, and forks since or
+                        // before: which mode made them cannot be told.
+                        return Err(OpenError::InvalidConfig(format!(
+                            "{MODE_PATH} records an unfinished switch to fork_ids = \"{want}\" and the root has forks, whose mode cannot be told; check which mode made them, then write {{\"fork_ids\": \"<that mode>\"}} to {MODE_PATH}"
+                        )));
+                    }
                     return Err(refusal(have, want));
                 }
+                if have != want {
+                    match mirror
+                        .replace_bytes(&mode_path(), mode_bytes(want, false), &version)
+                        .await?
+                    {
+                        Written::Won(_) => {}
+                        Written::Lost => continue,
+                    }
+                }
+                // A daemon of the old mode may have created a fork meanwhile: then
+                // put the old mode back and refuse, as if the fork had been first.
+                if root_has_forks(mirror).await? {
+                    if let Some((_, v)) = read_mode(mirror).await? {
+                        mirror
+                            .replace_bytes(&mode_path(), mode_bytes(have, true), &v)
+                            .await?;
+                    }
+                    return Err(refusal(have, want));
+                }
+                let Some((_, v)) = read_mode(mirror).await? else {
+                    continue;
+                };
                 match mirror
-                    .replace_bytes(&mode_path(), mode_bytes(want), &version)
+                    .replace_bytes(&mode_path(), mode_bytes(want, true), &v)
                     .await?
                 {
                     Written::Won(_) => {}
                     Written::Lost => continue,
-                }
-                // A daemon of the old mode may have created a fork meanwhile: then
-                // put the record back and refuse, as if the fork had been first.
-                if root_has_forks(mirror).await? {
-                    if let Some((_, v)) = read_mode(mirror).await? {
-                        mirror
-                            .replace_bytes(&mode_path(), mode_bytes(have), &v)
-                            .await?;
-                    }
-                    return Err(refusal(have, want));
                 }
                 tracing::warn!(from = %have, to = %want, record = MODE_PATH, "the root has no forks: switched how it counts fork ids; every daemon sharing this root must be restarted with the same [allocation] fork_ids");
                 return Ok(());
@@ -161,15 +202,23 @@ impl Engine {
             .map(|_| ())
     }
 
-    /// Whether the root's mode is still the one this daemon runs in (a bootstrap
-    /// checks again after its claim, against a switch by another daemon).
+    /// Whether the root's mode is still the one this daemon runs in, settled. A
+    /// bootstrap checks after its claim and every fork lease before it is taken,
+    /// against a switch by another daemon (which needs a root without forks, so
+    /// a daemon already serving forks is never switched under).
     pub(super) async fn mode_unchanged(&self) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
         match read_mode(&self.mirror).await.map_err(|e| store_err(e, hint))? {
-            Some((have, _)) if have != self.cfg.fork_ids => Err(ServiceError::Internal(format!(
-                "{MODE_PATH} now says fork_ids = \"{have}\" but this daemon runs with \"{}\": restart it with the root's setting",
-                self.cfg.fork_ids
-            ))),
+            Some((rec, _)) if rec.fork_ids != self.cfg.fork_ids => {
+                Err(ServiceError::Internal(format!(
+                    "{MODE_PATH} now says fork_ids = \"{}\" but this daemon runs with \"{}\": restart it with the root's setting",
+                    rec.fork_ids, self.cfg.fork_ids
+                )))
+            }
+            Some((rec, _)) if !rec.settled => Err(ServiceError::unavailable(
+                format!("{MODE_PATH}: a daemon is switching how this root counts fork ids"),
+                hint,
+            )),
             _ => Ok(()),
         }
     }

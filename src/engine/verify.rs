@@ -86,7 +86,7 @@ impl Evidence {
 
 impl Engine {
     /// The end of the highest lease any fork of this daemon holds, per kind.
-    fn forks_owned_end(&self) -> [u64; 2] {
+    pub(super) fn forks_owned_end(&self) -> [u64; 2] {
         let forks: Vec<_> = self.forks.read().unwrap().values().cloned().collect();
         let mut end = [0, 0];
         for f in forks {
@@ -268,7 +268,7 @@ impl Engine {
                     }
                     c.skip_to(ev.merged_floor(kind));
                     let mine = ev.cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
-                    if mine < c.owned_end().max(ceiling) {
+                    if mine < c.owned_end().max(ceiling).max(forks_owned[kind.index()]) {
                         raise = true;
                     }
                 }
@@ -280,7 +280,11 @@ impl Engine {
                     m.set_fork_meta(&st.meta);
                 }
                 for kind in Kind::ALL {
-                    let target = st.counters[kind.index()].owned_end().max(ev.ceiling(kind));
+                    // In tree mode the primary is the sequence: above our forks' leases too.
+                    let target = st.counters[kind.index()]
+                        .owned_end()
+                        .max(ev.ceiling(kind))
+                        .max(forks_owned[kind.index()]);
                     if m.ceiling(kind) < target {
                         tracing::warn!(
                             manifest = %path, %kind, ceiling = m.ceiling(kind), raised_to = target,
