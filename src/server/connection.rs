@@ -1,17 +1,32 @@
-//! Serving one accepted connection: tarpc channel over [`ServerTransport`], with the
-//! per-connection in-flight limit, until the client leaves, sends a bad frame, or
-//! shutdown closes the read half and the last reply is written.
+//! Serving one accepted connection: tarpc's wire protocol over [`ServerTransport`],
+//! with the per-connection in-flight limit, until the client leaves, sends a bad
+//! frame, or shutdown closes the read half and the last reply is written.
+//!
+//! The loop is ours rather than tarpc's `BaseChannel`: each request goes straight
+//! to the service's generated dispatch (`Serve::serve`), and every reply that is
+//! ready when one is written goes out in the same write. `BaseChannel` keeps, per
+//! request, a deadline timer, an abort handle, an in-flight map entry and a span,
+//! and flushes reply by reply; on the reservation path that was a fair share of
+//! the daemon's CPU (docs/performance.md). What it gave that matters is kept: the
+//! in-flight limit (a throttled request gets tarpc's own `WouldBlock` reply, the
+//! connection stays), a request whose deadline has already passed is not started
+//! (its caller has given up). Not kept: aborting a request when its deadline
+//! passes or when the client cancels it. Such a request runs to its end and its
+//! reply is dropped by the client; every engine call is bounded (store time-outs),
+//! and a reservation nobody receives is a gap, never a duplicate.
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-use tarpc::server::{BaseChannel, Channel};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use tarpc::server::Serve;
+use tarpc::{ClientMessage, Response, ServerError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
-use crate::protocol::IdAlloc;
+use crate::protocol::{IdAlloc, IdAllocRequest, IdAllocResponse};
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -35,19 +50,70 @@ pub async fn serve_connection<S, Svc>(
     S: AsyncRead + AsyncWrite + Unpin,
     Svc: IdAlloc + Clone,
 {
-    let transport = ServerTransport::new(io, limits.max_frame_bytes, shutdown);
-    BaseChannel::with_defaults(transport)
-        .max_concurrent_requests(limits.max_in_flight)
-        .execute(svc.serve())
-        .for_each_concurrent(None, |request| {
-            busy.touch();
-            let busy = busy.clone();
-            async move {
-                request.await;
+    let mut transport: ServerTransport<S, IdAllocRequest, IdAllocResponse> =
+        ServerTransport::new(io, limits.max_frame_bytes, shutdown);
+    let serve = svc.serve();
+    let mut in_flight = FuturesUnordered::new();
+    let mut reading = true;
+    while reading || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 busy.touch();
+                if transport.feed(reply).await.is_err() {
+                    return;
+                }
+                // Every other reply ready by now shares this write.
+                while let Some(Some(reply)) = in_flight.next().now_or_never() {
+                    busy.touch();
+                    if transport.feed(reply).await.is_err() {
+                        return;
+                    }
+                }
+                if transport.flush().await.is_err() {
+                    return;
+                }
             }
-        })
-        .await;
+            msg = transport.next(), if reading => match msg {
+                None => reading = false,
+                // A frame too long or not a request: this connection ends, with
+                // the requests it had in flight (each a gap at most).
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "closing a connection that sent a bad frame");
+                    return;
+                }
+                Some(Ok(ClientMessage::Request(req))) => {
+                    busy.touch();
+                    if req.context.deadline <= std::time::Instant::now() {
+                        continue;
+                    }
+                    if in_flight.len() >= limits.max_in_flight {
+                        let throttled = Response {
+                            request_id: req.id,
+                            message: Err(ServerError::new(
+                                std::io::ErrorKind::WouldBlock,
+                                "server throttled the request.".into(),
+                            )),
+                        };
+                        if transport.send(throttled).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let serve = serve.clone();
+                    in_flight.push(async move {
+                        Response {
+                            request_id: req.id,
+                            message: serve.serve(req.context, req.message).await,
+                        }
+                    });
+                }
+                // Cancel (and any message kind a later tarpc adds): nothing to do.
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = transport.close().await;
 }
 
 #[cfg(test)]
@@ -244,6 +310,39 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(matches!(e, ServiceError::InvalidArgument(_)));
+    }
+
+    /// Past `max_in_flight`, a request gets tarpc's throttle reply at once and
+    /// the connection keeps serving.
+    #[tokio::test]
+    async fn requests_past_the_in_flight_limit_are_throttled_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = start(dir.path(), CancellationToken::new());
+        let c = client(&path).await;
+        let calls: Vec<_> = (0..LIMITS.max_in_flight + 3)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.hwm(tarpc::context::current(), None).await })
+            })
+            .collect();
+        let (mut ok, mut throttled) = (0, 0);
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(Ok(_)) => ok += 1,
+                // tarpc's own throttle reply (its kind travels as `Other`).
+                Err(tarpc::client::RpcError::Server(e)) if e.detail.contains("throttled") => {
+                    throttled += 1
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((ok, throttled), (LIMITS.max_in_flight, 3));
+        let r = c
+            .reserve(tarpc::context::current(), None, Kind::Vid, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.len(), 2);
     }
 
     #[tokio::test]
