@@ -769,3 +769,37 @@ async fn merging_a_parent_covers_a_child_whose_merge_into_it_stopped_half_way() 
     assert_primary_above(&e, [c_end, 0], "after merging the parent").await;
     e.shutdown().await.unwrap();
 }
+
+/// A switch that stopped half way (the record written unsettled) holds every
+/// fork operation of the root until a daemon finishes or undoes it; with forks
+/// made meanwhile, whose mode cannot be told, it is refused with the way out.
+#[tokio::test]
+async fn an_unfinished_switch_is_finished_on_an_empty_root_and_refused_with_forks() {
+    let env = Env::new();
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let h = StoreHandle::custom(store.clone(), WriterMode::MultiWriter, "memory://half");
+    let record = object_store::path::Path::from("idalloc/fork-ids.json");
+    let unsettled = br#"{"fork_ids": "tree", "settled": false}"#.to_vec();
+    store.put(&record, unsettled.clone().into()).await.unwrap();
+    let e = open(cfg(&env, "a", 100, ForkIds::Tree), &h).await.unwrap();
+    let f = ForkId::generate();
+    e.bootstrap_fork(f, None, 0, 0)
+        .await
+        .expect("the switch was finished");
+    let text = store.get(&record).await.unwrap().bytes().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(v["settled"], true, "{v}");
+    e.shutdown().await.unwrap();
+    crash(e).await;
+    // The same half-done record on a root that has a fork now.
+    store.put(&record, unsettled.into()).await.unwrap();
+    let msg = open(cfg(&env, "b", 100, ForkIds::Tree), &h)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        msg.contains("unfinished switch") && msg.contains("whose mode cannot be told"),
+        "{msg}"
+    );
+}

@@ -135,7 +135,14 @@ pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), Op
                 }
                 // A daemon of the old mode may have created a fork meanwhile: then
                 // put the old mode back and refuse, as if the fork had been first.
+                // (Finishing a switch someone else began, the old mode is unknown:
+                // leave the record unsettled and say so.)
                 if root_has_forks(mirror).await? {
+                    if have == want {
+                        return Err(OpenError::InvalidConfig(format!(
+                            "{MODE_PATH} records an unfinished switch to fork_ids = \"{want}\" and a fork was made meanwhile, whose mode cannot be told; check which mode made it, then write {{\"fork_ids\": \"<that mode>\"}} to {MODE_PATH}"
+                        )));
+                    }
                     if let Some((_, v)) = read_mode(mirror).await? {
                         mirror
                             .replace_bytes(&mode_path(), mode_bytes(have, true), &v)
@@ -216,7 +223,7 @@ impl Engine {
                 )))
             }
             Some((rec, _)) if !rec.settled => Err(ServiceError::unavailable(
-                format!("{MODE_PATH}: a daemon is switching how this root counts fork ids"),
+                format!("{MODE_PATH}: a daemon is switching how this root counts fork ids (if it stopped, starting any daemon of this root finishes or undoes the switch)"),
                 hint,
             )),
             _ => Ok(()),
