@@ -10,8 +10,8 @@
 //! 4-byte big-endian length, then the bincode body), so tarpc's stock client
 //! transport talks to it.
 //!
-//! A frame that is too long or does not decode is a read error: tarpc's channel
-//! ends on it, which closes that connection and no other.
+//! A frame that is too long or does not decode is a read error: the connection's
+//! loop (`super::connection`) ends on it, which closes that connection and no other.
 //!
 //! Decoding is guarded against panics ([`GuardedBincode`]): tarpc turns a request's
 //! deadline (a `Duration` on the wire) into `Instant::now() + deadline`, which
@@ -130,8 +130,8 @@ type Inner<S, Req, Resp> = tarpc::tokio_serde::Framed<
 >;
 
 /// A tarpc server transport over `S`. When `shutdown` is cancelled the read half
-/// reports end-of-stream: tarpc then stops taking requests, still writes the replies
-/// of those in flight, and ends the channel once they are all sent.
+/// reports end-of-stream: the connection's loop then stops taking requests, still
+/// writes the replies of those in flight, and closes once they are all sent.
 pub struct ServerTransport<S, Req, Resp> {
     inner: Inner<S, Req, Resp>,
     shutdown: BoxFuture<'static, ()>,
