@@ -14,6 +14,9 @@
 //!   back leases (rule 9), checking a namespace against the store before it
 //!   serves, fork bootstrap (claims) and drop, start-up reconciliation and clean
 //!   shutdown, and the operator's explicit floor for a broken manifest.
+//! - `tree`, `merge` (private): tree-unique fork ids (every namespace leasing
+//!   from the primary's manifest; the root's recorded mode) and `fork merge` (the
+//!   target never grants an id the merged fork granted).
 //!
 //! A reservation takes ids from the lease under a short lock, then waits for the
 //! group commit; only when the lease is short does it wait on the object store, and
