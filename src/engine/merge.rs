@@ -97,6 +97,10 @@ impl Engine {
         }
         // A repeat of a merge that happened is answered as such even if the target
         // was retired since; the checks below are for a merge still to be made.
+        // Children merged into this fork: their ids are the fork's now (a child's
+        // merge that stopped before raising this fork is covered too), and the
+        // tombstone records them in the fork's final ceiling.
+        let mut children_end = [0, 0];
         if meta.merged_into.is_none() {
             if target.snapshot().meta.retired() {
                 return Err(ServiceError::InvalidArgument(format!(
@@ -104,21 +108,15 @@ impl Engine {
                     target.retired_error()
                 )));
             }
-            let (live, _) = self.children(fork).await?;
+            let (live, merged_end) = self.children(fork).await?;
             if !live.is_empty() {
                 return Err(ServiceError::InvalidArgument(format!(
                     "fork {fork} has live child forks ({}): merge or drop them first, children before parents",
                     live.join(", ")
                 )));
             }
+            children_end = merged_end;
         }
-        // Children merged into this fork: their ids are the fork's now (a child's
-        // merge that stopped before raising this fork is covered too), and the
-        // tombstone records them in the fork's final ceiling.
-        let children_end = match meta.merged_into {
-            None => self.children(fork).await?.1,
-            Some(_) => [0, 0],
-        };
         let (fork_end, merged_now) = self.tombstone_merged(&entry, &target, children_end).await?;
         let ceilings = self.raise_target(&target, fork_end, tree).await?;
         let summary = match (tree, merged_now) {
