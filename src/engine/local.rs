@@ -2,19 +2,25 @@
 //! makes them durable together.
 //!
 //! Invariant protected: *durable before reply* (2). Every reservation waits for a
-//! `flush()` that happened after its grant was written. One committer thread drains
-//! the queue of waiting reservations, writes the latest state of each namespace they
-//! touched, flushes once and answers them all (group commit). sled's `flush_async`
-//! hangs under concurrency in 0.34.7 (DESIGN.md), and a dedicated thread calling the
-//! blocking `flush()` costs no tokio worker. A lone writer (no other commit in
-//! flight for a streak of them) skips the hand-off and writes on its own thread,
-//! under `block_in_place`. Either way one writer at a time snapshots, writes and
-//! flushes, so a state on disk is never replaced by an older one.
+//! `flush()` that happened after its grant was written. A commit joins a queue;
+//! the first one into an empty queue spawns a *group* task on the caller's runtime,
+//! which yields once and so runs only after every task that was ready has run and
+//! the runtime has polled its sockets: every request that had arrived by then has
+//! joined the queue. The group then writes the latest state of each namespace
+//! queued, flushes once and answers them all, on the runtime's own thread, as
+//! Redis's event loop writes its AOF before it goes back to sleep. No commit
+//! thread: handing each group to one and back cost two thread wake-ups per group
+//! and a cross-thread wake-up per reservation (docs/performance.md). While the
+//! flush runs that runtime thread serves nothing else; requests wait in their
+//! sockets and form the next group. sled's `flush_async` hangs under concurrency
+//! in 0.34.7 (DESIGN.md), hence the blocking `flush()`. One writer at a time
+//! snapshots, writes and flushes, so a state on disk is never replaced by an
+//! older one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -80,21 +86,32 @@ pub struct Loaded {
 /// The local, hot tier.
 pub struct Local {
     db: sled::Db,
-    jobs: mpsc::Sender<Job>,
-    writer: Arc<Writer>,
-    /// Commits requested and not yet answered, by either path.
-    pending: AtomicUsize,
-    /// Commits in a row that found no other commit in flight.
+    shared: Arc<Shared>,
+}
+
+/// What the commit callers and the group tasks share.
+struct Shared {
+    writer: Writer,
+    queue: Mutex<Queue>,
+    /// Groups in a row that held a single commit.
     solo_streak: AtomicU64,
 }
 
-/// Commits in a row that must have run alone before one is written on the
-/// caller's thread: a lone writer qualifies after a few dozen requests, while
-/// under concurrent load (where a commit now and then still finds the queue
-/// empty) the streak keeps breaking and every commit goes to the group.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// A group task is spawned and has not yet found the queue empty: every job
+    /// pushed meanwhile is its to write.
+    scheduled: bool,
+}
+
+/// Groups of one in a row before [`Local::lone_writer`] reports a lone writer: a
+/// writer reserving one at a time qualifies after a few dozen requests, while
+/// under concurrent load (where a group now and then still holds one commit) the
+/// streak keeps breaking.
 const SOLO_STREAK: u64 = 64;
 
-/// What both commit paths share: the one writer of sled records at a time.
+/// The one writer of sled records at a time.
 struct Writer {
     db: sled::Db,
     /// Held across snapshot, insert and flush, so that a record written later was
@@ -133,15 +150,6 @@ impl Writer {
             tracing::error!(error = %e, "sled commit failed; the reservations in this group are not granted");
         }
         result
-    }
-}
-
-/// Counts a commit as pending until dropped (also when its caller goes away).
-struct Pending<'a>(&'a AtomicUsize);
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -190,69 +198,46 @@ impl Local {
             path: dir.display().to_string(),
             reason,
         })?;
-        let (tx, rx) = mpsc::channel();
-        let writer = Arc::new(Writer {
-            db: db.clone(),
-            lock: Mutex::new(()),
-            flushes: AtomicU64::new(0),
-        });
-        let w = writer.clone();
-        std::thread::Builder::new()
-            .name("idalloc-commit".into())
-            .spawn(move || committer(&w, rx))
-            .map_err(|e| OpenError::DataDir {
-                path: dir.display().to_string(),
-                reason: format!("cannot start the commit thread: {e}"),
-            })?;
-        Ok((
-            Local {
-                db,
-                jobs: tx,
-                writer,
-                pending: AtomicUsize::new(0),
-                solo_streak: AtomicU64::new(0),
+        let shared = Arc::new(Shared {
+            writer: Writer {
+                db: db.clone(),
+                lock: Mutex::new(()),
+                flushes: AtomicU64::new(0),
             },
-            loaded,
-        ))
+            queue: Mutex::new(Queue::default()),
+            solo_streak: AtomicU64::new(0),
+        });
+        Ok((Local { db, shared }, loaded))
     }
 
-    /// Write the latest state under `key` and return once it is flushed.
-    ///
-    /// A commit that is the only one in flight, after a streak of such commits, is
-    /// written on the caller's thread (under `block_in_place`, so the runtime's
-    /// other tasks move to another thread meanwhile): handing it to the commit
-    /// thread and back costs two thread wake-ups, as long as the flush itself. As
-    /// soon as commits overlap they go to the commit thread, which flushes them in
-    /// groups.
+    /// Write the latest state under `key` and return once it is flushed, together
+    /// with every other commit queued by then (see the module docs). Outside a
+    /// tokio runtime the commit is written at once, on the caller's thread.
     pub async fn commit(&self, key: Vec<u8>, snapshot: Snapshot) -> Result<(), String> {
-        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0;
-        let _pending = Pending(&self.pending);
-        let streak = if alone {
-            self.solo_streak.fetch_add(1, Ordering::Relaxed)
-        } else {
-            self.solo_streak.store(0, Ordering::Relaxed);
-            0
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self
+                .shared
+                .writer
+                .write(&mut std::iter::once((key.as_slice(), &snapshot)), 1);
         };
-        if alone
-            && streak >= SOLO_STREAK
-            && tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-        {
-            return tokio::task::block_in_place(|| {
-                self.writer
-                    .write(&mut std::iter::once((key.as_slice(), &snapshot)), 1)
-            });
-        }
         let (done, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
+        let first = {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.jobs.push(Job {
                 key,
                 snapshot,
                 done,
-            })
-            .map_err(|_| "the commit thread has stopped".to_string())?;
+            });
+            !std::mem::replace(&mut q.scheduled, true)
+        };
+        if first {
+            runtime.spawn(run_groups(GroupGuard {
+                shared: self.shared.clone(),
+                done: false,
+            }));
+        }
         rx.await
-            .map_err(|_| "the commit thread has stopped".to_string())?
+            .map_err(|_| "the commit group was dropped (runtime shutting down)".to_string())?
     }
 
     /// Record the meta record durably.
@@ -262,16 +247,16 @@ impl Local {
             .await
     }
 
-    /// Whether commits have been coming one at a time, each alone in flight, for a
-    /// streak long enough that they are written on the caller's thread: one writer
-    /// waiting on each flush, whose latency is all that matters. Any overlap ends it.
+    /// Whether commits have been coming one at a time, each alone in its group,
+    /// for a streak of groups: one writer waiting on each flush, whose latency is
+    /// all that matters. Any group of two or more ends it.
     pub fn lone_writer(&self) -> bool {
-        self.solo_streak.load(Ordering::Relaxed) >= SOLO_STREAK
+        self.shared.solo_streak.load(Ordering::Relaxed) >= SOLO_STREAK
     }
 
     /// sled flushes since open (one per group of commits).
     pub fn flushes(&self) -> u64 {
-        self.writer.flushes.load(Ordering::Relaxed)
+        self.shared.writer.flushes.load(Ordering::Relaxed)
     }
 
     /// Make everything sled has written durable with `fsync` — its own flush is
@@ -337,22 +322,62 @@ fn load(db: &sled::Db, moved_aside: Option<PathBuf>) -> Result<Loaded, String> {
     })
 }
 
-fn committer(writer: &Writer, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-            if batch.len() >= 65_536 {
-                break;
+/// Owned by a group task from before it is spawned, so that a task dropped
+/// before it finds the queue empty (its runtime shutting down, even before its
+/// first poll) fails the queued commits: their callers get an error, never a
+/// reply without a flush, and the next commit spawns a new group.
+struct GroupGuard {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.scheduled = false;
+            q.jobs.clear();
+        }
+    }
+}
+
+/// A group task: write every queued commit, once per round, until a round finds
+/// the queue empty.
+async fn run_groups(mut guard: GroupGuard) {
+    let shared = guard.shared.clone();
+    loop {
+        // Runs again only after every ready task has run and the runtime has
+        // polled its sockets once: the group closes when nothing else is ready,
+        // not on a timer.
+        tokio::task::yield_now().await;
+        let batch = {
+            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.jobs.is_empty() {
+                q.scheduled = false;
+                guard.done = true;
+                return;
             }
+            std::mem::take(&mut q.jobs)
+        };
+        if batch.len() == 1 {
+            shared.solo_streak.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.solo_streak.store(0, Ordering::Relaxed);
         }
         // The latest state of each key covers every job queued for it: states only
         // move forward, so writing it once is enough for all of them.
-        let mut latest: HashMap<&[u8], &Snapshot> = HashMap::new();
-        for job in &batch {
-            latest.insert(&job.key, &job.snapshot);
-        }
-        let result = writer.write(&mut latest.into_iter(), batch.len());
+        let result = if batch.len() == 1 {
+            let job = &batch[0];
+            shared
+                .writer
+                .write(&mut std::iter::once((job.key.as_slice(), &job.snapshot)), 1)
+        } else {
+            let mut latest: HashMap<&[u8], &Snapshot> = HashMap::new();
+            for job in &batch {
+                latest.insert(&job.key, &job.snapshot);
+            }
+            shared.writer.write(&mut latest.into_iter(), batch.len())
+        };
         for job in batch {
             let _ = job.done.send(result.clone());
         }
@@ -376,40 +401,104 @@ mod tests {
         u64::from_be_bytes(v.as_ref().try_into().unwrap())
     }
 
+    /// A lone caller gets one flush per commit, written on the runtime's own
+    /// thread (there is no other), and is reported as a lone writer once its
+    /// streak is long enough.
     #[test]
-    fn a_lone_caller_is_written_inline_once_its_streak_is_long_enough() {
+    fn a_lone_caller_is_flushed_once_per_commit_on_the_runtime_thread() {
         let dir = tempfile::tempdir().unwrap();
         let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
-        let on_commit_thread = Arc::new(Mutex::new(Vec::new()));
-        let seen = on_commit_thread.clone();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let seen = threads.clone();
         let value = Arc::new(AtomicU64::new(0));
         let v = value.clone();
         let snapshot: Snapshot = Arc::new(move || {
-            let name = std::thread::current().name().map(str::to_owned);
-            seen.lock()
-                .unwrap()
-                .push(name.as_deref() == Some("idalloc-commit"));
+            seen.lock().unwrap().push(std::thread::current().id());
             v.load(Ordering::SeqCst).to_be_bytes().to_vec()
         });
-        runtime().block_on(async {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
             for i in 1..=200u64 {
                 value.store(i, Ordering::SeqCst);
                 local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
                 assert_eq!(stored(&local, b"k"), i, "durable before return");
+                assert_eq!(local.lone_writer(), i >= SOLO_STREAK, "after {i}");
             }
         });
-        let paths = on_commit_thread.lock().unwrap().clone();
-        let streak = SOLO_STREAK as usize;
-        assert_eq!(paths.len(), 200);
-        assert!(
-            paths[..streak].iter().all(|&t| t),
-            "first commits go to the group"
-        );
-        assert!(
-            paths[streak..].iter().all(|&t| !t),
-            "then inline: {paths:?}"
-        );
+        let threads = threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), 200);
+        assert!(threads.iter().all(|t| *t == std::thread::current().id()));
         assert_eq!(local.flushes(), 200);
+    }
+
+    /// Commits queued while the runtime is busy share a flush; once any group
+    /// holds more than one commit, no lone writer is reported.
+    #[test]
+    fn commits_ready_together_share_one_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
+        let local = Arc::new(local);
+        let snapshot: Snapshot = Arc::new(|| 7u64.to_be_bytes().to_vec());
+        // One thread, as idallocd runs by default (`worker_threads = 1`): with more
+        // workers, an idle one may start the group before all 32 have joined.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..SOLO_STREAK {
+                local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
+            }
+            assert!(local.lone_writer());
+            let before = local.flushes();
+            let all: Vec<_> = (0..32)
+                .map(|_| local.commit(b"k".to_vec(), snapshot.clone()))
+                .collect();
+            for r in futures::future::join_all(all).await {
+                r.unwrap();
+            }
+            assert_eq!(
+                local.flushes() - before,
+                1,
+                "32 commits ready at once, one flush"
+            );
+            assert!(!local.lone_writer());
+        });
+    }
+
+    /// A runtime that shuts down with a group pending fails its commits (an
+    /// error, never a success without a flush), and the next runtime's commits
+    /// are written as before.
+    #[test]
+    fn a_group_dropped_with_its_runtime_fails_its_commits_and_the_next_runtime_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
+        let local = Arc::new(local);
+        let snapshot: Snapshot = Arc::new(|| 9u64.to_be_bytes().to_vec());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Queue a commit and drop the runtime before its group task runs.
+        let pending = {
+            let (local, snapshot) = (local.clone(), snapshot.clone());
+            let mut commit = Box::pin(async move { local.commit(b"k".to_vec(), snapshot).await });
+            rt.block_on(async {
+                assert!(futures::poll!(&mut commit).is_pending());
+            });
+            commit
+        };
+        drop(rt);
+        let outcome = futures::executor::block_on(pending);
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert_eq!(local.flushes(), 0);
+        runtime().block_on(async {
+            local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
+        });
+        assert_eq!(stored(&local, b"k"), 9);
     }
 
     #[test]
@@ -421,8 +510,8 @@ mod tests {
         let c = counter.clone();
         let snapshot: Snapshot = Arc::new(move || c.load(Ordering::SeqCst).to_be_bytes().to_vec());
         runtime().block_on(async {
-            // A lone caller first, long enough to be written inline; then 16
-            // callers at once, the first of which may still find the lone path.
+            // A lone caller first, long enough to count as a lone writer; then 16
+            // callers at once.
             for _ in 0..(SOLO_STREAK + 10) {
                 counter.fetch_add(1, Ordering::SeqCst);
                 local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();

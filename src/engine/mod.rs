@@ -119,9 +119,9 @@ impl From<StoreError> for OpenError {
 /// The allocator. Share it behind the `Arc` that [`Engine::open`] returns; every
 /// method is safe to call concurrently.
 ///
-/// Drive it from a multi-thread tokio runtime (as idallocd does) or a current-thread
-/// one. A lone reservation on a multi-thread runtime is flushed under
-/// `tokio::task::block_in_place`, which panics inside a `LocalSet`.
+/// Drive it from a tokio runtime, multi-thread (as idallocd does) or current-thread.
+/// Each group of reservations is flushed by a task spawned on the caller's runtime,
+/// which blocks its worker thread for the flush (src/engine/local.rs).
 pub struct Engine {
     cfg: EngineConfig,
     local: Local,

@@ -89,7 +89,7 @@ pub async fn crash(engine: Arc<Engine>) {
     while weak.strong_count() > 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // The commit thread exits once the engine is gone; give it a moment to close sled.
+    // A group task still finishing holds sled open; give it a moment to close.
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
