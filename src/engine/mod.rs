@@ -119,9 +119,12 @@ impl From<StoreError> for OpenError {
 /// The allocator. Share it behind the `Arc` that [`Engine::open`] returns; every
 /// method is safe to call concurrently.
 ///
-/// Drive it from a tokio runtime, multi-thread (as idallocd does) or current-thread.
-/// Each group of reservations is flushed by a task spawned on the caller's runtime,
-/// which blocks its worker thread for the flush (src/engine/local.rs).
+/// Drive it from one tokio runtime, multi-thread (as idallocd does) or
+/// current-thread, for its whole life. Each group of reservations is flushed by a
+/// task spawned on the runtime of the commit that opened the group, which blocks
+/// that worker thread for the flush (src/engine/local.rs); a commit made from
+/// another runtime meanwhile waits for that task, so a runtime left undriven
+/// would hold it up.
 pub struct Engine {
     cfg: EngineConfig,
     local: Local,
