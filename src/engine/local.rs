@@ -237,7 +237,9 @@ impl Local {
             }));
         }
         rx.await
-            .map_err(|_| "the commit group was dropped (runtime shutting down)".to_string())?
+            .map_err(|_| {
+            "the commit group ended without a flush (runtime shutting down, or a panic); the reservation was not granted".to_string()
+        })?
     }
 
     /// Record the meta record durably.
