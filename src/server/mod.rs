@@ -26,6 +26,7 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Instant;
 
+use idalloc_client::unix_conn::UnixConn;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -144,9 +145,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     let served = async move {
                         match conn {
                             Conn::Unix(unix) => match access.unix_peer(&unix) {
-                                Ok(peer) => {
-                                    serve_peer(unix, peer, service, limits, busy, close_reads).await
-                                }
+                                // Watched for reading only (`unix_conn`): no wake-up each
+                                // time the client reads a reply.
+                                Ok(peer) => match UnixConn::from_tokio(unix) {
+                                    Ok(unix) => {
+                                        serve_peer(unix, peer, service, limits, busy, close_reads)
+                                            .await
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "could not register an accepted unix connection; closed it")
+                                    }
+                                },
                                 Err(why) => {
                                     metrics::connection_refused("no_role");
                                     tracing::warn!(reason = %why, "connection refused: the peer has no role")

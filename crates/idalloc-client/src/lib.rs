@@ -65,6 +65,7 @@ pub mod fork_id;
 pub mod namespace;
 pub mod protocol;
 pub mod tls;
+pub mod unix_conn;
 
 pub use client::{Allocator, AllocatorConfig, Client, ClientConfig, ClientError};
 pub use endpoint::Endpoint;

@@ -1,7 +1,8 @@
-//! [`Client`]: one tarpc connection to `idallocd`, rebuilt when it breaks.
+//! [`Client`]: one connection to `idallocd` (tarpc's protocol and generated client,
+//! over our own dispatch, [`Wire`]), rebuilt when it breaks.
 //!
-//! tarpc has no reconnect: when the daemon restarts, the channel's dispatch task
-//! ends and every later call fails with `RpcError::Shutdown`. The client keeps the
+//! A connection does not reconnect by itself: when the daemon restarts, it ends and
+//! every later call on it fails with `RpcError::Shutdown`. The client keeps the
 //! current channel with a generation number; the first caller that sees it broken
 //! drops it, and one caller at a time (behind an async mutex) dials again with capped
 //! exponential backoff until the call's deadline.
@@ -21,12 +22,11 @@ use std::time::Duration;
 
 use tarpc::client::RpcError;
 use tarpc::context;
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::time::Instant;
-use tokio_util::codec::LengthDelimitedCodec;
 
 use super::busy_poll;
 use super::error::ClientError;
+use super::wire::Wire;
 use crate::endpoint::Endpoint;
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
@@ -36,6 +36,7 @@ use crate::protocol::{
     Status,
 };
 use crate::tls::{tls_failure, TlsFiles};
+use crate::unix_conn::UnixConn;
 
 /// What [`Client::connect`] accepts: an [`Endpoint`] or its text (`unix:PATH`,
 /// `tcp:HOST:PORT`).
@@ -219,13 +220,16 @@ struct Inner {
     tls: Option<tokio_rustls::TlsConnector>,
     /// The live channel and its generation. A std mutex: held only to clone or
     /// replace the handle, never across an await.
-    current: Mutex<Option<(u64, IdAllocClient)>>,
+    current: Mutex<Option<(u64, Conn)>>,
     /// Serialises reconnects, so a broken connection is redialed once, not by every
     /// waiting caller. An async mutex because it is held across the dial.
     dial: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     reconnects: AtomicU64,
 }
+
+/// One connection's generated client, over our own dispatch ([`Wire`]).
+type Conn = IdAllocClient<Wire>;
 
 /// How one attempt ended, for the retry loop.
 enum Attempt<T> {
@@ -535,7 +539,7 @@ impl Client {
     /// Run one RPC with the deadline, reconnecting and retrying as the module doc says.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(IdAllocClient, context::Context) -> Fut,
+        F: Fn(Conn, context::Context) -> Fut,
         Fut: Future<Output = Result<Result<T, ServiceError>, RpcError>>,
     {
         let deadline = Instant::now() + self.inner.config.deadline;
@@ -613,7 +617,7 @@ impl Client {
         &self,
         deadline: Instant,
         last_error: &mut Option<String>,
-    ) -> Result<(u64, IdAllocClient), ClientError> {
+    ) -> Result<(u64, Conn), ClientError> {
         if let Some(c) = self.inner.current.lock().unwrap().clone() {
             return Ok(c);
         }
@@ -659,27 +663,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Open one connection and spawn its tarpc dispatch task. Frames are tokio_util's
-/// length-delimited frames (4-byte big-endian length) carrying bincode 1.x, as the
-/// daemon expects; the length limit applies to replies.
-async fn dial(inner: &Inner) -> std::io::Result<IdAllocClient> {
-    let mut framing = LengthDelimitedCodec::builder();
-    framing.max_frame_length(inner.config.max_frame_length);
-    let rpc_config = tarpc::client::Config::default();
-    Ok(match &inner.endpoint {
+/// Open one connection and spawn its reader and writer ([`Wire`]). Frames are
+/// length-delimited (4-byte big-endian length) bincode 1.x, tarpc's wire format,
+/// as the daemon expects; the length limit applies to replies.
+async fn dial(inner: &Inner) -> std::io::Result<Conn> {
+    let max_frame = inner.config.max_frame_length;
+    let wire = match &inner.endpoint {
         Endpoint::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path).await?;
-            let transport =
-                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
-            IdAllocClient::new(rpc_config, transport).spawn()
+            // Watched for reading only: see `unix_conn`.
+            let (read, write) = UnixConn::connect(path).await?.split();
+            Wire::spawn(read, write, max_frame)
         }
         Endpoint::Tcp(host_port) => {
             let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
             // Requests are small and latency-bound: do not let Nagle hold them back.
             stream.set_nodelay(true)?;
-            let transport =
-                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
-            IdAllocClient::new(rpc_config, transport).spawn()
+            let (read, write) = stream.into_split();
+            Wire::spawn(read, write, max_frame)
         }
         Endpoint::Tls(host_port) => {
             let connector = inner
@@ -692,10 +692,8 @@ async fn dial(inner: &Inner) -> std::io::Result<IdAllocClient> {
             })?;
             let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
             stream.set_nodelay(true)?;
-            let stream = connector.connect(name, stream).await?;
-            let transport =
-                tarpc::serde_transport::new(framing.new_framed(stream), Bincode::default());
-            IdAllocClient::new(rpc_config, transport).spawn()
+            Wire::over(connector.connect(name, stream).await?, max_frame)
         }
-    })
+    };
+    Ok(IdAllocClient::from(wire))
 }

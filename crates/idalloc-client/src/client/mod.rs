@@ -1,7 +1,8 @@
 //! The client library: what a writer links to talk to `idallocd`.
 //!
-//! - [`Client`] (`connection`): one tarpc connection, rebuilt with capped
-//!   exponential backoff when the daemon restarts; per-call deadlines; transparent
+//! - [`Client`] (`connection`, `wire`): one connection speaking tarpc's protocol,
+//!   rebuilt with capped exponential backoff when the daemon restarts; per-call
+//!   deadlines; transparent
 //!   retries of `Unavailable` / `ShuttingDown` / a broken connection, none of which
 //!   can hand an id out twice (a lost reply is a gap, never a duplicate).
 //! - [`Allocator`] (`allocator`, `cache`): per-namespace id allocation with the
@@ -32,6 +33,7 @@ mod cache;
 mod connection;
 mod error;
 mod source;
+mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
