@@ -65,6 +65,15 @@ pub struct MetricsError {
     reason: String,
 }
 
+/// Set once a recorder is installed: per-request timing is skipped until then.
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a recorder is installed (`[metrics] listen` is set). Without one every
+/// metric call is a no-op, and the hot path need not read the clock to feed it.
+pub fn enabled() -> bool {
+    INSTALLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Install the recorder and serve `/metrics` on `addr` over HTTP. Must run
 /// inside the tokio runtime (the endpoint is a task on it).
 pub async fn install(addr: SocketAddr) -> Result<(), MetricsError> {
@@ -83,6 +92,7 @@ pub async fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         .map_err(|e| err(e.to_string()))?
         .install_recorder()
         .map_err(|e| err(e.to_string()))?;
+    INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     let process = metrics_process::Collector::default();
     process.describe();
     describe();
