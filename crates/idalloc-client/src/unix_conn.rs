@@ -23,7 +23,8 @@
 //! check: lose a wake-up (a reader or a blocked writer that never resumes), or
 //! reorder or drop bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -94,9 +95,20 @@ impl AsyncRead for UnixConn {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut ready = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // Into the buffer's spare capacity as it is, as tokio's own sockets
+            // read: a codec hands over KiBs of uninitialised capacity per read, and
+            // zeroing it first (`initialize_unfilled`) was 1.6 % of the daemon's
+            // samples at 64 clients.
+            // SAFETY: recv(2) only writes to the memory it is given; nothing here
+            // reads it, and only the `n` bytes it reports are marked initialised.
+            let unfilled = unsafe { buf.unfilled_mut() };
             let wanted = unfilled.len();
-            match ready.try_io(|fd| fd.get_ref().read(unfilled)) {
+            let received = ready.try_io(|fd| {
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), wanted, 0) };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match received {
                 Ok(Ok(n)) => {
                     // A short read drained the receive queue: say so now rather
                     // than learn it from one more read that would block (as tokio's
@@ -104,6 +116,8 @@ impl AsyncRead for UnixConn {
                     if n > 0 && n < wanted {
                         ready.clear_ready();
                     }
+                    // SAFETY: recv(2) wrote these `n` bytes.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
