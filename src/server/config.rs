@@ -49,9 +49,10 @@ pub struct Config {
     pub allow_remote: bool,
     /// Most client connections served at once; further clients wait in the backlog.
     pub max_connections: usize,
-    /// Threads of the async runtime that serves connections. Default 1: a request
-    /// needs microseconds of CPU there (flushes run on their own thread), and every
-    /// extra worker adds cross-thread wake-ups per request (docs/performance.md).
+    /// Threads of the async runtime that serves connections. Default 1, which is
+    /// tokio's single-threaded runtime: a request needs microseconds of CPU, each
+    /// group of reservations is flushed on that thread, and every extra worker adds
+    /// cross-thread wake-ups per request (docs/performance.md).
     pub worker_threads: usize,
     /// While one writer at a time is reserving, keep the runtime's thread awake this
     /// long after each request (yielding to other threads meanwhile), so that the
