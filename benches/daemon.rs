@@ -13,9 +13,9 @@
 //! `redis-server` and `redis-tools`): Redis with `appendonly yes`, `appendfsync
 //! always` on the same disk, `INCRBY ctr 1000` at 1, 16, 64 and 256 clients
 //! (`redis-benchmark -P 1`), beside idallocd's durable reservations over the unix
-//! socket at the same client counts, with the ratio, p99 and each server's CPU
-//! per operation ([`support/redis_beside.rs`]). Without Redis one line says so
-//! and the rest runs.
+//! socket at the same client counts, with the ratio, p99, and each server's and
+//! each load generator's CPU per operation ([`support/redis_beside.rs`]).
+//! Without Redis one line says so and the rest runs.
 //!
 //! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
 //! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
@@ -550,7 +550,7 @@ async fn bench(dur: Duration, forks: usize) {
 fn beside_redis<'a>(redis: &[redis_beside::RedisRow], ours: &dyn Fn(usize) -> &'a Row) {
     println!();
     println!(
-        "{:>7} {:>13} {:>13} {:>7} {:>11} {:>11} {:>11} {:>12} {:>12}",
+        "{:>7} {:>13} {:>13} {:>7} {:>11} {:>11} {:>11} {:>12} {:>12} {:>12} {:>12}",
         "clients",
         "redis /s",
         "idallocd /s",
@@ -559,17 +559,19 @@ fn beside_redis<'a>(redis: &[redis_beside::RedisRow], ours: &dyn Fn(usize) -> &'
         "redis p99",
         "ours p99",
         "redis cpu us",
-        "ours cpu us"
+        "ours cpu us",
+        "r-bench us",
+        "our bench us"
     );
     let mut met = Vec::new();
     for r in redis {
         let o = ours(r.clients);
         let ratio = o.rate() / r.rate;
-        let cpu = o
-            .cost
-            .map_or(f64::NAN, |c| c.daemon_cpu_s * 1e6 / o.ops.max(1) as f64);
+        let per_op = |s: f64| s * 1e6 / o.ops.max(1) as f64;
+        let cpu = o.cost.map_or(f64::NAN, |c| per_op(c.daemon_cpu_s));
+        let load_cpu = o.cost.map_or(f64::NAN, |c| per_op(c.bench_cpu_s));
         println!(
-            "{:>7} {:>13.0} {:>13.0} {:>7.2} {:>9.0}us {:>9.0}us {:>9.0}us {:>12.1} {:>12.1}",
+            "{:>7} {:>13.0} {:>13.0} {:>7.2} {:>9.0}us {:>9.0}us {:>9.0}us {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
             r.clients,
             r.rate,
             o.rate(),
@@ -578,7 +580,9 @@ fn beside_redis<'a>(redis: &[redis_beside::RedisRow], ours: &dyn Fn(usize) -> &'
             r.p99_us,
             o.pct_us(0.99),
             r.cpu_us,
-            cpu
+            cpu,
+            r.load_cpu_us,
+            load_cpu
         );
         met.push((r.clients, ratio, o.pct_us(0.99) <= r.p99_us, cpu, o.rate()));
     }

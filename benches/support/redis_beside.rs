@@ -3,7 +3,9 @@
 //! `appendonly yes` and `appendfsync always` — every `INCRBY` durable before its
 //! reply, as every idallocd reservation is — driven by `redis-benchmark -P 1`
 //! (no pipelining), one `INCRBY ctr 1000` in flight per client. Its CPU per
-//! operation is read from `/proc` around each run, as the daemon's is.
+//! operation is read from `/proc` around each run, as the daemon's is, and
+//! redis-benchmark's from this process's reaped children's CPU (`getrusage`), to
+//! set beside the load our own bench puts on the same two cores.
 //!
 //! Needs `redis-server` and `redis-benchmark` on PATH (Debian: `redis-server` and
 //! `redis-tools`); without them [`Redis::start`] says why and the bench goes on
@@ -28,6 +30,17 @@ pub struct RedisRow {
     pub p99_us: f64,
     /// redis-server's CPU per operation, in microseconds.
     pub cpu_us: f64,
+    /// redis-benchmark's (the load generator's) CPU per operation, in microseconds.
+    pub load_cpu_us: f64,
+}
+
+/// CPU seconds of this process's children that have been waited for.
+fn reaped_children_cpu() -> f64 {
+    // SAFETY: getrusage(2) fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 impl Drop for Redis {
@@ -109,6 +122,8 @@ impl Redis {
     fn run(&self, clients: usize, n: usize) -> RedisRow {
         let pid = self.child.id().to_string();
         let before = super::cpu_seconds(&pid);
+        // redis-benchmark is reaped by `output()`: the children's CPU grows by its own.
+        let load_before = reaped_children_cpu();
         let out = Command::new("redis-benchmark")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-c", &clients.to_string(), "-n", &n.to_string(), "-P", "1"])
@@ -116,6 +131,7 @@ impl Redis {
             .output()
             .expect("redis-benchmark runs");
         let cpu = super::cpu_seconds(&pid) - before;
+        let load_cpu = reaped_children_cpu() - load_before;
         let text = String::from_utf8_lossy(&out.stdout);
         // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
         // "p95_latency_ms","p99_latency_ms","max_latency_ms"
@@ -134,6 +150,7 @@ impl Redis {
             p50_us: f[3] * 1e3,
             p99_us: f[5] * 1e3,
             cpu_us: cpu * 1e6 / n as f64,
+            load_cpu_us: load_cpu * 1e6 / n as f64,
         }
     }
 }
