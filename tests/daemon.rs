@@ -290,8 +290,26 @@ fn ready_is_sent_only_once_the_socket_answers() {
 
 #[test]
 fn sigterm_under_load_exits_zero_and_loses_nothing() {
+    sigterm_under_load("");
+}
+
+/// The same with a work-stealing runtime: the default (`worker_threads = 1`) is
+/// tokio's single-threaded runtime, and more than one thread takes the other
+/// runtime, whose requests, commit groups and replies cross threads.
+#[test]
+fn sigterm_under_load_with_two_worker_threads_exits_zero_and_loses_nothing() {
+    sigterm_under_load("worker_threads = 2\n");
+}
+
+fn sigterm_under_load(extra_toml: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path());
+    let mut d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml,
+            ..Opts::default()
+        },
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -344,7 +362,13 @@ fn sigterm_under_load_exits_zero_and_loses_nothing() {
     assert_eq!(manifest["next_vid_batch"], max_end, "{manifest}");
 
     // The next life carries on exactly after the last id delivered.
-    let d2 = Daemon::start(dir.path());
+    let d2 = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml,
+            ..Opts::default()
+        },
+    );
     let next = rt.block_on(async {
         let c = unix_client(&d2.socket).await.unwrap();
         c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap()
