@@ -393,6 +393,8 @@ mod tests {
         let (id, _) = next_request(&mut server).await;
         abandoned.abort();
         let _ = abandoned.await;
+        // Gone before any reply: a daemon that never answers leaks nothing.
+        assert!(wire.handle.shared.lock().waiting.is_empty());
         answer(&mut server, id, 0, 7).await;
         let next = reserve(&client, 3);
         let (id2, count) = next_request(&mut server).await;
