@@ -429,11 +429,20 @@ mod tests {
         use futures::SinkExt;
         let (client, mut server) = pair(64);
         let call = reserve(&client, 1);
-        next_request(&mut server).await;
-        server
-            .send(tokio_util::bytes::Bytes::from(vec![0u8; 65]))
-            .await
+        let (id, _) = next_request(&mut server).await;
+        // A well-formed reply to this very call, only too long: without the limit
+        // it would complete the call with the daemon's error.
+        let body = Pin::new(&mut Bincode::<ClientMessage<IdAllocRequest>, _>::default())
+            .serialize(&Response::<IdAllocResponse> {
+                request_id: id,
+                message: Err(tarpc::ServerError::new(
+                    std::io::ErrorKind::Other,
+                    "x".repeat(100),
+                )),
+            })
             .unwrap();
+        assert!(body.len() > 64);
+        server.send(body).await.unwrap();
         let r = call.await.unwrap();
         assert!(
             matches!(r, Err(RpcError::Channel(ChannelError::Read(_)))),
