@@ -51,6 +51,9 @@
 //! - `IDALLOC_EXPLORE_FORK_IDS=tree|namespace`: every case in that mode (default:
 //!   one case in three in tree mode, where `disjoint` spans all namespaces and a
 //!   fork's floor is everything any namespace granted before its bootstrap);
+//! - `IDALLOC_EXPLORE_LEASE_GROWTH=on|off`: every case with leases growing while
+//!   they run out fast (`lease_min_life = "1s"`, up to 16x) or never (default:
+//!   half the cases each way);
 //! - `IDALLOC_EXPLORE_FAULT_OPS=get,list` (of get, put, list): the calls fault
 //!   steps aim at (all three by default);
 //! - `IDALLOC_EXPLORE_FAILURES=N`: failing cases to collect before stopping (1);
@@ -590,6 +593,9 @@ struct Case {
     multi_thread: bool,
     /// `[allocation] fork_ids = "tree"`: one sequence for every namespace.
     tree: bool,
+    /// `[allocation] lease_min_life = "1s"`: leases grow (up to 16x) while they
+    /// run out fast, which here they always do; off, every lease is `LEASE` ids.
+    grow: bool,
     forks: Vec<u128>,
     steps: Vec<Step>,
 }
@@ -602,6 +608,16 @@ fn gen_tree(seed: u64) -> bool {
         Ok("tree") => true,
         Ok("namespace") => false,
         _ => seed.is_multiple_of(3),
+    }
+}
+
+/// Lease growth for this case: `IDALLOC_EXPLORE_LEASE_GROWTH=on|off`, else every
+/// other case (decided by the seed, outside its random stream, like [`gen_tree`]).
+fn gen_grow(seed: u64) -> bool {
+    match std::env::var("IDALLOC_EXPLORE_LEASE_GROWTH").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => (seed / 3).is_multiple_of(2),
     }
 }
 
@@ -824,6 +840,7 @@ fn gen_case(seed: u64, steps: usize, weights: &[u32; 14]) -> Case {
         engines,
         multi_thread,
         tree: gen_tree(seed),
+        grow: gen_grow(seed),
         forks,
         steps,
     }
@@ -1245,8 +1262,13 @@ impl Stats {
     }
 }
 
-fn explorer_config(env: &Env, e: usize, tree: bool) -> EngineConfig {
+fn explorer_config(env: &Env, e: usize, tree: bool, grow: bool) -> EngineConfig {
     EngineConfig {
+        lease_min_life: if grow {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        },
         fork_ids: if tree {
             ForkIds::Tree
         } else {
@@ -1309,7 +1331,7 @@ impl World {
         let mut slots = Vec::new();
         for (e, name) in NAMES.iter().enumerate().take(case.engines) {
             let (faulty, ctl) = FaultyStore::wrap(shared.clone() as Arc<dyn ObjectStore>);
-            let cfg = explorer_config(&env, e, case.tree);
+            let cfg = explorer_config(&env, e, case.tree, case.grow);
             std::fs::write(&cfg.boot_id_path, format!("{name}-boot-1\n")).unwrap();
             slots.push(Slot {
                 cfg,
@@ -1755,7 +1777,7 @@ fn case_header(case: &Case) -> String {
         })
         .collect();
     format!(
-        "engines {} ({}), {} runtime, fork_ids {}, lease_size {LEASE}, prefetch_at 0.5; forks: {}",
+        "engines {} ({}), {} runtime, fork_ids {}, lease_size {LEASE}{}, prefetch_at 0.5; forks: {}",
         case.engines,
         NAMES[..case.engines].iter().collect::<String>(),
         if case.multi_thread {
@@ -1764,6 +1786,11 @@ fn case_header(case: &Case) -> String {
             "current-thread"
         },
         if case.tree { "tree" } else { "namespace" },
+        if case.grow {
+            " (growing up to 16x, lease_min_life 1s)"
+        } else {
+            ""
+        },
         forks.join(", ")
     )
 }

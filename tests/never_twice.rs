@@ -388,3 +388,95 @@ async fn a_fork_with_manifests_under_both_spellings_resumes_above_both() {
     let hb = b.hwm(Namespace::Fork(l)).await.unwrap();
     assert_eq!(ha.fork, hb.fork, "two daemons settled on two spellings");
 }
+
+/// Leases grow while they run out sooner than `lease_min_life` (doubling, never
+/// past 16 x `lease_size`), step back down once they last over 8 times that, and
+/// rule 7 holds with the grown size: a lost data directory leaves a gap of at most
+/// the current and the prefetched lease.
+#[tokio::test]
+async fn fast_writers_get_larger_leases_and_the_gap_stays_within_two_of_them() {
+    let env = Env::new();
+    let (_store, h) = memory_store();
+    let mut cfg = env.config("d", 1000);
+    cfg.lease_min_life = std::time::Duration::from_millis(200);
+    let e = open(cfg.clone(), &h).await.unwrap();
+    // Every lease shows as a step of the owned end (`lease_end` counts the
+    // prefetched lease too): record the steps.
+    let counter = |e: &std::sync::Arc<idalloc::engine::Engine>| {
+        let e = e.clone();
+        async move { e.status().await.namespaces[0].counters[0].clone() }
+    };
+    let owned_end = |e: &std::sync::Arc<idalloc::engine::Engine>| {
+        let c = counter(e);
+        async move { c.await.lease_end }
+    };
+    // (size of the lease, ids that were left when it was taken)
+    let mut steps: Vec<(u64, u64)> = Vec::new();
+    let mut end = owned_end(&e).await;
+    let mut last = 0;
+    // Until the write rate has taken leases to their largest, then a few more.
+    while steps.iter().filter(|s| s.0 == 16 * 1000).count() < 3 {
+        assert!(steps.len() < 100, "leases never reached 16x: {steps:?}");
+        let left = counter(&e).await.headroom;
+        last = e
+            .reserve(Namespace::Primary, Kind::Vid, 100)
+            .await
+            .unwrap()
+            .end;
+        tokio::task::yield_now().await;
+        let now = owned_end(&e).await;
+        if now > end {
+            steps.push((now - end, left));
+            end = now;
+        }
+    }
+    assert!(steps.iter().all(|s| s.0 <= 16 * 1000), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[1].0 <= 2 * w[0].0), "{steps:?}");
+    // A grown lease is prefetched once half of it is used, as a lease of
+    // lease_size is: well before the writer could run out.
+    for &(_, left) in steps.iter().skip(1).filter(|s| s.0 == 16 * 1000) {
+        assert!(left >= 4 * 1000, "prefetched too late: {steps:?}");
+    }
+    // A slow writer: each lease after a pause over 8 x lease_min_life is half
+    // the one before.
+    for want in [8 * 1000, 4 * 1000] {
+        tokio::time::sleep(std::time::Duration::from_millis(1700)).await;
+        loop {
+            e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
+            tokio::task::yield_now().await;
+            let now = owned_end(&e).await;
+            if now > end {
+                assert_eq!(now - end, want, "after a pause, after {steps:?}");
+                end = now;
+                break;
+            }
+        }
+    }
+    // Rule 7 with grown leases: run fast to the top size again, stop right after
+    // a prefetch, lose the data directory.
+    let mut top = 0;
+    while top < 16 * 1000 {
+        last = e
+            .reserve(Namespace::Primary, Kind::Vid, 100)
+            .await
+            .unwrap()
+            .end;
+        tokio::task::yield_now().await;
+        let now = owned_end(&e).await;
+        if now > end {
+            top = now - end;
+            end = now;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    crash(e).await;
+    std::fs::remove_dir_all(&cfg.data_dir).unwrap();
+    let e = open(cfg, &h).await.unwrap();
+    let r = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
+    assert!(r.start >= last);
+    assert!(
+        r.start - last <= 2 * 16 * 1000,
+        "gap {} is more than two leases of 16 x lease_size",
+        r.start - last
+    );
+}

@@ -34,6 +34,19 @@ pub(super) const MAX_LEASE_GROWTH: u32 = 2;
 /// Leases won at the first try, in a row, before the lease size steps back down.
 const SHRINK_AFTER_CLEAN_WINS: u32 = 4;
 
+/// While leases run out faster than `lease_min_life`, each is twice the one
+/// before, up to `lease_size << 4`. Without it a fast writer makes the lease,
+/// with its store write, a per-millisecond event: at 150k reservations of 1000
+/// ids a second, a lease of a million ids lasts 7 ms, and a lease that takes
+/// longer than the half left when it is prefetched stalls every writer
+/// (docs/performance.md). Rule 7's bound grows with it: a current and a
+/// prefetched lease, each at most `lease_size << (MAX_LEASE_GROWTH + MAX_RATE_GROWTH)`.
+pub(super) const MAX_RATE_GROWTH: u32 = 4;
+
+/// A lease lasting over this many times `lease_min_life` steps the size back down
+/// (after a doubling a lease lasts twice as long, so the sizes do not flap).
+const RATE_SHRINK_FACTOR: u32 = 8;
+
 impl Engine {
     /// Make sure `count` ids of `kind` can be taken, taking a lease if needed.
     pub(super) async fn lease(
@@ -86,6 +99,7 @@ impl Engine {
         }
         let path = entry.path();
         let hint = self.retry_hint_ms();
+        let rate = self.next_rate_growth(ms, kind);
         let other = match kind {
             Kind::Vid => Kind::Eid,
             Kind::Eid => Kind::Vid,
@@ -137,13 +151,7 @@ impl Engine {
             } else {
                 ms.lease_growth
             };
-            let size = self
-                .cfg
-                .lease_size
-                .checked_shl(growth)
-                .filter(|s| s >> growth == self.cfg.lease_size)
-                .unwrap_or(u64::MAX)
-                .max(need);
+            let size = grown(self.cfg.lease_size, growth + rate).max(need);
             let end = match start.checked_add(size) {
                 Some(e) => e,
                 None if start.checked_add(need).is_some() => u64::MAX,
@@ -190,6 +198,7 @@ impl Engine {
                             .set(size as f64);
                     }
                     entry.state.lock().unwrap().counters[kind.index()].install(start, end);
+                    self.lease_won(entry, ms, kind, rate, size);
                     let shape = if start == owned { "dense" } else { "jump" };
                     metrics::counter!("idalloc_leases_total", "kind" => kind.as_str(), "shape" => shape)
                         .increment(1);
@@ -233,8 +242,7 @@ impl Engine {
         let low = {
             let st = entry.state.lock().unwrap();
             let c = &st.counters[k];
-            let threshold = (self.cfg.lease_size as f64 * (1.0 - self.cfg.prefetch_at)) as u64;
-            c.next.is_none() && c.headroom() <= threshold
+            c.next.is_none() && c.headroom() <= self.prefetch_threshold(entry, k)
         };
         if !low || entry.prefetching[k].swap(true, Ordering::SeqCst) {
             return;
@@ -249,9 +257,7 @@ impl Engine {
             let still_low = {
                 let st = entry.state.lock().unwrap();
                 let c = &st.counters[k];
-                let threshold =
-                    (engine.cfg.lease_size as f64 * (1.0 - engine.cfg.prefetch_at)) as u64;
-                c.next.is_none() && c.headroom() <= threshold
+                c.next.is_none() && c.headroom() <= engine.prefetch_threshold(&entry, k)
             };
             if still_low && !engine.shutting_down.load(Ordering::SeqCst) {
                 match engine.take_lease(&entry, &mut ms, kind, 1).await {
@@ -268,6 +274,59 @@ impl Engine {
             drop(ms);
             entry.prefetching[k].store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Headroom of kind `k` at or below which the next lease is taken ahead of
+    /// need: the unused share of the last lease won (of `lease_size` before one is).
+    fn prefetch_threshold(&self, entry: &NsEntry, k: usize) -> u64 {
+        let last = entry.lease_len[k].load(Ordering::Relaxed);
+        (self.cfg.lease_size.max(last) as f64 * (1.0 - self.cfg.prefetch_at)) as u64
+    }
+
+    /// The rate growth the next lease of `kind` takes: one more doubling if the
+    /// last lease was won less than `lease_min_life` ago, one less if over
+    /// [`RATE_SHRINK_FACTOR`] times that (the first lease of a process keeps 0).
+    pub(super) fn next_rate_growth(&self, ms: &MirrorState, kind: Kind) -> u32 {
+        let life = self.cfg.lease_min_life;
+        let k = kind.index();
+        match ms.last_lease_at[k] {
+            _ if life.is_zero() => 0,
+            Some(at) if at.elapsed() < life => (ms.rate_growth[k] + 1).min(MAX_RATE_GROWTH),
+            Some(at)
+                if life
+                    .checked_mul(RATE_SHRINK_FACTOR)
+                    .is_some_and(|long| at.elapsed() > long) =>
+            {
+                ms.rate_growth[k].saturating_sub(1)
+            }
+            _ => ms.rate_growth[k],
+        }
+    }
+
+    /// Record a lease of `size` ids won for `kind` with rate growth `rate`.
+    pub(super) fn lease_won(
+        &self,
+        entry: &NsEntry,
+        ms: &mut MirrorState,
+        kind: Kind,
+        rate: u32,
+        size: u64,
+    ) {
+        let k = kind.index();
+        if rate != ms.rate_growth[k] {
+            tracing::info!(
+                namespace = %entry.ns, %kind, lease = size,
+                "{}",
+                if rate > ms.rate_growth[k] {
+                    "raised lease size: the last lease ran out sooner than allocation.lease_min_life"
+                } else {
+                    "lowered lease size: the last lease lasted well over allocation.lease_min_life"
+                }
+            );
+        }
+        ms.rate_growth[k] = rate;
+        ms.last_lease_at[k] = Some(Instant::now());
+        entry.lease_len[k].store(size, Ordering::Relaxed);
     }
 
     /// Give back the unused part of the leases of `ns` where rule 9 allows (only
@@ -361,6 +420,14 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `lease_size << shift`, saturating at `u64::MAX`.
+pub(super) fn grown(lease_size: u64, shift: u32) -> u64 {
+    lease_size
+        .checked_shl(shift)
+        .filter(|s| s >> shift == lease_size)
+        .unwrap_or(u64::MAX)
 }
 
 /// The manifest a write starts from: the one read (its unknown fields kept), or, if

@@ -8,7 +8,7 @@
 //! reports nothing, until it has been verified against its manifest; `stale`
 //! (local counters that may be behind the store) survives restarts until then.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,6 +49,11 @@ pub struct MirrorState {
     pub lease_growth: u32,
     /// Leases won at the first try in a row since the size last changed.
     pub clean_wins: u32,
+    /// Per kind: leases are further `<< rate_growth` ids while they run out
+    /// faster than `lease_min_life` (at most [`super::lease::MAX_RATE_GROWTH`]).
+    pub rate_growth: [u32; 2],
+    /// Per kind: when the last lease was won (in this process).
+    pub last_lease_at: [Option<Instant>; 2],
 }
 
 /// A namespace.
@@ -74,6 +79,9 @@ pub struct NsEntry {
     pub verified: AtomicBool,
     /// Whether a background lease is being taken, per kind.
     pub prefetching: [AtomicBool; 2],
+    /// Size of the last lease won, per kind (0 until one is): the next lease is
+    /// taken in the background once `prefetch_at` of this much is used.
+    pub lease_len: [AtomicU64; 2],
 }
 
 impl NsEntry {
@@ -89,6 +97,7 @@ impl NsEntry {
             mirror: tokio::sync::Mutex::new(MirrorState::default()),
             verified: AtomicBool::new(verified),
             prefetching: [AtomicBool::new(false), AtomicBool::new(false)],
+            lease_len: [AtomicU64::new(0), AtomicU64::new(0)],
         })
     }
 

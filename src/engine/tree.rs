@@ -242,7 +242,8 @@ impl Engine {
     ) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
         let fork_path = entry.path();
-        let size = self.cfg.lease_size.max(need);
+        let rate = self.next_rate_growth(ms, kind);
+        let size = super::lease::grown(self.cfg.lease_size, rate).max(need);
         for round in 0..MAX_CONFLICTS {
             if round > 0 {
                 let pause = rand::random::<u64>() % (1u64 << round.min(6)) + 1;
@@ -323,6 +324,7 @@ impl Engine {
                         });
                         let start = start.max(ceiling);
                         entry.state.lock().unwrap().counters[kind.index()].install(start, end);
+                        self.lease_won(entry, ms, kind, rate, size);
                         metrics::counter!("idalloc_leases_total", "kind" => kind.as_str(), "shape" => "tree")
                             .increment(1);
                         tracing::debug!(namespace = %entry.ns, %kind, start, end, "tree lease taken");

@@ -162,6 +162,9 @@ pub struct AllocationConfig {
     pub max_count: u64,
     /// Fraction of a lease used before the next one is taken in the background.
     pub prefetch_at: f64,
+    /// Leases that run out sooner than this grow (doubling, up to 16 x
+    /// `lease_size`); `"0s"` keeps every lease at `lease_size`.
+    pub lease_min_life: String,
     /// `"namespace"` (each namespace counts on its own) or `"tree"` (one sequence
     /// for the primary and every fork: ids unique across the fork tree).
     pub fork_ids: crate::protocol::ForkIds,
@@ -254,6 +257,7 @@ impl Default for AllocationConfig {
             lease_size: engine.lease_size,
             max_count: engine.max_count,
             prefetch_at: engine.prefetch_at,
+            lease_min_life: humantime::format_duration(engine.lease_min_life).to_string(),
             fork_ids: engine.fork_ids,
         }
     }
@@ -515,6 +519,7 @@ impl Config {
             lease_size: a.lease_size,
             max_count: a.max_count,
             prefetch_at: a.prefetch_at,
+            lease_min_life: duration("allocation.lease_min_life", &a.lease_min_life)?,
             store_timeout: duration("object_store.timeout", &o.timeout)?,
             store_retries: o.retries,
             store_backoff: duration("object_store.backoff", &o.backoff)?,
@@ -781,6 +786,10 @@ mod tests {
             ("[allocation]\nprefetch_at = 0.0", "allocation.prefetch_at"),
             ("[allocation]\nmax_count = 0", "allocation.max_count"),
             ("[allocation]\nlease_size = 0", "allocation.lease_size"),
+            (
+                "[allocation]\nlease_min_life = \"soon\"",
+                "allocation.lease_min_life",
+            ),
             (
                 "[object_store]\ntimeout = \"5 parsecs\"",
                 "object_store.timeout",

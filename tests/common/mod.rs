@@ -46,6 +46,10 @@ impl Env {
             lease_size: lease,
             max_count: 1 << 20,
             prefetch_at: 0.5,
+            // Every lease `lease` ids, so that these tests' tiny leases give the
+            // many lease boundaries they are meant to cross; tests/explore.rs and
+            // never_twice.rs run with growth on.
+            lease_min_life: Duration::ZERO,
             store_timeout: Duration::from_millis(500),
             store_retries: 1,
             store_backoff: Duration::from_millis(10),
