@@ -48,8 +48,11 @@ use powercut_support::Mount;
 use rand::Rng;
 use s3_support::{Ledger, Moto};
 
-/// Small leases, so that cuts land on lease boundaries all the time.
-const ALLOCATION: &str = "max_count = 1000\nlease_size = 16\nprefetch_at = 0.5\n";
+/// Small leases, so that cuts land on lease boundaries all the time; their size
+/// moves too (a lease run out within 20 ms doubles the next, up to 16x, and a
+/// pause of 160 ms halves it), so cuts also land on grown and shrinking leases.
+const ALLOCATION: &str =
+    "max_count = 1000\nlease_size = 16\nprefetch_at = 0.5\nlease_min_life = \"20ms\"\n";
 const TASKS: usize = 4;
 const MAX_FORKS: usize = 6;
 

@@ -147,10 +147,15 @@ async fn store_stalls_and_outages_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let settings =
         "timeout = \"500ms\"\nretries = 1\nbackoff = \"50ms\"\nunavailable_cooldown = \"300ms\"\n";
+    // Leases of one size: grown ones (lease_min_life) would let these writers ride
+    // out the whole outage inside one lease, and the Unavailable phase is what
+    // this test attacks.
+    let allocation = "max_count = 1000\nlease_size = 10000\nlease_min_life = \"0s\"\n";
     let d = Daemon::start_with(
         dir.path(),
         Opts {
             extra_toml: &moto.daemon_toml("faults", &proxy.endpoint(), settings),
+            allocation_toml: Some(allocation),
             ..Opts::default()
         },
     );
@@ -161,6 +166,7 @@ async fn store_stalls_and_outages_under_load() {
         dir2.path(),
         Opts {
             extra_toml: &moto.daemon_toml("faults", &moto.endpoint(), settings),
+            allocation_toml: Some(allocation),
             ..Opts::default()
         },
     );
