@@ -19,7 +19,8 @@
 //! always` on the same disk, `INCRBY ctr 1000` at 1, 16, 64 and 256 clients
 //! (`redis-benchmark -P 1`), beside idallocd's durable reservations over the unix
 //! socket at the same client counts, with the ratio, p99, and each server's and
-//! each load generator's CPU per operation ([`support/redis_beside.rs`]).
+//! each load generator's CPU per operation ([`support/redis_beside.rs`]). Each
+//! Redis row runs right after ours at the same client count.
 //! Without Redis one line says so and the rest runs.
 //!
 //! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
@@ -373,6 +374,17 @@ async fn bench(dur: Duration, forks: usize) {
             }
         })
     };
+    // Redis idles beside the daemon, and each of its rows runs right after ours
+    // at the same client count, so that the two rows of a ratio are measured a
+    // few seconds apart, not half a minute (this VM's speed drifts).
+    let redis_server = match redis_beside::Redis::start(&dir.path().join("redis"), free_port()) {
+        Ok(r) => Some(r),
+        Err(why) => {
+            println!("Redis rows skipped: {why}");
+            None
+        }
+    };
+    let mut redis_rows = Vec::new();
     let default_poll = ClientConfig::default().busy_poll;
     let (alone, alone_off) = ((1, default_poll), (1, Duration::ZERO));
     let plan = [
@@ -389,17 +401,16 @@ async fn bench(dur: Duration, forks: usize) {
     ];
     for (name, call, endpoint, clients) in plan {
         rows.push(call_row(name, call, endpoint, pid, clients, dur).await);
+        if let (Some(r), UNIX, (c, poll)) = (&redis_server, name, clients) {
+            if poll == default_poll {
+                redis_rows.push(r.row(c, dur));
+            }
+        }
     }
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
-    // Redis right after, on the same disk, while the daemon idles.
-    let redis = match redis_beside::Redis::start(&dir.path().join("redis"), free_port()) {
-        Ok(r) => Some([1, 16, 64, 256].map(|c| r.row(c, dur))),
-        Err(why) => {
-            println!("Redis rows skipped: {why}");
-            None
-        }
-    };
+    drop(redis_server);
+    let redis = (!redis_rows.is_empty()).then_some(redis_rows);
     let hwm_rss = d.rss_kib("VmHWM:");
     d.stop();
     let mut after = fsync_row(dir.path(), dur);
