@@ -400,35 +400,14 @@ async fn fast_writers_get_larger_leases_and_the_gap_stays_within_two_of_them() {
     let mut cfg = env.config("d", 1000);
     cfg.lease_min_life = std::time::Duration::from_millis(200);
     let e = open(cfg.clone(), &h).await.unwrap();
-    // Every lease shows as a step of the owned end (`lease_end` counts the
-    // prefetched lease too): record the steps.
-    let counter = |e: &std::sync::Arc<idalloc::engine::Engine>| {
-        let e = e.clone();
-        async move { e.status().await.namespaces[0].counters[0].clone() }
-    };
-    let owned_end = |e: &std::sync::Arc<idalloc::engine::Engine>| {
-        let c = counter(e);
-        async move { c.await.lease_end }
-    };
+    let mut end = owned_end(&e).await;
     // (size of the lease, ids that were left when it was taken)
     let mut steps: Vec<(u64, u64)> = Vec::new();
-    let mut end = owned_end(&e).await;
-    let mut last = 0;
     // Until the write rate has taken leases to their largest, then a few more.
     while steps.iter().filter(|s| s.0 == 16 * 1000).count() < 3 {
         assert!(steps.len() < 100, "leases never reached 16x: {steps:?}");
-        let left = counter(&e).await.headroom;
-        last = e
-            .reserve(Namespace::Primary, Kind::Vid, 100)
-            .await
-            .unwrap()
-            .end;
-        tokio::task::yield_now().await;
-        let now = owned_end(&e).await;
-        if now > end {
-            steps.push((now - end, left));
-            end = now;
-        }
+        let (size, left, _) = reserve_until_next_lease(&e, &mut end).await;
+        steps.push((size, left));
     }
     assert!(steps.iter().all(|s| s.0 <= 16 * 1000), "{steps:?}");
     assert!(steps.windows(2).all(|w| w[1].0 <= 2 * w[0].0), "{steps:?}");
@@ -441,33 +420,17 @@ async fn fast_writers_get_larger_leases_and_the_gap_stays_within_two_of_them() {
     // the one before.
     for want in [8 * 1000, 4 * 1000] {
         tokio::time::sleep(std::time::Duration::from_millis(1700)).await;
-        loop {
-            e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
-            tokio::task::yield_now().await;
-            let now = owned_end(&e).await;
-            if now > end {
-                assert_eq!(now - end, want, "after a pause, after {steps:?}");
-                end = now;
-                break;
-            }
-        }
+        let (size, _, _) = reserve_until_next_lease(&e, &mut end).await;
+        assert_eq!(size, want, "after a pause, after {steps:?}");
     }
     // Rule 7 with grown leases: run fast to the top size again, stop right after
     // a prefetch, lose the data directory.
-    let mut top = 0;
-    while top < 16 * 1000 {
-        last = e
-            .reserve(Namespace::Primary, Kind::Vid, 100)
-            .await
-            .unwrap()
-            .end;
-        tokio::task::yield_now().await;
-        let now = owned_end(&e).await;
-        if now > end {
-            top = now - end;
-            end = now;
+    let last = loop {
+        let (size, _, last) = reserve_until_next_lease(&e, &mut end).await;
+        if size == 16 * 1000 {
+            break last;
         }
-    }
+    };
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     crash(e).await;
     std::fs::remove_dir_all(&cfg.data_dir).unwrap();
@@ -479,4 +442,35 @@ async fn fast_writers_get_larger_leases_and_the_gap_stays_within_two_of_them() {
         "gap {} is more than two leases of 16 x lease_size",
         r.start - last
     );
+}
+
+/// The owned end of the primary's vid counter (`lease_end` counts the prefetched
+/// lease too, so every lease taken shows as a step of it).
+async fn owned_end(e: &std::sync::Arc<idalloc::engine::Engine>) -> u64 {
+    e.status().await.namespaces[0].counters[0].lease_end
+}
+
+/// Reserve 100 vids at a time until a lease is taken (the owned end above `end`
+/// steps up). Returns the lease's size, the ids that were left before the
+/// reservation that set it off, and the end of the last range granted.
+async fn reserve_until_next_lease(
+    e: &std::sync::Arc<idalloc::engine::Engine>,
+    end: &mut u64,
+) -> (u64, u64, u64) {
+    loop {
+        let left = e.status().await.namespaces[0].counters[0].headroom;
+        let last = e
+            .reserve(Namespace::Primary, Kind::Vid, 100)
+            .await
+            .unwrap()
+            .end;
+        // The prefetch runs on its own task.
+        tokio::task::yield_now().await;
+        let now = owned_end(e).await;
+        if now > *end {
+            let size = now - *end;
+            *end = now;
+            return (size, left, last);
+        }
+    }
 }
