@@ -87,7 +87,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -451,9 +451,17 @@ enum Step {
     Clear {
         e: usize,
     },
+    /// The namespace's manifest is overwritten with a truncated write; then an
+    /// operator follows the error's advice literally: `repair` (through engine
+    /// `e`, else the next ones) with floors one above the highest ids the
+    /// database holds, i.e. every id acknowledged in that namespace.
+    CorruptRepair {
+        e: usize,
+        ns: NsSel,
+    },
 }
 
-const STEP_KINDS: [&str; 14] = [
+const STEP_KINDS: [&str; 15] = [
     "reserve",
     "reserve-pair",
     "wait",
@@ -468,10 +476,11 @@ const STEP_KINDS: [&str; 14] = [
     "fault",
     "clear",
     "merge",
+    "corrupt-repair",
 ];
 
 /// Relative weights of [`STEP_KINDS`].
-const WEIGHTS: [u32; 14] = [30, 4, 8, 6, 4, 3, 2, 3, 8, 4, 1, 6, 1, 2];
+const WEIGHTS: [u32; 15] = [30, 4, 8, 6, 4, 3, 2, 3, 8, 4, 1, 6, 1, 2, 2];
 
 impl fmt::Display for NsSel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -582,6 +591,9 @@ impl fmt::Display for Step {
                 )
             }
             Step::Clear { e } => write!(f, "{} store faults cleared", n(e)),
+            Step::CorruptRepair { e, ns } => {
+                write!(f, "{ns:?} manifest truncated; repaired through {} with the advised floors", n(e))
+            }
         }
     }
 }
@@ -718,7 +730,7 @@ fn fault_ops() -> Vec<(FaultOp, u32)> {
 }
 
 /// One random step; `known[i]`: some earlier step bootstraps fork `i`.
-fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 14], known: &mut [bool]) -> Step {
+fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 15], known: &mut [bool]) -> Step {
     let total: u32 = weights.iter().sum();
     let mut pick = rng.gen_range(0..total);
     let mut which = 0;
@@ -822,11 +834,15 @@ fn gen_step(rng: &mut StdRng, engines: usize, weights: &[u32; 14], known: &mut [
             fork: gen_known_fork(rng, known),
             form: gen_form(rng),
         },
+        "corrupt-repair" => Step::CorruptRepair {
+            e,
+            ns: gen_ns(rng, known),
+        },
         other => unreachable!("{other}"),
     }
 }
 
-fn gen_case(seed: u64, steps: usize, weights: &[u32; 14]) -> Case {
+fn gen_case(seed: u64, steps: usize, weights: &[u32; 15]) -> Case {
     let mut rng = StdRng::seed_from_u64(seed);
     let engines = rng.gen_range(2..=3);
     let multi_thread = rng.gen_bool(0.25);
@@ -1749,7 +1765,76 @@ impl World {
                 self.slots[*e].ctl.clear();
                 Ok(String::new())
             }
+            Step::CorruptRepair { e, ns } => self.corrupt_and_repair(*e, *ns, stats).await,
         }
+    }
+
+    /// [`Step::CorruptRepair`]: every manifest of the namespace (a fork's under
+    /// either spelling) that exists is overwritten with a truncated write, behind
+    /// every engine's back; then the repair an operator would run, with floors one
+    /// above every id acknowledged in the namespace, through the first engine
+    /// running (from `e` on) that accepts it.
+    async fn corrupt_and_repair(
+        &mut self,
+        e: usize,
+        sel: NsSel,
+        stats: &Stats,
+    ) -> Result<String, Failure> {
+        let (key, namespace) = self.ns(sel);
+        let paths: Vec<ObjPath> = match key {
+            None => vec![ObjPath::from("id_allocator.json")],
+            Some(v) => [IdForm::Uuid, IdForm::Ulid]
+                .into_iter()
+                .map(|f| {
+                    ObjPath::from(format!(
+                        "catalog/forks/{}/id_allocator.json",
+                        spell(v, f).text()
+                    ))
+                })
+                .collect(),
+        };
+        let mut corrupted = 0;
+        for p in paths {
+            if self.shared.inner.head(&p).await.is_ok() {
+                self.shared
+                    .inner
+                    .put(&p, PutPayload::from_static(b"{\"next_vid_ba"))
+                    .await
+                    .expect("in-memory put");
+                corrupted += 1;
+            }
+        }
+        if corrupted == 0 {
+            return Ok("no manifest to corrupt".into());
+        }
+        let mut floors = [0u64; 2];
+        for g in &self.model.grants {
+            if g.ns == key {
+                let i = g.kind.index();
+                floors[i] = floors[i].max(g.range.end);
+            }
+        }
+        let n = self.slots.len();
+        let mut out = Vec::new();
+        for i in (0..n).map(|i| (e + i) % n) {
+            let Some(engine) = self.slots[i].engine.clone() else {
+                continue;
+            };
+            match engine.repair(namespace, floors[0], floors[1]).await {
+                Ok(r) => {
+                    out.push(format!(
+                        "{} repaired (floors vid {}, eid {}): vid {}, eid {}",
+                        NAMES[i], floors[0], floors[1], r.vid_ceiling, r.eid_ceiling
+                    ));
+                    return Ok(out.join("; "));
+                }
+                Err(err) => {
+                    stats.error("repair", &err);
+                    out.push(format!("{}: {}", NAMES[i], short_err(&err)));
+                }
+            }
+        }
+        Ok(out.join("; "))
     }
 
     fn count_boot(&self, attempts: &[Result<ForkInfo, ServiceError>], stats: &Stats) {
@@ -1930,7 +2015,7 @@ struct Settings {
     threads: usize,
     verbose: bool,
     shrink: bool,
-    weights: [u32; 14],
+    weights: [u32; 15],
     without: String,
 }
 

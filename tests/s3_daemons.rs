@@ -413,3 +413,154 @@ async fn tree_mode_three_daemons_one_ledger_across_a_fork_tree() {
     eprintln!("tree mode, three daemons: {v:?}");
     drop(daemons);
 }
+
+/// The repair an operator makes on a shared root, exactly as the error advises
+/// (issue 28): daemon A reserves, daemon B reserves from its own lease, the
+/// primary's manifest is truncated, and `idallocctl repair` through A gets floors
+/// one above the highest ids the database holds. B still holds its lease and
+/// never reads the store while it lasts, so the repair must stand above B's lease
+/// (its lease record) or A re-grants B's ids. Then both daemons reserve again:
+/// every range disjoint. In both fork-id modes; in tree mode through a fork too.
+#[test]
+fn a_repair_as_the_error_advises_on_a_shared_root_never_hands_out_ids_twice() {
+    for mode in ["namespace", "tree"] {
+        repair_on_a_shared_root(mode);
+    }
+}
+
+fn repair_on_a_shared_root(mode: &str) {
+    use idalloc::protocol::IdRange;
+    let moto = Moto::start();
+    let prefix = format!("graphs/repair-{mode}");
+    let allocation = format!("lease_size = 1000\nlease_min_life = \"0s\"\nfork_ids = \"{mode}\"\n");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let daemons: Vec<Daemon> = dirs
+        .iter()
+        .map(|d| start_allocating(&moto, d.path(), &prefix, Some(&allocation)))
+        .collect();
+    let (a, b) = (&daemons[0].socket, &daemons[1].socket);
+    let alloc = |socket: &Path, args: &[&str]| -> IdRange {
+        let mut all = vec!["alloc"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let v = ctl_json(socket, &all);
+        IdRange {
+            start: v["start"].as_u64().unwrap(),
+            end: v["end"].as_u64().unwrap(),
+        }
+    };
+    let mut got: Vec<(&str, IdRange)> = vec![
+        ("A", alloc(a, &["vid", "--count", "10"])),
+        ("B", alloc(b, &["vid", "--count", "10"])),
+    ];
+    assert_ne!(
+        got[0].1.start / 1000,
+        got[1].1.start / 1000,
+        "two leases: {got:?}"
+    );
+    // A truncated write of the primary's manifest.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = moto.store(&prefix);
+    rt.block_on(async {
+        store
+            .store
+            .put(
+                &object_store::path::Path::from("id_allocator.json"),
+                object_store::PutPayload::from_static(b"{\"next_vid_ba"),
+            )
+            .await
+            .unwrap()
+    });
+    // The next reservation that needs the store says what to do.
+    let out = ctl(a, &["alloc", "vid", "--count", "1000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "A reserved past a broken manifest");
+    assert!(err.contains("idallocctl repair"), "{err}");
+    // The operator's floors: one above the highest ids the database holds.
+    let highest = got.iter().map(|(_, r)| r.end).max().unwrap();
+    let out = ctl(
+        a,
+        &[
+            "repair",
+            "--vid-floor",
+            &highest.to_string(),
+            "--eid-floor",
+            "0",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Both daemons grant again, B from the lease it held all along.
+    for _ in 0..4 {
+        got.push(("A", alloc(a, &["vid", "--count", "500"])));
+        got.push(("B", alloc(b, &["vid", "--count", "100"])));
+    }
+    for (i, (who, r)) in got.iter().enumerate() {
+        for (other, s) in &got[i + 1..] {
+            assert!(
+                r.end <= s.start || s.end <= r.start,
+                "{mode} mode: {who}'s {r:?} overlaps {other}'s {s:?}; repair said {report}; all: {got:?}"
+            );
+        }
+    }
+    let fork = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819299";
+    if mode == "tree" {
+        // A fork's broken manifest in tree mode: the same advice through A, while B
+        // holds a lease of the fork.
+        ctl_json(a, &["fork", "bootstrap", fork, "--json"]);
+        let mut fgot = vec![
+            ("A", alloc(a, &["vid", "--fork", fork, "--count", "10"])),
+            ("B", alloc(b, &["vid", "--fork", fork, "--count", "10"])),
+        ];
+        rt.block_on(async {
+            store
+                .store
+                .put(
+                    &object_store::path::Path::from(format!(
+                        "catalog/forks/{fork}/id_allocator.json"
+                    )),
+                    object_store::PutPayload::from_static(b"{\"next_vid_ba"),
+                )
+                .await
+                .unwrap()
+        });
+        let highest = fgot.iter().map(|(_, r)| r.end).max().unwrap();
+        let out = ctl(
+            a,
+            &[
+                "repair",
+                "--fork",
+                fork,
+                "--vid-floor",
+                &highest.to_string(),
+                "--eid-floor",
+                "0",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "fork repair: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for _ in 0..4 {
+            fgot.push(("A", alloc(a, &["vid", "--fork", fork, "--count", "500"])));
+            fgot.push(("B", alloc(b, &["vid", "--fork", fork, "--count", "100"])));
+        }
+        // Tree mode: unique across the whole tree.
+        got.extend(fgot);
+        for (i, (who, r)) in got.iter().enumerate() {
+            for (other, s) in &got[i + 1..] {
+                assert!(
+                    r.end <= s.start || s.end <= r.start,
+                    "tree mode: {who}'s {r:?} overlaps {other}'s {s:?}; all: {got:?}"
+                );
+            }
+        }
+    }
+    drop(daemons);
+}

@@ -34,6 +34,19 @@ use super::{store_err, Engine};
 /// reference database owns).
 pub const CLAIMS_DIR: &str = "idalloc/fork-claims";
 
+/// Where a fork's retirement (drop or merge) is kept apart from its manifest,
+/// one object per 128-bit value: a repair of a broken manifest reads it, so a
+/// retired fork never comes back live.
+pub const RETIRED_DIR: &str = "idalloc/retired-forks";
+
+/// Path of the retirement record of a fork value.
+fn retired_path(id: ForkId) -> Path {
+    Path::from(format!(
+        "{RETIRED_DIR}/{}.json",
+        id.with_form(IdForm::Uuid).text()
+    ))
+}
+
 /// The object that decides a fork's creation, one per 128-bit value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
@@ -83,6 +96,46 @@ impl Engine {
             Ok(f) if f == id => Ok(Some(claim)),
             _ => Err(broken(format!("it names fork {:?}", claim.fork))),
         }
+    }
+
+    /// Record that `entry` is retired as `meta` says, before its tombstone is
+    /// written. Written again by every drop or merge attempt; a drop and a merge
+    /// racing may leave either flavour here, and the fork is retired either way.
+    pub(super) async fn record_retired(
+        &self,
+        entry: &NsEntry,
+        meta: &ForkMeta,
+    ) -> Result<(), ServiceError> {
+        let Some(id) = entry.fork() else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec_pretty(meta).expect("fork meta serialises");
+        self.mirror
+            .overwrite_bytes(&retired_path(id), bytes)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))
+    }
+
+    /// The retirement record of a fork, if it was ever dropped or merged. One
+    /// that does not parse still says the fork was retired (as dropped): a repair
+    /// never brings a fork back live on a guess.
+    pub(super) async fn read_retired(&self, id: ForkId) -> Result<Option<ForkMeta>, ServiceError> {
+        let path = retired_path(id);
+        let Some((bytes, _)) = self
+            .mirror
+            .read_bytes(&path)
+            .await
+            .map_err(|e| store_err(e, self.retry_hint_ms()))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(record = %path, error = %e, "a fork's retirement record cannot be parsed; the fork is kept retired (as dropped)");
+            ForkMeta {
+                dropped: true,
+                ..ForkMeta::default()
+            }
+        })))
     }
 
     /// Write the manifest a claim describes if it is not there yet (its creator
@@ -291,6 +344,7 @@ impl Engine {
             floor_eid: floor(Kind::Eid, eid_floor),
             dropped: false,
             merged_into: None,
+            merged_by: None,
         };
         let mut m = Manifest::new(meta.floor_vid, meta.floor_eid);
         m.set_fork_meta(&meta);
@@ -399,6 +453,9 @@ impl Engine {
             }
             meta.dropped = true;
             m.set_fork_meta(&meta);
+            // Kept apart from the manifest first, so that a repair of a broken
+            // manifest keeps the fork retired.
+            self.record_retired(&entry, &meta).await?;
             for k in Kind::ALL {
                 let owned = st.counters[k.index()].owned_end();
                 m.set_ceiling(k, m.ceiling(k).max(owned));

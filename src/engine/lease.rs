@@ -152,24 +152,40 @@ impl Engine {
                 ms.lease_growth
             };
             let size = grown(self.cfg.lease_size, growth + rate).max(need);
-            let end = match start.checked_add(size) {
-                Some(e) => e,
-                None if start.checked_add(need).is_some() => u64::MAX,
-                None => {
-                    return Err(ServiceError::Exhausted(format!(
-                        "{kind} ceiling of {} is at {start}; a lease of {need} would overflow u64",
-                        entry.ns
-                    )))
-                }
+            let Some(end) = lease_end(start, size, need) else {
+                return Err(ServiceError::Exhausted(format!(
+                    "{kind} ceiling of {} is at {start}; a lease of {need} would overflow u64",
+                    entry.ns
+                )));
             };
             let mut m = manifest_to_rewrite(cur.as_ref(), entry, &meta);
             m.set_ceiling(kind, end);
             m.set_ceiling(other, m.ceiling(other).max(other_owned));
-            let written = self
-                .mirror
-                .write(&path, &m, cur.as_ref().map(|v| &v.version))
-                .await;
+            // The lease record is written beside the conditional write: a lease is
+            // installed only once both landed, so a repair always sees it. A
+            // record of a lease lost to another daemon says too much, which only
+            // costs ids at a repair.
+            let mut ends = [0; 2];
+            ends[kind.index()] = end;
+            ends[other.index()] = other_owned;
+            let (written, recorded) = futures::join!(
+                self.mirror
+                    .write(&path, &m, cur.as_ref().map(|v| &v.version)),
+                self.record_lease(&entry.ns, ms.recorded, ends)
+            );
+            if let Ok(r) = &recorded {
+                ms.recorded = Some(*r);
+            }
             match written {
+                Ok(Written::Won(version)) if recorded.is_err() => {
+                    // The ceiling is raised but the lease is not covered by our
+                    // record: leave it unused (a gap) rather than grant from it.
+                    ms.cached = Some(Versioned {
+                        manifest: m,
+                        version,
+                    });
+                    return recorded.map(|_| ());
+                }
                 Ok(Written::Won(version)) => {
                     ms.cached = Some(Versioned {
                         manifest: m,
@@ -422,6 +438,19 @@ impl Engine {
     }
 }
 
+/// The end of a lease from `start` of `size` ids, and of at least `need`; `None`
+/// when `need` ids do not fit below `u64::MAX`. The one rule for every lease
+/// (per namespace and tree): near the top of the id space a lease takes at most
+/// half of what is left (but always `need`), so one lease never takes the rest of
+/// a shared sequence from the namespaces that lease after it.
+pub(super) fn lease_end(start: u64, size: u64, need: u64) -> Option<u64> {
+    let left = u64::MAX - start;
+    if need > left {
+        return None;
+    }
+    Some(start + size.min((left / 2).max(need)))
+}
+
 /// `lease_size << shift`, saturating at `u64::MAX`.
 pub(super) fn grown(lease_size: u64, shift: u32) -> u64 {
     lease_size
@@ -446,5 +475,23 @@ pub(super) fn manifest_to_rewrite(
             }
             m
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_end;
+
+    #[test]
+    fn a_lease_near_the_top_takes_half_of_what_is_left_but_always_what_is_needed() {
+        assert_eq!(lease_end(0, 1000, 1), Some(1000));
+        let start = u64::MAX - 1000;
+        assert_eq!(lease_end(start, 1_000_000, 1), Some(start + 500));
+        assert_eq!(lease_end(start, 1_000_000, 800), Some(start + 800));
+        assert_eq!(lease_end(start, 1_000_000, 1000), Some(u64::MAX));
+        assert_eq!(lease_end(start, 1_000_000, 1001), None);
+        assert_eq!(lease_end(u64::MAX, 10, 1), None);
+        // What is left is never all taken while a second lease could fit.
+        assert_eq!(lease_end(u64::MAX - 2, 10, 1), Some(u64::MAX - 1));
     }
 }

@@ -51,6 +51,10 @@ pub struct MetaRecord {
     pub boot_id: String,
     /// True only after a clean shutdown flushed everything.
     pub clean: bool,
+    /// This data directory's id, chosen when it was first used: it names the
+    /// daemon's lease records in the object store (`lease_record`).
+    #[serde(default)]
+    pub daemon_id: Option<String>,
 }
 
 const META_KEY: &[u8] = b"meta";

@@ -55,6 +55,10 @@ pub struct ForkMeta {
     /// `"primary"`), and its ids are retired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
+    /// The request id of the `fork merge` call that wrote the merge tombstone:
+    /// every attempt of that call is told `merged_now: true`, any other `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_by: Option<String>,
 }
 
 impl ForkMeta {

@@ -45,13 +45,28 @@ pub const PRIMARY_NAME: &str = "primary";
 const MAX_DEPTH: usize = 256;
 
 impl Engine {
-    /// Merge `fork` into `into` (see the module doc). Idempotent: a second call
-    /// with the same target changes nothing and says so (`merged_now: false`).
+    /// Merge `fork` into `into` (see the module doc), as one call. Idempotent: a
+    /// second call with the same target changes nothing and says so
+    /// (`merged_now: false`); see [`Engine::merge_fork_request`] for retries.
     pub async fn merge_fork(
         &self,
         fork: ForkId,
         into: MergeInto,
     ) -> Result<MergeReport, ServiceError> {
+        self.merge_fork_request(fork, into, rand::random()).await
+    }
+
+    /// [`Engine::merge_fork`] as one attempt of a request identified by
+    /// `request`: every attempt of one request passes the same value, and each
+    /// attempt of the request whose tombstone landed is told `merged_now: true`
+    /// (the answer does not depend on which attempt wrote it).
+    pub async fn merge_fork_request(
+        &self,
+        fork: ForkId,
+        into: MergeInto,
+        request: u128,
+    ) -> Result<MergeReport, ServiceError> {
+        let nonce = format!("{request:032x}");
         let _guard = self.enter()?;
         self.ensure_mode().await?;
         let tree = self.cfg.fork_ids == ForkIds::Tree;
@@ -117,7 +132,9 @@ impl Engine {
             }
             children_end = merged_end;
         }
-        let (fork_end, merged_now) = self.tombstone_merged(&entry, &target, children_end).await?;
+        let (fork_end, merged_now) = self
+            .tombstone_merged(&entry, &target, children_end, &nonce)
+            .await?;
         let ceilings = self.raise_target(&target, fork_end, tree).await?;
         let summary = match (tree, merged_now) {
             (_, false) => format!(
@@ -221,6 +238,7 @@ impl Engine {
         entry: &Arc<NsEntry>,
         target: &NsEntry,
         children_end: [u64; 2],
+        nonce: &str,
     ) -> Result<([u64; 2], bool), ServiceError> {
         let into = ns_name(target);
         let into = into.as_str();
@@ -250,12 +268,17 @@ impl Engine {
                     )));
                 }
                 let end = [m.ceiling(Kind::Vid), m.ceiling(Kind::Eid)];
+                let ours = meta.merged_by.as_deref() == Some(nonce);
                 self.record_merged(entry, done).await?;
                 ms.cached = cur;
-                return Ok((end, false));
+                return Ok((end, ours));
             }
             meta.merged_into = Some(into.to_string());
+            meta.merged_by = Some(nonce.to_string());
             m.set_fork_meta(&meta);
+            // Kept apart from the manifest first, so that a repair of a broken
+            // manifest keeps the fork retired.
+            self.record_retired(entry, &meta).await?;
             for k in Kind::ALL {
                 let owned = st.counters[k.index()].owned_end();
                 m.set_ceiling(k, m.ceiling(k).max(owned).max(children_end[k.index()]));

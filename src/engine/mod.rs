@@ -26,6 +26,7 @@ mod config;
 pub mod counter;
 mod forks;
 mod lease;
+mod lease_record;
 pub mod life_mark;
 pub mod local;
 pub mod manifest;
@@ -139,6 +140,8 @@ pub struct Engine {
     idle: tokio::sync::Notify,
     started: Instant,
     boot_id: String,
+    /// This data directory's id: the name of its lease records in the root.
+    daemon_id: String,
     /// Set once the root's recorded fork-id mode is known to be ours.
     mode_settled: tokio::sync::OnceCell<()>,
     /// Held for the engine's life on `file://` roots.

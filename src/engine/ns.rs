@@ -54,6 +54,9 @@ pub struct MirrorState {
     pub rate_growth: [u32; 2],
     /// Per kind: when the last lease was won (in this process).
     pub last_lease_at: [Option<Instant>; 2],
+    /// What this daemon's lease record of the namespace last said, in this life
+    /// (`lease_record`): records written later never say less.
+    pub recorded: Option<[u64; 2]>,
 }
 
 /// A namespace.

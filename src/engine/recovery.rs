@@ -159,6 +159,13 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         Err(e) => return Err(e),
     }
     let trusted = trust(&mark, loaded.meta.as_ref(), &boot_id);
+    // Kept for the data directory's life, so that its lease records are rewritten,
+    // not multiplied, across restarts; a new or lost data directory gets a new one.
+    let daemon_id = loaded
+        .meta
+        .as_ref()
+        .and_then(|m| m.daemon_id.clone())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
     let fresh = loaded.meta.is_none() && primary.is_none() && forks.is_empty();
     if fresh {
         tracing::info!(dir = %cfg.data_dir.display(), "no local state: adopting every manifest from the object store");
@@ -191,6 +198,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         idle: tokio::sync::Notify::new(),
         started: Instant::now(),
         boot_id: boot_id.clone(),
+        daemon_id,
         _root_lock: root_lock,
         shared_disk,
         me: me.clone(),
@@ -222,6 +230,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
     let meta = MetaRecord {
         boot_id: boot_id.clone(),
         clean: false,
+        daemon_id: Some(engine.daemon_id.clone()),
     };
     engine
         .local
@@ -390,6 +399,7 @@ impl Engine {
         let meta = MetaRecord {
             boot_id: self.boot_id.clone(),
             clean: true,
+            daemon_id: Some(self.daemon_id.clone()),
         };
         self.local
             .write_meta(&meta)

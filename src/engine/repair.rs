@@ -1,12 +1,17 @@
 //! The operator's way out of a broken manifest: an explicit floor, written only
 //! upward.
 //!
-//! Invariant protected: *never guess* (8) without ever lowering a counter. The
-//! manifest written holds, per kind, the highest of: the floor the operator gave
-//! (the highest id the database holds, plus one), the manifest's own ceiling if
-//! it parses, the other spelling's manifest, the fork's claim, and everything
-//! this daemon's local state has granted or leased. The namespace then resumes
-//! above it, with no lease.
+//! Invariant protected: *never guess* (8) without ever lowering a counter, and
+//! *unique* (1) through the repair. The manifest written holds, per kind, the
+//! highest of: the floor the operator gave (the highest id the database holds,
+//! plus one), the manifest's own ceiling if it parses, the other spelling's
+//! manifest, the fork's claim, every daemon's lease record of the namespace
+//! (`lease_record`: on a shared root the ids the database holds are not all the
+//! ids taken, since another daemon may still grant from a lease it holds without
+//! reading the store), and everything this daemon's local state has granted or
+//! leased. The namespace then resumes above it, with no lease. A fork keeps its
+//! metadata, from the claim (parent, floors) and its retirement record, so a
+//! dropped or merged fork stays retired.
 
 use std::sync::atomic::Ordering;
 
@@ -16,7 +21,7 @@ use crate::namespace::{Kind, Namespace};
 use crate::protocol::RepairReport;
 
 use super::forks::{claim_path, other_spelling, Claim};
-use super::manifest::{path_for, Manifest};
+use super::manifest::{path_for, ForkMeta, Manifest};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
@@ -90,7 +95,10 @@ impl Engine {
                 Err(reason) => (format!("unparseable ({reason})"), None),
             },
         };
+        let mut claimed_meta = None;
+        let mut retired = None;
         if let Some(id) = entry.fork() {
+            retired = self.read_retired(id).await?;
             let alt: ForkId = other_spelling(id);
             let alt_path = path_for(&Namespace::Fork(alt));
             // The other spelling is evidence only if it parses; a broken one is
@@ -104,12 +112,15 @@ impl Engine {
                 );
             }
             match self.read_claim(id).await {
-                Ok(Some(c)) => raise(
-                    "the fork's claim (its initial floors)".to_string(),
-                    [c.manifest.next_vid_batch, c.manifest.next_eid_batch],
-                    &mut target,
-                    &mut evidence,
-                ),
+                Ok(Some(c)) => {
+                    raise(
+                        "the fork's claim (its initial floors)".to_string(),
+                        [c.manifest.next_vid_batch, c.manifest.next_eid_batch],
+                        &mut target,
+                        &mut evidence,
+                    );
+                    claimed_meta = c.manifest.fork_meta();
+                }
                 Ok(None) => {}
                 Err(ServiceError::BrokenManifest(_)) => {
                     self.rewrite_broken_claim(id).await?;
@@ -121,7 +132,24 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        if self.cfg.fork_ids == crate::protocol::ForkIds::Tree && entry.fork().is_none() {
+        let tree_primary =
+            self.cfg.fork_ids == crate::protocol::ForkIds::Tree && entry.fork().is_none();
+        // In tree mode every namespace leases from the primary's sequence, so the
+        // primary's repair stands above every record of the root.
+        let recorded = self
+            .recorded_leases((!tree_primary).then_some(&entry.ns))
+            .await?;
+        raise(
+            format!(
+                "lease records of the daemons on this root ({} record{})",
+                recorded.records.len(),
+                if recorded.records.len() == 1 { "" } else { "s" }
+            ),
+            recorded.ends,
+            &mut target,
+            &mut evidence,
+        );
+        if tree_primary {
             // The primary is the tree's sequence: above every fork's ids too.
             raise(
                 "this daemon's fork leases (tree mode)".to_string(),
@@ -158,8 +186,40 @@ impl Engine {
             &mut evidence,
         );
         let mut m = base.unwrap_or_else(|| Manifest::new(0, 0));
-        if entry.fork().is_some() && m.fork_meta().is_none() {
-            m.set_fork_meta(&st.meta);
+        if entry.fork().is_some() {
+            // What is known of the fork, from the manifest if it parsed, else this
+            // daemon's record or the claim; retired if anything says so.
+            let mut meta = m
+                .fork_meta()
+                .or_else(|| (st.meta != ForkMeta::default()).then(|| st.meta.clone()))
+                .or(claimed_meta)
+                .unwrap_or_else(|| st.meta.clone());
+            for r in [Some(&st.meta), retired.as_ref()].into_iter().flatten() {
+                meta.dropped |= r.dropped;
+                if meta.merged_into.is_none() && !meta.dropped {
+                    meta.merged_into.clone_from(&r.merged_into);
+                    meta.merged_by.clone_from(&r.merged_by);
+                }
+            }
+            if meta.retired() {
+                evidence.push(format!(
+                    "the fork is retired ({}): it stays so",
+                    meta.merged_into
+                        .as_deref()
+                        .map_or("dropped".to_string(), |i| format!("merged into {i}"))
+                ));
+            }
+            m.set_fork_meta(&meta);
+            let mut st = entry.state.lock().unwrap();
+            if st.meta == ForkMeta::default() {
+                // Known here only from the store (adopted): what the repair found.
+                st.meta = meta;
+            } else {
+                st.meta.dropped |= meta.dropped;
+                if st.meta.merged_into.is_none() {
+                    st.meta.merged_into = meta.merged_into;
+                }
+            }
         }
         for k in Kind::ALL {
             m.set_ceiling(k, target[k.index()]);

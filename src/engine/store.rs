@@ -558,6 +558,19 @@ impl Mirror {
             .await
     }
 
+    /// Write `bytes` at `path` whatever is there: for objects only this daemon
+    /// writes (its lease records).
+    pub async fn overwrite_bytes(&self, path: &Path, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.put(
+            path,
+            bytes::Bytes::from(bytes),
+            PutMode::Overwrite,
+            "overwrite",
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// The store itself, for probes that make their own calls.
     pub fn raw_store(&self) -> Arc<dyn ObjectStore> {
         self.handle.store.clone()

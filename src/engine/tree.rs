@@ -260,19 +260,36 @@ impl Engine {
                 let pcur = self.read_cached(&mut pms, &ppath).await?;
                 let pceiling = pcur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
                 let start = pceiling.max(fork_ceiling).max(owned);
-                let end = start.checked_add(size).ok_or_else(|| {
+                let end = super::lease::lease_end(start, size, need).ok_or_else(|| {
                     ServiceError::Exhausted(format!(
-                        "{kind} sequence of the tree is at {start}; a lease of {size} would overflow u64"
+                        "{kind} sequence of the tree is at {start}; a lease of {need} would overflow u64"
                     ))
                 })?;
                 let pmeta = self.primary.snapshot().meta;
                 let mut m = manifest_to_rewrite(pcur.as_ref(), &self.primary, &pmeta);
                 m.set_ceiling(kind, end);
-                match self
-                    .mirror
-                    .write(&ppath, &m, pcur.as_ref().map(|v| &v.version))
-                    .await
-                {
+                // The fork's lease record beside the win on the sequence (see
+                // `take_lease`): nothing is installed unless both landed.
+                let mut ends = [0; 2];
+                ends[kind.index()] = end;
+                ends[1 - kind.index()] =
+                    entry.state.lock().unwrap().counters[1 - kind.index()].owned_end();
+                let (written, recorded) = futures::join!(
+                    self.mirror
+                        .write(&ppath, &m, pcur.as_ref().map(|v| &v.version)),
+                    self.record_lease(&entry.ns, ms.recorded, ends)
+                );
+                if let Ok(r) = &recorded {
+                    ms.recorded = Some(*r);
+                }
+                match written {
+                    Ok(Written::Won(version)) if recorded.is_err() => {
+                        pms.cached = Some(Versioned {
+                            manifest: m,
+                            version,
+                        });
+                        return recorded.map(|_| ());
+                    }
                     Ok(Written::Won(version)) => {
                         pms.cached = Some(Versioned {
                             manifest: m,

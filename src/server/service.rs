@@ -189,7 +189,9 @@ impl IdAlloc for Service {
         cold("merge_fork", async move {
             self.peer.require_admin("fork merge")?;
             let fork = fork_id(&req.fork, "fork")?;
-            self.engine.merge_fork(fork, req.into).await
+            self.engine
+                .merge_fork_request(fork, req.into, req.request_id.unwrap_or_else(rand::random))
+                .await
         })
         .await
     }

@@ -202,6 +202,10 @@ pub struct MergeRequest {
     pub fork: String,
     /// The namespace it was merged into: the fork's parent or another ancestor.
     pub into: MergeInto,
+    /// Identifies one logical merge across its retries, so that the call whose
+    /// tombstone landed but whose reply was lost is still told `merged_now: true`.
+    /// `None`: the client library picks one per call (retries included).
+    pub request_id: Option<u128>,
 }
 
 /// What `merge_fork` did.

@@ -441,8 +441,9 @@ impl Client {
 
     /// Tell the daemon the fork's data was merged into `into` (admin role): the
     /// target never grants an id the fork granted from now on, and the fork is
-    /// retired as merged. Idempotent, so a lost reply is simply retried: a
-    /// repeat answers `merged_now: false`.
+    /// retired as merged. Idempotent, so a lost reply is simply retried: the
+    /// retries carry one `request_id`, so the call that merged is told
+    /// `merged_now: true` on every attempt, and any other call `false`.
     pub async fn merge_fork(
         &self,
         fork: &str,
@@ -451,6 +452,7 @@ impl Client {
         let req = MergeRequest {
             fork: fork.to_owned(),
             into,
+            request_id: Some(rand::random::<u128>()),
         };
         self.call(move |c, ctx| {
             let req = req.clone();
