@@ -722,10 +722,13 @@ fn sighup_reloads_the_log_filter_and_never_stops_the_daemon() {
 /// uids for a client.)
 #[test]
 fn unix_peers_get_the_role_their_uid_maps_to() {
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The socket and the idallocctl these uids run must both be within their reach.
+    let dir = tempdir_for_uids(&[1001, 1002]);
+    let ctl_bin = copy_for_uids(
+        std::path::Path::new(env!("CARGO_BIN_EXE_idallocctl")),
+        dir.path(),
+        &[1001, 1002],
+    );
     let mut d = Daemon::start_with(
         dir.path(),
         Opts {
@@ -735,13 +738,13 @@ fn unix_peers_get_the_role_their_uid_maps_to() {
     );
     let endpoint = format!("unix:{}", d.socket.display());
     let ctl = |uid: Option<u32>, args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+        let mut cmd = Command::new(&ctl_bin);
         cmd.args(["--endpoint", &endpoint, "--timeout", "3s"])
             .args(args);
-        if let Some(uid) = uid {
-            cmd.uid(uid).gid(uid);
-        }
-        let out = cmd.output().unwrap();
+        let out = match uid {
+            Some(uid) => output_as(uid, &mut cmd),
+            None => cmd.output().unwrap(),
+        };
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -288,3 +288,97 @@ pub fn series(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A fresh temp directory, mode 0755, that processes of `uids` can enter: for the
+/// socket and the binaries of a test that runs a client as another user. Panics
+/// naming the directory above it that they cannot search (a private `TMPDIR`).
+pub fn tempdir_for_uids(uids: &[u32]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temp dir for uids {uids:?}: {e}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod 0755 {}: {e}", dir.path().display()));
+    for &uid in uids {
+        if let Some(why) = unreachable_by(uid, dir.path()) {
+            panic!(
+                "uid {uid} cannot reach the temp dir {}: {why}; set TMPDIR to a \
+                 folder every user may enter",
+                dir.path().display()
+            );
+        }
+    }
+    dir
+}
+
+/// `bin` copied into `dir` (one from [`tempdir_for_uids`]) with mode 0755, for
+/// processes of `uids`: the build's own copy is out of their reach when the target
+/// directory is inside a folder only its owner may enter (a checkout in a 0700 home
+/// or `mktemp -d` folder).
+pub fn copy_for_uids(bin: &Path, dir: &Path, uids: &[u32]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let to = dir.join(bin.file_name().expect("a binary path names a file"));
+    std::fs::copy(bin, &to).unwrap_or_else(|e| {
+        panic!(
+            "cannot copy {} to {} for uids {uids:?}: {e}",
+            bin.display(),
+            to.display()
+        )
+    });
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod 0755 {}: {e}", to.display()));
+    for &uid in uids {
+        if let Some(why) = unreachable_by(uid, &to) {
+            panic!("uid {uid} cannot run {}: {why}", to.display());
+        }
+    }
+    to
+}
+
+/// Run `cmd` as `uid` (and gid `uid`) to completion. Panics saying which program
+/// the uid could not run and why, instead of a bare PermissionDenied.
+pub fn output_as(uid: u32, cmd: &mut Command) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    cmd.uid(uid).gid(uid);
+    cmd.output().unwrap_or_else(|e| {
+        let program = Path::new(cmd.get_program());
+        let why = match unreachable_by(uid, program) {
+            Some(why) => why,
+            None => "(its path is open to that uid)".into(),
+        };
+        panic!("cannot run {} as uid {uid}: {e}: {why}", program.display())
+    })
+}
+
+/// Why a process of `uid` (gid `uid`, no other groups) cannot reach `path`: the
+/// first directory on the way it may not search, or the file itself if it may not
+/// execute it. `None` if it can, as far as the mode bits say.
+fn unreachable_by(uid: u32, path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::path::absolute(path).ok()?;
+    let mut at = PathBuf::new();
+    for part in path.components() {
+        at.push(part);
+        let m = match std::fs::metadata(&at) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", at.display())),
+        };
+        let bit = if m.uid() == uid {
+            0o100
+        } else if m.gid() == uid {
+            0o010
+        } else {
+            0o001
+        };
+        if m.mode() & bit == 0 {
+            let what = if m.is_dir() { "search" } else { "execute" };
+            return Some(format!(
+                "{} is mode {:04o}, owner {} group {}: uid {uid} may not {what} it",
+                at.display(),
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid()
+            ));
+        }
+    }
+    None
+}
