@@ -803,3 +803,129 @@ async fn an_unfinished_switch_is_finished_on_an_empty_root_and_refused_with_fork
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// The edges of the id space, and what a repair or a retried merge must keep.
+// ---------------------------------------------------------------------------------
+
+async fn put_raw(store: &Arc<dyn ObjectStore>, path: &str, bytes: &'static [u8]) {
+    store
+        .put(
+            &object_store::path::Path::from(path),
+            object_store::PutPayload::from_static(bytes),
+        )
+        .await
+        .unwrap();
+}
+
+/// Tree mode near `u64::MAX`: a primary lease taken close to the top takes half
+/// of what is left, not all of it, so a fork made afterwards still reserves (its
+/// tree lease used to answer "exhausted" even for one id, since `start + size`
+/// overflowed), and the primary keeps reserving too.
+#[tokio::test]
+async fn near_the_top_of_u64_a_lease_leaves_ids_for_the_rest_of_the_tree() {
+    let env = Env::new();
+    let (store, h) = common::memory_store();
+    let top = format!(
+        "{{\"next_vid_batch\": {}, \"next_eid_batch\": 0}}",
+        u64::MAX - 1000
+    );
+    put_raw(
+        &store,
+        "id_allocator.json",
+        Box::leak(top.into_bytes().into_boxed_slice()),
+    )
+    .await;
+    let e = open(cfg(&env, "d", 1_000_000, ForkIds::Tree), &h)
+        .await
+        .unwrap();
+    let p = e.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
+    assert_eq!(p.start, u64::MAX - 1000);
+    let f = ForkId::parse("0190b6f2-7c1e-7a4b-9c3d-5e6f70819203").unwrap();
+    e.bootstrap_fork(f, None, 0, 0).await.unwrap();
+    let r = e
+        .reserve(Namespace::Fork(f), Kind::Vid, 1)
+        .await
+        .unwrap_or_else(|err| panic!("a fork near the top got no id: {err}"));
+    assert!(r.start > p.start, "{r:?} after {p:?}");
+    let again = e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
+    common::assert_disjoint(&[p, r, again], "tree near the top");
+    // What does not fit is refused, not clamped.
+    let err = e
+        .reserve(Namespace::Primary, Kind::Vid, 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Exhausted(_)), "{err}");
+}
+
+/// A fork retired on one daemon and broken in the store stays retired when a
+/// daemon that knows it only from the store repairs it: dropped in namespace
+/// mode, merged in tree mode (the repair used to rebuild its metadata empty,
+/// bringing it back live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_keeps_a_dropped_or_merged_fork_retired() {
+    for mode in [ForkIds::Namespace, ForkIds::Tree] {
+        let env = Env::new();
+        let (store, h) = common::memory_store();
+        let a = open(cfg(&env, "a", 100, mode), &h).await.unwrap();
+        let f = ForkId::parse("01J2VF4Z0Y8Q3R5S7T9V1W3X5Z").unwrap();
+        a.bootstrap_fork(f, None, 0, 0).await.unwrap();
+        a.reserve(Namespace::Fork(f), Kind::Vid, 10).await.unwrap();
+        match mode {
+            ForkIds::Namespace => {
+                a.drop_fork(f).await.unwrap();
+            }
+            ForkIds::Tree => {
+                a.merge_fork(f, MergeInto::Parent).await.unwrap();
+            }
+        }
+        put_raw(
+            &store,
+            &format!("catalog/forks/{}/id_allocator.json", f.text()),
+            b"{\"next_vid_ba",
+        )
+        .await;
+        let b = open(cfg(&env, "b", 100, mode), &h).await.unwrap();
+        let report = b.repair(Namespace::Fork(f), 10, 0).await.unwrap();
+        let err = b
+            .reserve(Namespace::Fork(f), Kind::Vid, 1)
+            .await
+            .expect_err("a retired fork came back live through a repair");
+        assert!(
+            matches!(
+                (&mode, &err),
+                (ForkIds::Namespace, ServiceError::DroppedFork(_))
+                    | (ForkIds::Tree, ServiceError::MergedFork { .. })
+            ),
+            "{mode:?}: {err}; repair: {report:?}"
+        );
+        crash(b).await;
+        crash(a).await;
+    }
+}
+
+/// A merge whose reply was lost and that the client retried (one request id)
+/// is told `merged_now: true` on every attempt; another call is told `false`.
+#[tokio::test]
+async fn every_attempt_of_the_merge_that_merged_says_so() {
+    let env = Env::new();
+    let (_store, h) = common::memory_store();
+    let e = open(cfg(&env, "d", 100, ForkIds::Tree), &h).await.unwrap();
+    let f = ForkId::parse("0190b6f2-7c1e-7a4b-9c3d-5e6f70819203").unwrap();
+    e.bootstrap_fork(f, None, 0, 0).await.unwrap();
+    e.reserve(Namespace::Fork(f), Kind::Vid, 5).await.unwrap();
+    let first = e.merge_fork_request(f, MergeInto::Parent, 7).await.unwrap();
+    let retry = e.merge_fork_request(f, MergeInto::Parent, 7).await.unwrap();
+    assert!(
+        first.merged_now && retry.merged_now,
+        "{first:?} / {retry:?}"
+    );
+    let other = e.merge_fork_request(f, MergeInto::Parent, 8).await.unwrap();
+    assert!(!other.merged_now, "{other:?}");
+    // Through a restart too: the tombstone says which request wrote it.
+    e.shutdown().await.unwrap();
+    crash(e).await;
+    let e = open(cfg(&env, "d", 100, ForkIds::Tree), &h).await.unwrap();
+    let retry = e.merge_fork_request(f, MergeInto::Parent, 7).await.unwrap();
+    assert!(retry.merged_now, "{retry:?}");
+}
