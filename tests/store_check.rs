@@ -46,9 +46,12 @@ struct TwoStepStore {
     inner: Arc<dyn ObjectStore>,
     cohort: usize,
     hold: Duration,
-    /// (path, version checked) -> how many updates passed that check.
-    passed: Mutex<HashMap<(String, Option<String>), watch::Sender<usize>>>,
+    passed: Mutex<HashMap<Checked, watch::Sender<usize>>>,
 }
+
+/// The path and the version an update was checked against: the writers of one
+/// race share it, and its sender counts how many of them passed.
+type Checked = (String, Option<String>);
 
 impl TwoStepStore {
     fn wrap(inner: Arc<dyn ObjectStore>, cohort: usize) -> Arc<TwoStepStore> {
