@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::ObjectStoreExt as _;
 use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
     ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
@@ -44,10 +43,6 @@ pub enum Fault {
     Corrupt,
     /// Puts: perform the write, then report an error (the outcome of a time-out).
     FailAfterWrite,
-    /// Conditional updates are checked and written in two steps, with a pause in
-    /// between, as some S3-compatible servers do: each precondition alone is
-    /// answered right, yet two racing writers can both win.
-    NonAtomicUpdate,
 }
 
 #[derive(Debug, Default)]
@@ -173,24 +168,6 @@ impl ObjectStore for FaultyStore {
                 self.inner.put_opts(location, payload, opts).await?;
                 Err(injected("put (after the write landed)"))
             }
-            Some(Fault::NonAtomicUpdate) => match &opts.mode {
-                object_store::PutMode::Update(v) => {
-                    let head = self.inner.head(location).await?;
-                    if head.e_tag != v.e_tag {
-                        return Err(object_store::Error::Precondition {
-                            path: location.to_string(),
-                            source: "e_tag does not match".into(),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    let opts = PutOptions {
-                        mode: object_store::PutMode::Overwrite,
-                        ..opts
-                    };
-                    self.inner.put_opts(location, payload, opts).await
-                }
-                _ => self.inner.put_opts(location, payload, opts).await,
-            },
         }
     }
 
@@ -204,9 +181,7 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         match self.ctl.take(Op::Get) {
-            None | Some(Fault::FailAfterWrite) | Some(Fault::NonAtomicUpdate) => {
-                self.inner.get_opts(location, options).await
-            }
+            None | Some(Fault::FailAfterWrite) => self.inner.get_opts(location, options).await,
             Some(Fault::Fail) => Err(injected("get")),
             Some(Fault::Stall(d)) => {
                 tokio::time::sleep(d).await;
@@ -233,10 +208,7 @@ impl ObjectStore for FaultyStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         match self.ctl.take(Op::List) {
-            None
-            | Some(Fault::Corrupt)
-            | Some(Fault::FailAfterWrite)
-            | Some(Fault::NonAtomicUpdate) => self.inner.list(prefix),
+            None | Some(Fault::Corrupt) | Some(Fault::FailAfterWrite) => self.inner.list(prefix),
             Some(Fault::Fail) => futures::stream::once(async { Err(injected("list")) }).boxed(),
             Some(Fault::Stall(d)) => {
                 let inner = self.inner.list(prefix);

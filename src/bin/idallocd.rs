@@ -67,14 +67,18 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
-    /// Probe the configured object store: is it safe for several daemons?
+    /// Probe the configured object store: may several daemons share it?
     ///
     /// Under a scratch prefix of the root (removed afterwards): a second create of
     /// one object must be refused; an update on a replaced version must be refused
     /// and write nothing; and in each of ROUNDS rounds, WRITERS concurrent updates
-    /// on one version must have exactly one winner, whose bytes the object then
-    /// holds. Prints the verdict and the numbers; exits 1 if the store is unsafe.
-    /// Reads the same config (and flags) as the daemon; touches nothing else.
+    /// on one version (each on a client of its own for s3/gs/az, bodies alternating
+    /// a short line and PAYLOAD_BYTES) must have exactly one winner, whose bytes
+    /// the object then holds. A probe can show a store unsafe; it cannot prove it
+    /// safe, and the verdict says only what was seen. Exits 0 when nothing unsafe
+    /// was seen, 1 when the store was shown unsafe, 2 when store errors left it
+    /// unchecked. Reads the same config (and flags) as the daemon; touches nothing
+    /// else.
     StoreCheck {
         /// The daemon's config file (its [object_store] section is what is probed).
         #[arg(long, short = 'c', value_name = "FILE", env = "IDALLOCD_CONFIG")]
@@ -83,12 +87,16 @@ enum Command {
         #[arg(long, value_name = "URL")]
         object_store: Option<String>,
         /// Race rounds.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.rounds)]
         rounds: u32,
         /// Concurrent writers per round.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.writers)]
         writers: u32,
-        /// Print the report as JSON.
+        /// Body size, in bytes, of every other round's writes.
+        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.payload_bytes)]
+        payload_bytes: usize,
+        /// Print the report as JSON (fields: docs/guarantees.md, "Is the store safe
+        /// for several daemons?").
         #[arg(long)]
         json: bool,
     },
@@ -142,9 +150,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         object_store,
         rounds,
         writers,
+        payload_bytes,
         json,
     }) = &cli.command
     {
+        use idalloc::engine::store_check::{self, Outcome, ProbeSize};
         let mut c = match config {
             Some(path) => Config::load(path)?,
             None => Config::default(),
@@ -161,12 +171,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 store.display_url
             );
         }
+        let racers =
+            store_check::racing_clients(&settings.store_url, &settings.store_options, *writers)?;
+        let size = ProbeSize {
+            rounds: *rounds,
+            writers: *writers,
+            payload_bytes: *payload_bytes,
+        };
         let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-        let report = runtime.block_on(idalloc::engine::store_check::check(
+        let report = runtime.block_on(store_check::check(
             store.store.clone(),
+            &racers,
             &store.display_url,
-            *rounds,
-            *writers,
+            size,
         ));
         if *json {
             println!("{}", serde_json::to_string(&report)?);
@@ -182,22 +199,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 yes_no(report.stale_update_refused)
             );
             println!(
-                "races ({} writers):     {} of {} with exactly one winner, {} with several, {} with none",
-                report.writers,
+                "races:                  {} rounds of {} writers on {} client(s), bodies of a line and {} bytes alternating",
+                report.rounds, report.writers, report.clients, report.payload_bytes
+            );
+            println!(
+                "                        {} with exactly one winner, {} with several, {} with none",
                 report.rounds_with_one_winner,
-                report.rounds,
                 report.rounds_with_several_winners,
                 report.rounds_with_no_winner
             );
             for e in &report.errors {
                 println!("error:                  {e}");
             }
-            println!("{}", report.verdict());
+            println!("{}", report.verdict);
         }
-        if !report.safe {
-            std::process::exit(1);
+        match report.outcome {
+            Outcome::NotShownUnsafe => return Ok(()),
+            Outcome::Unsafe => std::process::exit(1),
+            Outcome::Unchecked => std::process::exit(2),
         }
-        return Ok(());
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let effective = Config::load(file)?.effective(&env)?;

@@ -74,15 +74,19 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         ),
     }
     if mirror.mode() == WriterMode::MultiWriter && cfg.store_startup_check {
-        let probe = super::store_check::check(mirror.raw_store(), mirror.display_url(), 8, 8).await;
-        if probe.unsafe_shown {
-            return Err(OpenError::UnsafeStore(probe.verdict()));
-        }
-        if probe.safe {
-            tracing::info!("{}", probe.verdict());
-        } else {
+        use super::store_check::{check, Outcome, ProbeSize};
+        let probe = check(
+            mirror.raw_store(),
+            &[],
+            mirror.display_url(),
+            ProbeSize::STARTUP,
+        )
+        .await;
+        match probe.outcome {
+            Outcome::Unsafe => return Err(OpenError::UnsafeStore(probe.verdict)),
+            Outcome::NotShownUnsafe => tracing::info!("conditional-write probe: {}", probe.verdict),
             // An unreachable store is not unsafe: recovery decides what that means.
-            tracing::warn!("conditional-write probe: {}", probe.verdict());
+            Outcome::Unchecked => tracing::warn!("conditional-write probe: {}", probe.verdict),
         }
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| OpenError::DataDir {

@@ -55,22 +55,24 @@ impl Moto {
         Moto::start_with(false)
     }
 
-    /// moto without the lock: conditional writes checked and written in two steps,
-    /// as stock `moto_server` (and some S3-compatible servers) do. Unsafe for
-    /// several writers on purpose, for the store check's "unsafe" verdict.
-    pub fn start_unserialised() -> Moto {
+    /// moto with conditional writes checked and written in two steps, as stock
+    /// `moto_server` (and some S3-compatible servers) do, and a writer that passed
+    /// the check held until a second one has: every race of two or more has two
+    /// winners. Unsafe for several writers on purpose, for the store check's
+    /// "unsafe" verdict.
+    pub fn start_two_step() -> Moto {
         Moto::start_with(true)
     }
 
-    fn start_with(unserialised: bool) -> Moto {
+    fn start_with(two_step: bool) -> Moto {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
         let bucket = "idalloc-test".to_string();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_support/moto_serial.py");
         let mut cmd = Command::new(moto_python());
         cmd.arg(&script).args(["--bucket", &bucket]);
-        if unserialised {
-            cmd.arg("--unserialised");
+        if two_step {
+            cmd.arg("--two-step");
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -9,7 +9,7 @@ Request bodies are read in full *before* the lock is taken and responses are
 materialised *inside* it: a slow client (or the tests' stalling proxy) can then
 never hold the lock while it dribbles bytes.
 
-Usage: python moto_serial.py [--port N] [--bucket NAME]... [--unserialised]
+Usage: python moto_serial.py [--port N] [--bucket NAME]... [--two-step]
 Prints "PORT <n>" on stdout once it listens (port 0 picks a free one), after the
 buckets exist.
 """
@@ -19,7 +19,6 @@ import http.client
 import io
 import sys
 import threading
-import time
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
@@ -30,12 +29,15 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--bucket", action="append", default=[])
     # For the store check's "unsafe" verdict: conditional updates answered right
-    # one at a time but checked and written in two steps (see racy() below).
-    ap.add_argument("--unserialised", action="store_true")
+    # one at a time but checked and written in two steps (see serial() below).
+    ap.add_argument("--two-step", action="store_true")
     args = ap.parse_args()
 
     app = DomainDispatcherApplication(create_backend_app)
     lock = threading.Lock()
+    # --two-step: (path, ETag checked) -> PUTs that passed that check.
+    passed = {}
+    passed_cv = threading.Condition()
 
     def serial(environ, start_response):
         stream = environ["wsgi.input"]
@@ -49,7 +51,7 @@ def main() -> None:
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
-        if args.unserialised and environ["REQUEST_METHOD"] == "PUT" and "HTTP_IF_MATCH" in environ:
+        if args.two_step and environ["REQUEST_METHOD"] == "PUT" and "HTTP_IF_MATCH" in environ:
             # Check the precondition with a HEAD, let go, wait, then write
             # unconditionally: what a non-atomic server does.
             expected = environ.pop("HTTP_IF_MATCH")
@@ -68,7 +70,14 @@ def main() -> None:
             if seen.get("headers", {}).get("etag") != expected:
                 start_response("412 Precondition Failed", [("Content-Type", "application/xml")])
                 return [b"<Error><Code>PreconditionFailed</Code></Error>"]
-            time.sleep(0.05)
+            # Wait for a second PUT to pass the same check (a lone writer, for 2 s):
+            # then every race of two or more has two winners, whatever the timing,
+            # where a fixed pause loses only the races that happen to fall in it.
+            key = (environ.get("PATH_INFO"), expected)
+            with passed_cv:
+                passed[key] = passed.get(key, 0) + 1
+                passed_cv.notify_all()
+                passed_cv.wait_for(lambda: passed[key] >= 2, timeout=2.0)
         with lock:
             result = app(environ, start_response)
             try:
