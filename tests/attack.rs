@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use idalloc::engine::StoreHandle;
+use idalloc::engine::{FloorAuthority, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op};
 use idalloc::protocol::{IdRange, WriterMode};
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
@@ -307,7 +307,10 @@ async fn claim_won_then_manifest_write_failed_nobody_is_told_created() {
     ctl.next(Op::Put, Fault::Fail, 2);
     // One request retried as the client library retries it: one request id.
     let request: u128 = 0x1d;
-    let mut replies = vec![a.bootstrap_fork_request(f, None, 0, 0, request).await];
+    let mut replies = vec![
+        a.bootstrap_fork_request(f, None, 0, 0, request, FloorAuthority::Any)
+            .await,
+    ];
     ctl.clear();
     while !matches!(replies.last(), Some(Ok(_))) && replies.len() < 10 {
         match replies.last() {
@@ -315,7 +318,10 @@ async fn claim_won_then_manifest_write_failed_nobody_is_told_created() {
             other => panic!("unexpected reply {other:?}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        replies.push(a.bootstrap_fork_request(f, None, 0, 0, request).await);
+        replies.push(
+            a.bootstrap_fork_request(f, None, 0, 0, request, FloorAuthority::Any)
+                .await,
+        );
     }
     let created = replies
         .iter()

@@ -963,3 +963,93 @@ fn fork_merge_through_idallocctl_raises_the_primary_above_the_fork() {
         "{out}"
     );
 }
+
+/// Rule 3's bound on a caller's floor (issue 29): in tree mode a writer's
+/// bootstrap with a floor near `u64::MAX` would move the whole tree's sequence
+/// there for good, so a writer's floor may be at most `max_count` above the
+/// parent's high-water mark; further up is the admin's decision.
+#[test]
+fn a_writers_bootstrap_floor_cannot_exhaust_the_tree() {
+    let dir = tempdir_for_uids(&[1001]);
+    let ctl_bin = copy_for_uids(
+        std::path::Path::new(env!("CARGO_BIN_EXE_idallocctl")),
+        dir.path(),
+        &[1001],
+    );
+    let mut d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "socket_mode = \"0666\"\n[access]\nwriter_uids = [\"1001\"]\n",
+            allocation_toml: Some("fork_ids = \"tree\"\nmax_count = 1000\n"),
+            ..Opts::default()
+        },
+    );
+    let endpoint = format!("unix:{}", d.socket.display());
+    let ctl = |uid: Option<u32>, args: &[&str]| {
+        let mut cmd = Command::new(&ctl_bin);
+        cmd.args(["--endpoint", &endpoint, "--timeout", "3s"])
+            .args(args);
+        let out = match uid {
+            Some(uid) => output_as(uid, &mut cmd),
+            None => cmd.output().unwrap(),
+        };
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = ctl(Some(1001), &["alloc", "vid", "--count", "5"]);
+    assert!(ok, "{err}");
+    let high = "18446744073708551615";
+    let (ok, _, err) = ctl(
+        Some(1001),
+        &[
+            "fork",
+            "bootstrap",
+            "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203",
+            "--vid-hwm",
+            high,
+        ],
+    );
+    assert!(!ok, "a writer moved the tree to {high}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("only the admin role"),
+        "{err}"
+    );
+    // Within max_count of the parent's high-water mark, a writer's floor is fine.
+    let (ok, out, err) = ctl(
+        Some(1001),
+        &[
+            "fork",
+            "bootstrap",
+            "0190b6f2-7c1e-7a4b-9c3d-5e6f70819204",
+            "--vid-hwm",
+            "900",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["next_vid"].as_u64().unwrap() >= 900, "{v}");
+    // The tree keeps serving far below the top.
+    let (ok, out, err) = ctl(Some(1001), &["alloc", "vid", "--count", "5", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["start"].as_u64().unwrap() < 1 << 40, "{v}");
+    // The admin may decide otherwise.
+    let (ok, _, err) = ctl(
+        None,
+        &[
+            "fork",
+            "bootstrap",
+            "0190b6f2-7c1e-7a4b-9c3d-5e6f70819205",
+            "--vid-hwm",
+            "5000000",
+        ],
+    );
+    assert!(ok, "{err}");
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(20).success());
+}

@@ -79,7 +79,7 @@ use std::time::{Duration, Instant};
 use common::{crash, open, Env};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use idalloc::engine::{Engine, EngineConfig, StoreHandle};
+use idalloc::engine::{Engine, EngineConfig, FloorAuthority, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op as FaultOp};
 use idalloc::protocol::{ForkIds, ForkInfo, IdRange, MergeInto, WriterMode};
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
@@ -1310,7 +1310,14 @@ async fn bootstrap_request(
     let request: u128 = rand::random();
     for _ in 0..6 {
         let r = engine
-            .bootstrap_fork_request(fork, parent, floors.0, floors.1, request)
+            .bootstrap_fork_request(
+                fork,
+                parent,
+                floors.0,
+                floors.1,
+                request,
+                FloorAuthority::Any,
+            )
             .await;
         let again = matches!(&r, Err(e) if e.is_retryable());
         attempts.push(r);
@@ -2367,7 +2374,9 @@ async fn bootstrap_whose_create_lands_but_reply_is_lost() {
         let mut replies = Vec::new();
         let request: u128 = rand::random();
         let info = loop {
-            let r = a.bootstrap_fork_request(f, None, 7, 0, request).await;
+            let r = a
+                .bootstrap_fork_request(f, None, 7, 0, request, FloorAuthority::Any)
+                .await;
             replies.push(r.clone());
             match r {
                 Ok(info) => break info,

@@ -34,6 +34,18 @@ use super::{store_err, Engine};
 /// reference database owns).
 pub const CLAIMS_DIR: &str = "idalloc/fork-claims";
 
+/// How far above the parent's high-water mark a bootstrap's floors may go
+/// (rule 3): a floor far above what was granted burns id space nobody gets back,
+/// in tree mode the whole tree's, so it is an admin's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorAuthority {
+    /// At most `allocation.max_count` above the parent's high-water mark (the
+    /// writer role): as far as one reservation could have gone.
+    Bounded,
+    /// Any floor (the admin role, and the engine's own callers).
+    Any,
+}
+
 /// Where a fork's retirement (drop or merge) is kept apart from its manifest,
 /// one object per 128-bit value: a repair of a broken manifest reads it, so a
 /// retired fork never comes back live.
@@ -244,14 +256,22 @@ impl Engine {
         vid_floor: u64,
         eid_floor: u64,
     ) -> Result<ForkInfo, ServiceError> {
-        self.bootstrap_fork_request(fork, parent, vid_floor, eid_floor, rand::random())
-            .await
+        self.bootstrap_fork_request(
+            fork,
+            parent,
+            vid_floor,
+            eid_floor,
+            rand::random(),
+            FloorAuthority::Any,
+        )
+        .await
     }
 
     /// [`Engine::bootstrap_fork`] as one attempt of a request identified by
     /// `request`: every attempt of one request passes the same value, and the
     /// attempt that finds the fork created by an earlier attempt of it (whose
-    /// reply was lost) is told `created: true`.
+    /// reply was lost) is told `created: true`. `authority` bounds the
+    /// caller's floors (rule 3).
     pub async fn bootstrap_fork_request(
         &self,
         fork: ForkId,
@@ -259,6 +279,7 @@ impl Engine {
         vid_floor: u64,
         eid_floor: u64,
         request: u128,
+        authority: FloorAuthority,
     ) -> Result<ForkInfo, ServiceError> {
         let _guard = self.enter()?;
         let nonce = format!("{request:032x}");
@@ -338,6 +359,22 @@ impl Engine {
             let sequence = tree.as_ref().map_or(0, |v| v.manifest.ceiling(k));
             caller.max(local).max(ceiling).max(sequence)
         };
+        if authority == FloorAuthority::Bounded {
+            for (k, caller) in [(Kind::Vid, vid_floor), (Kind::Eid, eid_floor)] {
+                let hwm = floor(k, 0);
+                let limit = hwm.saturating_add(self.cfg.max_count);
+                if caller > limit {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "a {k} floor of {caller} is more than allocation.max_count ({}) above the parent's high-water mark ({hwm}): a floor that far up burns ids nobody gets back ({}), so only the admin role may set it; a writer's floor may be at most {limit}",
+                        self.cfg.max_count,
+                        match self.cfg.fork_ids {
+                            ForkIds::Tree => "in tree mode, the whole tree's",
+                            ForkIds::Namespace => "the fork's",
+                        }
+                    )));
+                }
+            }
+        }
         let meta = ForkMeta {
             parent: parent_entry.fork().map(|f| f.text()),
             floor_vid: floor(Kind::Vid, vid_floor),

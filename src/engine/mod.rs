@@ -48,6 +48,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Instant;
 
 pub use config::EngineConfig;
+pub use forks::FloorAuthority;
 pub use store::StoreHandle;
 
 use crate::error::ServiceError;

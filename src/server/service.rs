@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tarpc::context::Context;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, FloorAuthority};
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
 use crate::namespace::{Kind, Namespace};
@@ -16,6 +16,7 @@ use crate::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest,
     RepairReport, RepairRequest, Status,
 };
+use crate::server::access::Role;
 
 /// Largest `list_forks` page served, whatever the client asks: bounds one reply's
 /// size (~150 bytes a fork) well under the reply frame limit.
@@ -146,8 +147,18 @@ impl IdAlloc for Service {
                     req.vid_floor,
                     req.eid_floor,
                     req.request_id.unwrap_or_else(rand::random),
+                    if self.peer.role == Role::Admin {
+                        FloorAuthority::Any
+                    } else {
+                        FloorAuthority::Bounded
+                    },
                 )
                 .await
+                .inspect_err(|e| {
+                    if let ServiceError::PermissionDenied(why) = e {
+                        tracing::warn!(peer = %self.peer.name, "permission denied: {why}");
+                    }
+                })
         })
         .await
     }
