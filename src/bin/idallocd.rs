@@ -207,6 +207,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         idalloc::engine::StoreHandle::check_url(&settings.store_url, &settings.store_options)
             .with_context(|| format!("{}", file.display()))?;
         print!("{}", effective.to_toml_redacted());
+        for note in settings.access_notes() {
+            eprintln!("idallocd: {note}");
+        }
         eprintln!("idallocd: {} is valid", file.display());
         return Ok(());
     }

@@ -6,7 +6,8 @@
 //! identified with `SO_PEERCRED` (uid, gid, pid; supplementary groups from
 //! `/proc/<pid>/status`) and mapped to a role by `[access]`; a peer in neither
 //! list is refused at connect. Plain TCP carries no identity: it is loopback only
-//! and gets `[access] tcp_role` (admin by default, as before roles existed). TLS
+//! and gets `[access] tcp_role`, writer by default, because every local user who
+//! can reach the port gets that role. TLS
 //! connections get their role from the client certificate's names
 //! ([`super::tls`]).
 
@@ -110,6 +111,15 @@ impl AccessPolicy {
                 "{name}, gids {gids:?}: in neither [access] writer_uids/writer_groups nor admin_uids/admin_groups"
             )),
         }
+    }
+}
+
+/// The line that says which role a plain TCP listener gives: every local process
+/// that can reach it, whatever its user.
+pub fn tcp_note(listener: &str, role: Role) -> String {
+    match role {
+        Role::Writer => format!("{listener}: plain TCP carries no identity: every local user who can connect gets the writer role ([access] tcp_role = \"writer\")"),
+        Role::Admin => format!("{listener}: plain TCP carries no identity: every local user who can connect gets the ADMIN role ([access] tcp_role = \"admin\"): any of them may checkpoint, drop forks and repair"),
     }
 }
 

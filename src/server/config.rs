@@ -99,8 +99,9 @@ pub struct AccessConfig {
     /// owns the socket it creates (set `SocketGroup=` and list it here under
     /// socket activation).
     pub writer_groups: Vec<String>,
-    /// Role of plain (loopback) TCP connections, which carry no identity:
-    /// `"admin"` (default) or `"writer"`.
+    /// Role of plain (loopback) TCP connections, which carry no identity, so
+    /// every local user who can reach the port gets it: `"writer"` (default) or
+    /// `"admin"` (only where every local user may give ids back and drop forks).
     pub tcp_role: String,
 }
 
@@ -147,7 +148,7 @@ impl Default for AccessConfig {
             admin_groups: vec![],
             writer_uids: vec![],
             writer_groups: vec![],
-            tcp_role: "admin".into(),
+            tcp_role: "writer".into(),
         }
     }
 }
@@ -400,6 +401,19 @@ pub struct Settings {
     pub access: super::access::AccessPolicy,
     /// TLS listeners' certificates and role mapping, when `[tls]` is set.
     pub tls: Option<std::sync::Arc<super::tls::TlsServer>>,
+}
+
+impl Settings {
+    /// What an operator must know about who gets which role, one line each, for
+    /// the start-up log and `check-config`: plain TCP carries no identity, so its
+    /// role is every local user's.
+    pub fn access_notes(&self) -> Vec<String> {
+        self.listen
+            .iter()
+            .filter(|e| matches!(e, Endpoint::Tcp(_)))
+            .map(|e| super::access::tcp_note(&e.to_string(), self.access.tcp_role))
+            .collect()
+    }
 }
 
 impl Config {

@@ -111,6 +111,11 @@ impl Listener {
         }
     }
 
+    /// Whether this is a plain (unauthenticated) TCP listener.
+    pub fn is_plain_tcp(&self) -> bool {
+        matches!(self, Listener::Tcp { tls: false, .. })
+    }
+
     /// Accept one connection.
     pub async fn accept(&self) -> io::Result<Conn> {
         match self {

@@ -73,6 +73,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let listeners = bind_all(&settings).await?;
     for l in &listeners {
         tracing::info!(listener = %l.describe(), "listening");
+        if l.is_plain_tcp() {
+            let note = access::tcp_note(&l.describe(), settings.access.tcp_role);
+            match settings.access.tcp_role {
+                access::Role::Writer => tracing::info!("{note}"),
+                access::Role::Admin => tracing::warn!("{note}"),
+            }
+        }
     }
 
     notify::status("recovering local state and object-store leases");
