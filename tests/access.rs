@@ -84,3 +84,175 @@ fn plain_tcp_peers_are_writers_by_default_and_told_so() {
         "{err}"
     );
 }
+
+/// A tarpc client over an already connected unix socket.
+fn client_over(fd: std::os::fd::OwnedFd) -> idalloc::protocol::IdAllocClient {
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(std_stream).unwrap();
+    let framed =
+        tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
+    let transport =
+        tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
+    idalloc::protocol::IdAllocClient::new(tarpc::client::Config::default(), transport).spawn()
+}
+
+/// Item 3: identity is what the peer was when it connected. A process of writer
+/// uid 1003 with no supplementary groups connects while every slot is busy,
+/// then (it keeps a saved uid of root) joins admin group 1500. The daemon used to
+/// read the groups from `/proc/<pid>/status` when the slot freed, and made that
+/// connection an admin: it checkpointed. Now the groups are `SO_PEERGROUPS`'s,
+/// recorded at `connect(2)`: a writer, refused.
+#[test]
+fn groups_are_the_ones_the_peer_had_when_it_connected() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = open_dir();
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "socket_mode = \"0666\"\nmax_connections = 1\n[access]\nwriter_uids = [\"1003\"]\nadmin_groups = [\"1500\"]\n",
+            ..Opts::default()
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let holder = rt.block_on(async {
+        let c = unix_client(&d.socket).await.unwrap();
+        c.reserve(ctx(), None, Kind::Vid, 1).await.unwrap().unwrap();
+        c
+    });
+    // Everything the child needs is made before fork(): after it, only raw
+    // system calls (the test process has other threads).
+    let path = d.socket.to_str().unwrap().as_bytes().to_vec();
+    // SAFETY: plain system calls on fresh descriptors and zeroed C structs; the
+    // child calls only async-signal-safe functions and never returns.
+    let (fd, pid) = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in path.iter().enumerate() {
+            addr.sun_path[i] = *b as libc::c_char;
+        }
+        let mut pipe = [0; 2];
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        let admin: libc::gid_t = 1500;
+        let pid = libc::fork();
+        if pid == 0 {
+            let ok = libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(u32::MAX, 1003, u32::MAX) == 0
+                && libc::setresuid(u32::MAX, 1003, u32::MAX) == 0
+                && libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                ) == 0
+                && libc::setresuid(u32::MAX, 0, u32::MAX) == 0
+                && libc::setgroups(1, &admin) == 0;
+            let byte: u8 = if ok { b'y' } else { b'n' };
+            libc::write(pipe[1], (&byte as *const u8).cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+        let mut byte = 0u8;
+        assert_eq!(libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1), 1);
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+        assert_eq!(
+            byte, b'y',
+            "the child could not connect and change its groups"
+        );
+        (OwnedFd::from_raw_fd(fd), pid)
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l == "Groups:\t1500 " || l == "Groups:\t1500"),
+        "{status}"
+    );
+    drop(holder);
+    let result = rt.block_on(async {
+        let c = client_over(fd);
+        c.checkpoint(ctx(), None).await
+    });
+    // SAFETY: kill(2) and waitpid(2) on our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    match result {
+        Ok(Err(ServiceError::PermissionDenied(m))) => {
+            assert!(m.contains("uid 1003") && m.contains("(writer)"), "{m}")
+        }
+        other => panic!(
+            "a connection made without the admin group was served as: {other:?}\n{}",
+            d.stderr()
+        ),
+    }
+}
+
+/// Item 4: under `ProtectProc=invisible` (and in any pid namespace that does not
+/// see the peer) `/proc/<pid>` of a peer cannot be read, and its supplementary
+/// groups were silently empty: uid 1004, an admin through group 1500, was
+/// refused. The daemon runs here in a pid namespace of its own (the peer's pid
+/// is 0 there); `SO_PEERGROUPS` needs no `/proc`.
+#[test]
+fn supplementary_groups_count_where_proc_is_hidden() {
+    use std::os::unix::process::CommandExt;
+    let dir = open_dir();
+    let socket = dir.path().join("d.sock");
+    let config = dir.path().join("idallocd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = [\"unix:{}\"]\nsocket_mode = \"0666\"\n[access]\nadmin_groups = [\"1500\"]\n",
+            dir.path().join("data").display().to_string(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(daemon_bin())
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        dir: dir.path().to_path_buf(),
+        socket: socket.clone(),
+        tcp: String::new(),
+        stderr_path,
+    };
+    d.wait_serving();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    cmd.args(["--endpoint", &format!("unix:{}", socket.display())])
+        .args(["--timeout", "5s", "checkpoint"]);
+    // SAFETY: only setgroups/setgid/setuid between fork and exec. std's own
+    // uid()/gid() would drop the supplementary groups.
+    unsafe {
+        cmd.pre_exec(|| {
+            let admin: libc::gid_t = 1500;
+            if libc::setgroups(1, &admin) != 0 || libc::setgid(1004) != 0 || libc::setuid(1004) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "an admin through a supplementary group was refused: {err}\n{}",
+        d.stderr()
+    );
+}

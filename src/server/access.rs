@@ -3,8 +3,8 @@
 //! Writers may `reserve`, `hwm`, `status`, `fork bootstrap` and `fork list`;
 //! admins also `checkpoint`, `fork drop`, `fork merge` and `repair` — everything that gives
 //! ids back, retires a fork or rewrites a manifest. On a unix socket the peer is
-//! identified with `SO_PEERCRED` (uid, gid, pid; supplementary groups from
-//! `/proc/<pid>/status`) and mapped to a role by `[access]`; a peer in neither
+//! identified by what the kernel recorded at `connect(2)`: `SO_PEERCRED` (uid,
+//! gid, pid) and `SO_PEERGROUPS` (supplementary groups), and mapped to a role by `[access]`; a peer in neither
 //! list is refused at connect. Plain TCP carries no identity: it is loopback only
 //! and gets `[access] tcp_role`, writer by default, because every local user who
 //! can reach the port gets that role. TLS
@@ -92,18 +92,27 @@ impl AccessPolicy {
     }
 
     /// The peer of a unix stream, or why it is refused.
+    ///
+    /// Identity is what the kernel recorded when the peer called `connect(2)`:
+    /// `SO_PEERCRED` (uid, gid, pid) and `SO_PEERGROUPS` (its supplementary
+    /// groups). Nothing is read from `/proc/<pid>`: by the time a connection is
+    /// accepted its process may be gone and the pid taken by another user's
+    /// process, and under `ProtectProc=invisible` other users' `/proc` entries
+    /// cannot be read at all.
     pub fn unix_peer(&self, s: &tokio::net::UnixStream) -> Result<Peer, String> {
+        use std::os::fd::AsRawFd;
         let cred = s
             .peer_cred()
-            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+            .map_err(|e| format!("cannot read the peer's credentials (SO_PEERCRED): {e}"))?;
         let (uid, gid) = (cred.uid(), cred.gid());
         let mut gids = vec![gid];
-        if let Some(pid) = cred.pid() {
-            gids.extend(supplementary_groups(pid));
+        match peer_groups(s.as_raw_fd()) {
+            Ok(groups) => gids.extend(groups.into_iter().filter(|g| *g != gid)),
+            Err(e) => warn_groups_unreadable(uid, &e),
         }
         let name = match cred.pid() {
-            Some(pid) => format!("uid {uid} (pid {pid})"),
-            None => format!("uid {uid}"),
+            Some(pid) if pid > 0 => format!("uid {uid} (pid {pid})"),
+            _ => format!("uid {uid}"),
         };
         match self.role(uid, &gids) {
             Some(role) => Ok(Peer { name, role }),
@@ -111,6 +120,51 @@ impl AccessPolicy {
                 "{name}, gids {gids:?}: in neither [access] writer_uids/writer_groups nor admin_uids/admin_groups"
             )),
         }
+    }
+}
+
+/// The supplementary groups the peer of a unix socket had when it connected
+/// (`SO_PEERGROUPS`, Linux 4.13). On `ERANGE` the kernel says how much room
+/// it needs.
+fn peer_groups(fd: std::os::fd::RawFd) -> std::io::Result<Vec<u32>> {
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of writable gid_t slots, and `len`
+        // is a valid socklen_t the kernel updates to the bytes it wrote or needs.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID;
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(err);
+    }
+}
+
+/// Without `SO_PEERGROUPS` only the primary gid counts: say so, once at WARN
+/// (then at debug), so that a member of an admin or writer group through a
+/// supplementary group who is refused is explained in the log.
+fn warn_groups_unreadable(uid: u32, e: &std::io::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(uid, error = %e, "cannot read a unix peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+): only its primary gid counts for [access] admin_groups/writer_groups");
+    } else {
+        tracing::debug!(uid, error = %e, "SO_PEERGROUPS unreadable; only the primary gid counts");
     }
 }
 
@@ -133,21 +187,6 @@ pub fn own_uid() -> u32 {
 pub fn own_gid() -> u32 {
     // SAFETY: getegid(2) cannot fail and touches no memory.
     unsafe { libc::getegid() }
-}
-
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A group given by name or number, resolved through `/etc/group`.
