@@ -256,3 +256,46 @@ fn supplementary_groups_count_where_proc_is_hidden() {
         d.stderr()
     );
 }
+
+/// Item 5: a peer with no role is told why, in one line, at once: the daemon
+/// answers its first request with the refusal and the client does not retry
+/// it. It used to wait for its whole deadline ("no answer ... is idallocd
+/// overloaded?") while redialing without pause, and each redial was a WARN
+/// line; now refusals of one peer are one line per 10 s, with a count.
+#[test]
+fn a_peer_with_no_role_is_told_why_at_once_and_logged_once() {
+    let dir = open_dir();
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: "socket_mode = \"0666\"\n",
+            ..Opts::default()
+        },
+    );
+    let endpoint = format!("unix:{}", d.socket.display());
+    for args in [
+        &["status"][..],
+        &["alloc", "vid"][..],
+        &["fork", "list"][..],
+    ] {
+        let (ok, _, err, took) = ctl_as(Some(65534), &endpoint, args);
+        assert!(!ok, "uid 65534 was served {args:?}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("permission denied: uid 65534 has no role; see [access]"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "{args:?} took {took:?}: {err}"
+        );
+    }
+    let log = d.stderr();
+    assert_eq!(
+        log.matches("connection refused: the peer has no role")
+            .count(),
+        1,
+        "three refusals of one peer within 10 s are one line:\n{log}"
+    );
+    assert!(log.contains("uid 65534"), "{log}");
+}

@@ -99,11 +99,15 @@ impl AccessPolicy {
     /// accepted its process may be gone and the pid taken by another user's
     /// process, and under `ProtectProc=invisible` other users' `/proc` entries
     /// cannot be read at all.
-    pub fn unix_peer(&self, s: &tokio::net::UnixStream) -> Result<Peer, String> {
+    pub fn unix_peer(&self, s: &tokio::net::UnixStream) -> Result<Peer, Refused> {
         use std::os::fd::AsRawFd;
-        let cred = s
-            .peer_cred()
-            .map_err(|e| format!("cannot read the peer's credentials (SO_PEERCRED): {e}"))?;
+        let cred = s.peer_cred().map_err(|e| Refused {
+            key: "unknown unix peer".into(),
+            log: format!("cannot read the peer's credentials (SO_PEERCRED): {e}"),
+            error: ServiceError::PermissionDenied(
+                "the daemon could not read this connection's credentials (SO_PEERCRED)".into(),
+            ),
+        })?;
         let (uid, gid) = (cred.uid(), cred.gid());
         let mut gids = vec![gid];
         match peer_groups(s.as_raw_fd()) {
@@ -116,11 +120,29 @@ impl AccessPolicy {
         };
         match self.role(uid, &gids) {
             Some(role) => Ok(Peer { name, role }),
-            None => Err(format!(
-                "{name}, gids {gids:?}: in neither [access] writer_uids/writer_groups nor admin_uids/admin_groups"
-            )),
+            None => Err(Refused {
+                key: format!("uid {uid}"),
+                log: format!(
+                    "{name}, gids {gids:?}: in neither [access] writer_uids/writer_groups nor admin_uids/admin_groups"
+                ),
+                error: ServiceError::PermissionDenied(format!(
+                    "uid {uid} has no role; see [access] in the daemon's config (writer_uids, writer_groups)"
+                )),
+            }),
         }
     }
+}
+
+/// A connection refused before any request is served.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// Who, as refusals are aggregated in the log (`uid 65534`).
+    pub key: String,
+    /// The log line's reason: everything the operator needs.
+    pub log: String,
+    /// What the peer is told: why, and where the fix is, without the daemon's
+    /// own details.
+    pub error: ServiceError,
 }
 
 /// The supplementary groups the peer of a unix socket had when it connected
