@@ -299,3 +299,37 @@ fn a_peer_with_no_role_is_told_why_at_once_and_logged_once() {
     );
     assert!(log.contains("uid 65534"), "{log}");
 }
+
+/// Item 8: every admin action that succeeds is logged with the peer that did
+/// it (`checkpoint` was not logged at all, the others without the peer).
+#[test]
+fn admin_actions_are_audited_with_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let endpoint = format!("unix:{}", d.socket.display());
+    let merged = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819204";
+    for args in [
+        &["checkpoint"][..],
+        &["fork", "bootstrap", FORK][..],
+        &["fork", "drop", FORK][..],
+        &["fork", "bootstrap", merged][..],
+        &["alloc", "vid", "--fork", merged][..],
+        &["fork", "merge", merged][..],
+        &["repair", "--vid-floor", "1", "--eid-floor", "1"][..],
+    ] {
+        let (ok, _, err, _) = ctl_as(None, &endpoint, args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let log = d.stderr();
+    for line in [
+        "audit: checkpoint of primary by uid 0".to_string(),
+        format!("audit: fork drop of {FORK} by uid 0"),
+        format!("audit: fork merge of {merged} into its parent by uid 0"),
+        "audit: repair of primary (vid floor 1, eid floor 1) by uid 0".to_string(),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(&line) && l.contains("done")),
+            "no {line:?} in:\n{log}"
+        );
+    }
+}

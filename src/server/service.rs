@@ -49,6 +49,29 @@ impl Service {
     }
 }
 
+impl Service {
+    /// The audit line of an admin action: who did what to which namespace, and
+    /// how it ended. Target `idalloc::audit`, so a filter can keep or route it.
+    fn audit<T>(&self, operation: &'static str, what: &str, r: &Result<T, ServiceError>) {
+        let peer = &self.peer.name;
+        match r {
+            Ok(_) => {
+                tracing::info!(target: "idalloc::audit", %peer, operation, on = what, "audit: {operation} of {what} by {peer}: done")
+            }
+            Err(e) => {
+                tracing::warn!(target: "idalloc::audit", %peer, operation, on = what, error = %e, "audit: {operation} of {what} by {peer}: failed")
+            }
+        }
+    }
+}
+
+fn shown(fork: Option<&str>) -> &str {
+    match fork {
+        None | Some("") => "primary",
+        Some(f) => f,
+    }
+}
+
 /// Parse a namespace, turning a malformed id into the client's error.
 pub fn namespace(fork: Option<&str>) -> Result<Namespace, ServiceError> {
     Namespace::from_wire(fork).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
@@ -179,8 +202,10 @@ impl IdAlloc for Service {
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
         cold("drop_fork", async move {
             self.peer.require_admin("fork drop")?;
-            let fork = fork_id(&fork, "fork")?;
-            self.engine.drop_fork(fork).await
+            let id = fork_id(&fork, "fork")?;
+            let r = self.engine.drop_fork(id).await;
+            self.audit("fork drop", &fork, &r);
+            r
         })
         .await
     }
@@ -189,7 +214,14 @@ impl IdAlloc for Service {
         cold("merge_fork", async move {
             self.peer.require_admin("fork merge")?;
             let fork = fork_id(&req.fork, "fork")?;
-            self.engine.merge_fork(fork, req.into).await
+            let r = self.engine.merge_fork(fork, req.into.clone()).await;
+            let into = match &req.into {
+                crate::protocol::MergeInto::Parent => "its parent",
+                crate::protocol::MergeInto::Primary => "the primary",
+                crate::protocol::MergeInto::Fork(f) => f.as_str(),
+            };
+            self.audit("fork merge", &format!("{} into {into}", req.fork), &r);
+            r
         })
         .await
     }
@@ -198,7 +230,9 @@ impl IdAlloc for Service {
         cold("checkpoint", async move {
             self.peer.require_admin("checkpoint")?;
             let ns = namespace(fork.as_deref())?;
-            self.engine.checkpoint(ns).await
+            let r = self.engine.checkpoint(ns).await;
+            self.audit("checkpoint", shown(fork.as_deref()), &r);
+            r
         })
         .await
     }
@@ -211,7 +245,15 @@ impl IdAlloc for Service {
         cold("repair", async move {
             self.peer.require_admin("repair")?;
             let ns = namespace(req.fork.as_deref())?;
-            self.engine.repair(ns, req.vid_floor, req.eid_floor).await
+            let r = self.engine.repair(ns, req.vid_floor, req.eid_floor).await;
+            let what = format!(
+                "{} (vid floor {}, eid floor {})",
+                shown(req.fork.as_deref()),
+                req.vid_floor,
+                req.eid_floor
+            );
+            self.audit("repair", &what, &r);
+            r
         })
         .await
     }
