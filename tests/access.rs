@@ -333,3 +333,46 @@ fn admin_actions_are_audited_with_the_peer() {
         );
     }
 }
+
+/// Item 6: an endpoint's password, a URL's fragment and the store's own error
+/// text (which quotes the request's URL) reach neither check-config's output
+/// nor the fatal start-up error. (Writers' view of store errors:
+/// `server::service::tests::writers_see_no_store_error_detail`.)
+#[test]
+fn store_secrets_are_redacted_in_check_config_and_start_up_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("idallocd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = [\"unix:{}\"]\n[object_store]\nurl = \"s3://bucket/p#frag-secret\"\nstartup_check = false\ntimeout = \"300ms\"\nretries = 0\n[object_store.options]\naws_endpoint = \"http://AKIA:hunter2@127.0.0.1:1/#frag-secret\"\naws_access_key_id = \"AKIA\"\naws_secret_access_key = \"topsecret\"\naws_region = \"us-east-1\"\nallow_http = \"true\"\n",
+            dir.path().join("data").display().to_string(),
+            dir.path().join("d.sock").display()
+        ),
+    )
+    .unwrap();
+    let secrets = ["hunter2", "frag-secret", "topsecret"];
+    let path = config.to_str().unwrap();
+    let (ok, out, err) = run_to_end(&["check-config", path], dir.path());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("127.0.0.1:1"),
+        "the endpoint's host is shown: {out}"
+    );
+    for s in secrets {
+        assert!(
+            !out.contains(s) && !err.contains(s),
+            "{s} in check-config:\n{out}\n{err}"
+        );
+    }
+    let (ok, out, err) = run_to_end(&["--config", path], dir.path());
+    assert!(!ok, "started against an unreachable store:\n{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("idallocd: error: "), "{err}");
+    for s in secrets {
+        assert!(
+            !out.contains(s) && !err.contains(s),
+            "{s} in the start-up output:\n{err}"
+        );
+    }
+}

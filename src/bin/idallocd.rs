@@ -110,7 +110,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, cause chain included: what was wrong and where.
-            eprintln!("idallocd: error: {e:#}");
+            // Redacted: an error may quote a store URL or endpoint with its
+            // credentials.
+            let line = idalloc::engine::store::redact_text(&format!("{e:#}"));
+            eprintln!("idallocd: error: {line}");
             ExitCode::FAILURE
         }
     }

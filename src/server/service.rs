@@ -65,6 +65,46 @@ impl Service {
     }
 }
 
+impl Service {
+    /// What a writer may see of an error: no object-store or internal detail
+    /// (endpoints, bucket layout, the store's own messages), which the log and
+    /// an admin's `status` keep. The kind of error, and so whether to retry, is
+    /// unchanged.
+    fn for_peer<T>(&self, r: Result<T, ServiceError>) -> Result<T, ServiceError> {
+        if self.peer.role == super::access::Role::Admin {
+            return r;
+        }
+        r.map_err(|e| match e {
+            ServiceError::Unavailable { retry_after_ms, .. } => ServiceError::Unavailable {
+                message: WRITER_STORE_ERROR.into(),
+                retry_after_ms,
+            },
+            ServiceError::Internal(_) => ServiceError::Internal(
+                "the daemon failed unexpectedly; the detail is in its log".into(),
+            ),
+            other => other,
+        })
+    }
+}
+
+/// What writers are told instead of an object-store error.
+const WRITER_STORE_ERROR: &str =
+    "the object store cannot be reached right now; the detail is in the daemon's log and in an admin's idallocctl status";
+
+/// `status` as a writer may see it: store errors replaced by
+/// [`WRITER_STORE_ERROR`].
+pub fn status_for_writer(mut st: Status) -> Status {
+    if st.mirror.last_error.is_some() {
+        st.mirror.last_error = Some(WRITER_STORE_ERROR.into());
+    }
+    for ns in &mut st.namespaces {
+        if let Some(e) = &mut ns.error {
+            *e = "unavailable: this namespace could not be verified against the object store; an admin's idallocctl status has the detail".into();
+        }
+    }
+    st
+}
+
 fn shown(fork: Option<&str>) -> &str {
     match fork {
         None | Some("") => "primary",
@@ -132,7 +172,8 @@ impl IdAlloc for Service {
     ) -> Result<IdRange, ServiceError> {
         observed("reserve", async move {
             let ns = namespace(fork.as_deref())?;
-            self.engine.reserve(ns, kind, count).await
+            let r = self.engine.reserve(ns, kind, count).await;
+            self.for_peer(r)
         })
         .await
     }
@@ -140,7 +181,8 @@ impl IdAlloc for Service {
     async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
         cold("hwm", async move {
             let ns = namespace(fork.as_deref())?;
-            self.engine.hwm(ns).await
+            let r = self.engine.hwm(ns).await;
+            self.for_peer(r)
         })
         .await
     }
@@ -162,7 +204,8 @@ impl IdAlloc for Service {
                     req.fork
                 )));
             }
-            self.engine
+            let r = self
+                .engine
                 .bootstrap_fork_request(
                     fork,
                     parent,
@@ -170,7 +213,8 @@ impl IdAlloc for Service {
                     req.eid_floor,
                     req.request_id.unwrap_or_else(rand::random),
                 )
-                .await
+                .await;
+            self.for_peer(r)
         })
         .await
     }
@@ -238,7 +282,14 @@ impl IdAlloc for Service {
     }
 
     async fn status(self, _: Context) -> Result<Status, ServiceError> {
-        cold("status", async move { Ok(self.engine.status().await) }).await
+        cold("status", async move {
+            let st = self.engine.status().await;
+            Ok(match self.peer.role {
+                super::access::Role::Admin => st,
+                super::access::Role::Writer => status_for_writer(st),
+            })
+        })
+        .await
     }
 
     async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
@@ -275,6 +326,36 @@ mod tests {
             Err(ServiceError::InvalidArgument(m)) => assert!(m.starts_with("parent: "), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn writers_see_no_store_error_detail() {
+        use crate::protocol::*;
+        let st = Status {
+            version: "v".into(),
+            uptime_secs: 0,
+            mode: WriterMode::MultiWriter,
+            fork_ids: ForkIds::Namespace,
+            object_store: "s3://bucket/p".into(),
+            mirror: MirrorHealth {
+                healthy: false,
+                last_error: Some("get: Error performing GET http://minio:9000/bucket/p".into()),
+                last_error_age_ms: Some(1),
+                last_success_age_ms: None,
+            },
+            namespaces_total: 1,
+            namespaces: vec![NamespaceStatus {
+                fork: None,
+                dropped: false,
+                merged_into: None,
+                counters: vec![],
+                error: Some("object store unavailable: minio:9000 refused".into()),
+            }],
+            warnings: vec![],
+        };
+        let shown = format!("{:?}", status_for_writer(st));
+        assert!(!shown.contains("minio"), "{shown}");
+        assert!(shown.contains("s3://bucket/p"), "{shown}");
     }
 
     #[test]
