@@ -376,3 +376,144 @@ fn store_secrets_are_redacted_in_check_config_and_start_up_errors() {
         );
     }
 }
+
+/// Item 7: one identity holds at most `max_connections_per_identity` of the
+/// slots (the next is told why), and a connection with no request for
+/// `idle_timeout` is closed, freeing its slot. (On the old daemon 64 idle
+/// connections of one writer filled `max_connections` for good.)
+#[test]
+fn one_identity_cannot_fill_the_slots_and_idle_connections_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml:
+                "max_connections = 8\nmax_connections_per_identity = 3\nidle_timeout = \"1s\"\n",
+            ..Opts::default()
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let c = unix_client(&d.socket).await.unwrap();
+            c.status(ctx()).await.unwrap().unwrap();
+            held.push(c);
+        }
+        let fourth = unix_client(&d.socket).await.unwrap();
+        match fourth.status(ctx()).await.unwrap() {
+            Err(ServiceError::Unavailable { message, .. }) => assert!(
+                message.contains("too many connections: uid 0 already holds 3"),
+                "{message}"
+            ),
+            other => panic!("a fourth connection of uid 0 was served: {other:?}"),
+        }
+        // Plain TCP is another identity: served.
+        let tcp = tcp_client(&d.tcp).await.unwrap();
+        tcp.status(ctx()).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for c in &held {
+            assert!(
+                c.status(ctx()).await.is_err(),
+                "an idle connection was still open after idle_timeout"
+            );
+        }
+        let again = unix_client(&d.socket).await.unwrap();
+        again.status(ctx()).await.unwrap().unwrap();
+    });
+    assert!(
+        d.stderr()
+            .contains("connection refused: too many connections of one identity"),
+        "{}",
+        d.stderr()
+    );
+}
+
+/// Item 7: the daemon raises its soft open-file limit to fit
+/// `max_connections` (it ran with whatever it was given: 256 idle connections
+/// then made accept fail with EMFILE).
+#[test]
+fn the_open_file_limit_is_raised_to_fit_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let config = dir.path().join("idallocd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = [\"unix:{}\"]\nmax_connections = 2000\n",
+            dir.path().join("data").display().to_string(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let child = Command::new("prlimit")
+        .arg("--nofile=256:8192")
+        .arg(daemon_bin())
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        dir: dir.path().to_path_buf(),
+        socket,
+        tcp: String::new(),
+        stderr_path,
+    };
+    d.wait_serving();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(soft >= 2000, "soft open-file limit {soft}:\n{limits}");
+    assert!(
+        d.stderr().contains("raised the open-file limit"),
+        "{}",
+        d.stderr()
+    );
+}
+
+/// Item 7: idle HTTP connections to the metrics endpoint hold at most its 16
+/// slots; the rest wait in the backlog without a descriptor (300 of them used
+/// to take every descriptor the daemon had).
+#[test]
+fn idle_metrics_connections_hold_no_more_than_the_scrape_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let toml = format!("[metrics]\nlisten = {metrics:?}\n");
+    let d = Daemon::start_with(
+        dir.path(),
+        Opts {
+            extra_toml: &toml,
+            ..Opts::default()
+        },
+    );
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<_> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&metrics).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 16,
+        "100 idle metrics connections took {} descriptors",
+        during - before
+    );
+    drop(idle);
+    let body = scrape(&metrics);
+    assert!(body.contains("idalloc_build_info"), "{body}");
+}

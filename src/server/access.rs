@@ -43,6 +43,9 @@ pub struct Peer {
     pub name: String,
     /// The role granted.
     pub role: Role,
+    /// Whose connection this is, as `max_connections_per_identity` counts them:
+    /// `uid 1001`, `tcp` (plain TCP as a whole), `tls <certificate name>`.
+    pub identity: String,
 }
 
 impl Peer {
@@ -119,7 +122,11 @@ impl AccessPolicy {
             _ => format!("uid {uid}"),
         };
         match self.role(uid, &gids) {
-            Some(role) => Ok(Peer { name, role }),
+            Some(role) => Ok(Peer {
+                name,
+                role,
+                identity: format!("uid {uid}"),
+            }),
             None => Err(Refused {
                 key: format!("uid {uid}"),
                 log: format!(
@@ -262,6 +269,7 @@ mod tests {
         assert_eq!(p.role(7, &[2000]), Some(Role::Writer));
         assert_eq!(p.role(7, &[8]), None);
         let w = Peer {
+            identity: "uid 1001".into(),
             name: "uid 1001".into(),
             role: Role::Writer,
         };

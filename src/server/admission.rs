@@ -42,8 +42,11 @@ pub struct Gate {
     access: Arc<AccessPolicy>,
     tls: Option<Arc<TlsServer>>,
     established: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
     refusals: RefusalLog,
+    per_identity: Arc<Mutex<HashMap<String, usize>>>,
+    max_per_identity: usize,
 }
 
 impl Gate {
@@ -53,8 +56,11 @@ impl Gate {
             access: Arc::new(settings.access.clone()),
             tls: settings.tls.clone(),
             established: Arc::new(Semaphore::new(settings.max_connections)),
+            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
             refusing: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
             refusals: RefusalLog::default(),
+            per_identity: Arc::default(),
+            max_per_identity: settings.max_connections_per_identity,
         })
     }
 }
@@ -118,13 +124,20 @@ pub async fn accept_loop(
         match conn {
             Conn::Unix(unix) => match gate.access.unix_peer(&unix) {
                 Ok(peer) => {
+                    let counted = match gate.count(&peer) {
+                        Ok(c) => c,
+                        Err(refused) => {
+                            gate.refuse(unix, "per_identity", refused, &serving);
+                            continue;
+                        }
+                    };
                     let Some(permit) = gate.slot(&shutdown).await else {
                         return;
                     };
                     // Watched for reading only (`unix_conn`): no wake-up each time
                     // the client reads a reply.
                     match UnixConn::from_tokio(unix) {
-                        Ok(unix) => spawn_served(unix, peer, permit, &serving),
+                        Ok(unix) => spawn_served(unix, peer, (permit, counted), &serving),
                         Err(e) => {
                             tracing::warn!(error = %e, "could not register an accepted unix connection; closed it")
                         }
@@ -134,33 +147,62 @@ pub async fn accept_loop(
             },
             Conn::Tcp(tcp) => {
                 let peer = Peer {
+                    identity: "tcp".into(),
                     name: tcp
                         .peer_addr()
                         .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
                     role: gate.access.tcp_role,
                 };
+                let counted = match gate.count(&peer) {
+                    Ok(c) => c,
+                    Err(refused) => {
+                        gate.refuse(tcp, "per_identity", refused, &serving);
+                        continue;
+                    }
+                };
                 let Some(permit) = gate.slot(&shutdown).await else {
                     return;
                 };
-                spawn_served(tcp, peer, permit, &serving);
+                spawn_served(tcp, peer, (permit, counted), &serving);
             }
             Conn::Tls(tcp) => {
                 let Some(tls) = gate.tls.clone() else {
                     tracing::error!("a TLS connection without [tls]: refused");
                     continue;
                 };
-                let Some(permit) = gate.slot(&shutdown).await else {
-                    return;
+                // A handshake holds a slot of its own pool, not one of
+                // max_connections: peers that never finish it (or never start)
+                // cannot starve those who have a role.
+                let handshake = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = gate.handshakes.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
                 };
                 // The handshake runs on the connection's own task, so a slow peer
                 // never stalls accepting.
                 let (serving2, force_close) = (serving.clone(), serving.force_close.clone());
+                let (gate, shutdown) = (gate.clone(), shutdown.clone());
                 serving.connections.spawn(async move {
                     tokio::select! {
                         _ = force_close.cancelled() => {}
                         _ = async move {
                             match tls.accept(tcp).await {
-                                Ok((stream, peer)) => serve(stream, peer, permit, serving2).await,
+                                Ok((stream, peer)) => {
+                                    let counted = match gate.count(&peer) {
+                                        Ok(c) => c,
+                                        Err(refused) => {
+                                            drop(handshake);
+                                            return gate.refuse(stream, "per_identity", refused, &serving2);
+                                        }
+                                    };
+                                    let Some(permit) = gate.slot(&shutdown).await else {
+                                        return;
+                                    };
+                                    drop(handshake);
+                                    serve(stream, peer, (permit, counted), serving2).await
+                                }
                                 Err(why) => {
                                     super::metrics::connection_refused("tls");
                                     tracing::warn!(reason = %why, "TLS connection refused")
@@ -181,6 +223,34 @@ impl Gate {
             _ = shutdown.cancelled() => None,
             p = self.established.clone().acquire_owned() => p.ok(),
         }
+    }
+
+    /// Count `peer` against its identity's cap, or refuse it.
+    fn count(&self, peer: &Peer) -> Result<Counted, Refused> {
+        let mut held = self.per_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(peer.identity.clone()).or_insert(0);
+        if *n >= self.max_per_identity {
+            let n = *n;
+            return Err(Refused {
+                key: peer.identity.clone(),
+                log: format!(
+                    "{} already holds {n} connections, the most max_connections_per_identity allows",
+                    peer.name
+                ),
+                error: crate::error::ServiceError::Unavailable {
+                    message: format!(
+                        "too many connections: {} already holds {n}, the most this daemon allows one identity (max_connections_per_identity); close idle ones",
+                        peer.identity
+                    ),
+                    retry_after_ms: 1000,
+                },
+            });
+        }
+        *n += 1;
+        Ok(Counted {
+            identity: peer.identity.clone(),
+            held: self.per_identity.clone(),
+        })
     }
 
     /// Log (rate-limited), count, and tell the peer why on a refusal slot; with
@@ -210,11 +280,79 @@ impl Gate {
 fn what(reason: &str) -> &'static str {
     match reason {
         "no_role" => "connection refused: the peer has no role",
+        "per_identity" => "connection refused: too many connections of one identity",
         _ => "connection refused",
     }
 }
 
-fn spawn_served<S>(io: S, peer: Peer, permit: OwnedSemaphorePermit, serving: &Serving)
+/// One connection counted against its identity's cap, until dropped.
+struct Counted {
+    identity: String,
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// A served connection's slot and its identity's count.
+type Slot = (OwnedSemaphorePermit, Counted);
+
+/// Raise the soft open-file limit to what the connection limits need (up to
+/// the hard limit), and say so when the hard limit is lower: past it, accept
+/// fails with EMFILE and writers time out in the backlog.
+pub fn raise_open_file_limit(settings: &super::Settings) {
+    // Served connections, handshakes, refusals being answered, metrics scrapes,
+    // and the daemon's own files (sled, listeners, store connections).
+    let need = (settings.max_connections
+        + settings.max_handshakes
+        + REFUSALS_AT_ONCE
+        + super::metrics::MAX_SCRAPES
+        + 256) as libc::rlim_t;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit (RLIMIT_NOFILE)");
+        return;
+    }
+    if lim.rlim_cur >= need {
+        return;
+    }
+    let was = lim.rlim_cur;
+    lim.rlim_cur = need.min(lim.rlim_max);
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit (RLIMIT_NOFILE)");
+        return;
+    }
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            soft = lim.rlim_cur,
+            needed = need,
+            "the open-file limit's hard cap is below what max_connections = {} needs: raise LimitNOFILE= in the unit (or ulimit -Hn), or lower max_connections",
+            settings.max_connections
+        );
+    } else {
+        tracing::info!(
+            from = was,
+            to = lim.rlim_cur,
+            "raised the open-file limit (RLIMIT_NOFILE) to fit max_connections"
+        );
+    }
+}
+
+fn spawn_served<S>(io: S, peer: Peer, permit: Slot, serving: &Serving)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -228,7 +366,7 @@ where
 }
 
 /// Serve one connection whose peer has a role, counted in the connection gauge.
-async fn serve<S>(io: S, peer: Peer, permit: OwnedSemaphorePermit, serving: Serving)
+async fn serve<S>(io: S, peer: Peer, permit: Slot, serving: Serving)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

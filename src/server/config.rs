@@ -49,6 +49,18 @@ pub struct Config {
     pub allow_remote: bool,
     /// Most client connections served at once; further clients wait in the backlog.
     pub max_connections: usize,
+    /// Most of those `max_connections` one identity may hold (one uid, one
+    /// certificate name, or plain TCP as a whole); more are refused with the
+    /// reason. Default 256.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once, on slots of their own: a peer that has
+    /// not yet shown a certificate never holds one of `max_connections`.
+    /// Default 64; past it, TLS clients wait in the backlog.
+    pub max_handshakes: usize,
+    /// A connection with no request for this long is closed (the client library
+    /// redials when it next needs one). Default `"5m"`; `"0s"` keeps idle
+    /// connections open.
+    pub idle_timeout: String,
     /// Threads of the async runtime that serves connections. Default 1, which is
     /// tokio's single-threaded runtime: a request needs microseconds of CPU, each
     /// group of reservations is flushed on that thread, and every extra worker adds
@@ -198,6 +210,9 @@ pub struct ObjectStoreConfig {
 pub struct MetricsConfig {
     /// `HOST:PORT` of the Prometheus endpoint; off when absent.
     pub listen: Option<String>,
+    /// Serve the (unauthenticated, read-only) endpoint on a non-loopback
+    /// address. Default false: such an address is refused.
+    pub allow_remote: bool,
 }
 
 /// `[log]`.
@@ -234,6 +249,9 @@ impl Default for Config {
             socket_mode: "0660".into(),
             allow_remote: false,
             max_connections: 1024,
+            max_connections_per_identity: 256,
+            max_handshakes: 64,
+            idle_timeout: "5m".into(),
             worker_threads: 1,
             busy_poll: "100us".into(),
             max_in_flight_per_connection: 128,
@@ -374,6 +392,12 @@ pub struct Settings {
     pub allow_remote: bool,
     /// Connection limit.
     pub max_connections: usize,
+    /// Connection limit of one identity.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Idle connections are closed after this; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Async runtime threads.
     pub worker_threads: usize,
     /// Spin budget after each request while a lone writer is active; zero = off.
@@ -492,6 +516,15 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
+        if self.max_connections_per_identity == 0 {
+            return Err(invalid(
+                "max_connections_per_identity",
+                "must be at least 1",
+            ));
+        }
+        if self.max_handshakes == 0 {
+            return Err(invalid("max_handshakes", "must be at least 1"));
+        }
         if !(1..=1024).contains(&self.worker_threads) {
             return Err(invalid("worker_threads", "must be between 1 and 1024"));
         }
@@ -561,6 +594,14 @@ impl Config {
                 )
             })?),
         };
+        if let Some(addr) = metrics_listen {
+            if !addr.ip().is_loopback() && !self.metrics.allow_remote {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{addr} is not a loopback address and the endpoint has no authentication; set [metrics] allow_remote = true to serve it to other hosts"),
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 "log.level",
@@ -596,6 +637,10 @@ impl Config {
             socket_mode,
             allow_remote: self.allow_remote,
             max_connections: self.max_connections,
+            max_connections_per_identity: self.max_connections_per_identity,
+            max_handshakes: self.max_handshakes,
+            idle_timeout: Some(duration("idle_timeout", &self.idle_timeout)?)
+                .filter(|d| !d.is_zero()),
             worker_threads: self.worker_threads,
             busy_poll,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
@@ -747,6 +792,18 @@ mod tests {
     }
 
     #[test]
+    fn metrics_leave_loopback_only_when_allowed() {
+        let c = Config::from_toml(
+            "[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert!(c.resolve(&env()).unwrap().metrics_listen.is_some());
+        let c = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9464\"\n", "x.toml").unwrap();
+        assert!(c.resolve(&env()).is_ok());
+    }
+
+    #[test]
     fn unknown_key_names_itself() {
         let err = Config::from_toml("[allocation]\nlease_sise = 5\n", "x.toml").unwrap_err();
         let msg = err.to_string();
@@ -809,6 +866,13 @@ mod tests {
                 "object_store.timeout",
             ),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"0.0.0.0:9464\"", "metrics.listen"),
+            ("idle_timeout = \"later\"", "idle_timeout"),
+            ("max_handshakes = 0", "max_handshakes"),
+            (
+                "max_connections_per_identity = 0",
+                "max_connections_per_identity",
+            ),
             ("[log]\nlevel = \"info,[[\"", "log.level"),
         ];
         for (text, key) in cases {

@@ -44,6 +44,8 @@ pub struct ConnLimits {
     pub max_frame_bytes: usize,
     /// Most requests in flight; more get an error reply (not a closed connection).
     pub max_in_flight: usize,
+    /// Close the connection after this long without a request (none in flight).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Serve `svc` on `io` until the connection ends. All of this connection's requests
@@ -64,10 +66,22 @@ pub async fn serve_connection<S, Svc>(
     let serve = svc.serve();
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
+    // An idle connection holds a slot of max_connections and a descriptor:
+    // closed after `idle_timeout` with nothing read and nothing in flight.
+    let idle_for = limits
+        .idle_timeout
+        .unwrap_or(Duration::from_secs(86400 * 365));
+    let idle = tokio::time::sleep(idle_for);
+    tokio::pin!(idle);
     while reading || !in_flight.is_empty() {
         tokio::select! {
             biased;
+            _ = &mut idle, if limits.idle_timeout.is_some() && in_flight.is_empty() => {
+                tracing::debug!(?idle_for, "closing an idle connection");
+                break;
+            }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                 busy.touch();
                 if transport.feed(reply).await.is_err() {
                     return;
@@ -93,6 +107,7 @@ pub async fn serve_connection<S, Svc>(
                 }
                 Some(Ok(ClientMessage::Request(req))) => {
                     busy.touch();
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                     if req.context.deadline <= std::time::Instant::now() {
                         continue;
                     }
@@ -325,6 +340,7 @@ mod tests {
     const LIMITS: ConnLimits = ConnLimits {
         max_frame_bytes: 1024,
         max_in_flight: 4,
+        idle_timeout: None,
     };
 
     fn start(dir: &std::path::Path, shutdown: CancellationToken) -> std::path::PathBuf {

@@ -102,7 +102,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let limits = ConnLimits {
         max_frame_bytes: settings.max_frame_bytes,
         max_in_flight: settings.max_in_flight_per_connection,
+        idle_timeout: settings.idle_timeout,
     };
+    admission::raise_open_file_limit(&settings);
     let service = Service::new(engine.clone());
     let gate_engine = engine.clone();
     let busy = BusyPoll::new(

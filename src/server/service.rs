@@ -34,6 +34,7 @@ impl Service {
         Service {
             engine,
             peer: Arc::new(super::access::Peer {
+                identity: "in-process".into(),
                 name: "in-process".into(),
                 role: super::access::Role::Admin,
             }),
