@@ -517,3 +517,60 @@ fn idle_metrics_connections_hold_no_more_than_the_scrape_slots() {
     let body = scrape(&metrics);
     assert!(body.contains("idalloc_build_info"), "{body}");
 }
+
+/// Items 10 and 11: the daemon's own uid is an admin unless
+/// `own_uid_is_admin = false` (in a single-uid container every writer was an
+/// admin), and `[access]` takes numbers as TOML integers (`writer_uids = [1005]`
+/// was a type error). The daemon runs as uid 1005 here, and so does its writer.
+#[test]
+fn the_daemons_own_uid_need_not_be_admin_and_uids_may_be_integers() {
+    use std::os::unix::process::CommandExt;
+    let dir = open_dir();
+    std::os::unix::fs::chown(dir.path(), Some(1005), Some(1005)).unwrap();
+    let socket = dir.path().join("d.sock");
+    let config = dir.path().join("idallocd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = [\"unix:{}\"]\n[access]\nwriter_uids = [1005]\nown_uid_is_admin = false\n",
+            dir.path().join("data").display().to_string(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let child = Command::new(daemon_bin())
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .uid(1005)
+        .gid(1005)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        dir: dir.path().to_path_buf(),
+        socket,
+        tcp: String::new(),
+        stderr_path,
+    };
+    d.wait_serving();
+    let endpoint = format!("unix:{}", d.socket.display());
+    let (ok, _, err, _) = ctl_as(Some(1005), &endpoint, &["alloc", "vid"]);
+    assert!(ok, "{err}");
+    let (ok, _, err, _) = ctl_as(Some(1005), &endpoint, &["checkpoint"]);
+    assert!(
+        !ok,
+        "the daemon's own uid checkpointed with own_uid_is_admin = false"
+    );
+    assert!(
+        err.contains("needs the admin role") && err.contains("uid 1005"),
+        "{err}"
+    );
+    let (ok, _, err, _) = ctl_as(None, &endpoint, &["checkpoint"]);
+    assert!(ok, "root is still an admin: {err}");
+}

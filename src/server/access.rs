@@ -65,8 +65,10 @@ impl Peer {
 /// The `[access]` policy, resolved to numeric ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessPolicy {
-    /// Admin uids (root and the daemon's own uid are always admins).
+    /// Admin uids (root is always an admin).
     pub admin_uids: BTreeSet<u32>,
+    /// Whether the daemon's own uid is an admin (`[access] own_uid_is_admin`).
+    pub own_uid_is_admin: bool,
     /// Admin gids.
     pub admin_gids: BTreeSet<u32>,
     /// Writer uids.
@@ -80,9 +82,8 @@ pub struct AccessPolicy {
 impl AccessPolicy {
     /// The role of a unix-socket peer, `None` to refuse it.
     pub fn role(&self, uid: u32, gids: &[u32]) -> Option<Role> {
-        let me = own_uid();
         if uid == 0
-            || uid == me
+            || (self.own_uid_is_admin && uid == own_uid())
             || self.admin_uids.contains(&uid)
             || gids.iter().any(|g| self.admin_gids.contains(g))
         {
@@ -218,34 +219,32 @@ pub fn own_gid() -> u32 {
     unsafe { libc::getegid() }
 }
 
-/// A group given by name or number, resolved through `/etc/group`.
+/// A group given by name or number; names through NSS (`getgrnam_r`).
 pub fn resolve_group(name: &str) -> Result<u32, String> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    groups
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next() == Some(name)).then(|| f.nth(1).and_then(|g| g.parse().ok()))?
-        })
-        .ok_or_else(|| format!("group {name:?} is neither a number nor in /etc/group"))
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!(
+            "group {name:?} is neither a number nor a known group (NSS)"
+        )),
+        Err(e) => Err(format!("cannot look group {name:?} up (NSS): {e}")),
+    }
 }
 
-/// A user given by name or number, resolved through `/etc/passwd`.
+/// A user given by name or number; names through NSS (`getpwnam_r`).
 pub fn resolve_user(name: &str) -> Result<u32, String> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let users = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    users
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next() == Some(name)).then(|| f.nth(1).and_then(|u| u.parse().ok()))?
-        })
-        .ok_or_else(|| format!("user {name:?} is neither a number nor in /etc/passwd"))
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!(
+            "user {name:?} is neither a number nor a known user (NSS)"
+        )),
+        Err(e) => Err(format!("cannot look user {name:?} up (NSS): {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +255,7 @@ mod tests {
     fn roles_from_uids_and_groups() {
         let p = AccessPolicy {
             admin_uids: [500].into(),
+            own_uid_is_admin: true,
             admin_gids: [600].into(),
             writer_uids: [1001].into(),
             writer_gids: [2000].into(),
@@ -281,5 +281,14 @@ mod tests {
         assert_eq!(resolve_group("0"), Ok(0));
         assert_eq!(resolve_group("root"), Ok(0));
         assert!(resolve_user("no-such-user-here").is_err());
+        assert_eq!(resolve_user("root"), Ok(0));
+        let not_me = AccessPolicy {
+            own_uid_is_admin: false,
+            ..p.clone()
+        };
+        if own_uid() != 0 {
+            assert_eq!(not_me.role(own_uid(), &[]), None);
+        }
+        assert_eq!(not_me.role(0, &[]), Some(Role::Admin));
     }
 }

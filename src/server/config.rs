@@ -96,21 +96,46 @@ pub struct Config {
     pub tls: Option<super::tls::TlsConfig>,
 }
 
+/// A user or group as `[access]` takes it: a name or a number, in TOML as a
+/// string (`"graphdb"`, `"1001"`) or an integer (`1001`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NameOrId {
+    /// A number.
+    Id(u32),
+    /// A name, or a number in a string.
+    Name(String),
+}
+
+impl NameOrId {
+    fn text(&self) -> String {
+        match self {
+            NameOrId::Id(n) => n.to_string(),
+            NameOrId::Name(s) => s.clone(),
+        }
+    }
+}
+
 /// `[access]`: the writer and admin roles of unix-socket peers (by uid or group,
 /// names or numbers), and the role of plain TCP connections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
-    /// Admins besides root and the daemon's own user.
-    pub admin_uids: Vec<String>,
+    /// Admins besides root and (unless `own_uid_is_admin = false`) the
+    /// daemon's own user.
+    pub admin_uids: Vec<NameOrId>,
     /// Groups whose members are admins.
-    pub admin_groups: Vec<String>,
+    pub admin_groups: Vec<NameOrId>,
     /// Writers.
-    pub writer_uids: Vec<String>,
+    pub writer_uids: Vec<NameOrId>,
     /// Groups whose members are writers. Default: the daemon's own group, which
     /// owns the socket it creates (set `SocketGroup=` and list it here under
     /// socket activation).
-    pub writer_groups: Vec<String>,
+    pub writer_groups: Vec<NameOrId>,
+    /// Whether the daemon's own uid is an admin (default true). Set false
+    /// where writers run as that uid too (a single-uid container), or they
+    /// would all be admins.
+    pub own_uid_is_admin: bool,
     /// Role of plain (loopback) TCP connections, which carry no identity, so
     /// every local user who can reach the port gets it: `"writer"` (default) or
     /// `"admin"` (only where every local user may give ids back and drop forks).
@@ -120,14 +145,14 @@ pub struct AccessConfig {
 impl AccessConfig {
     fn resolve(&self) -> Result<super::access::AccessPolicy, ConfigError> {
         use super::access::{own_gid, resolve_group, resolve_user, Role};
-        let users = |key: &'static str, v: &[String]| {
+        let users = |key: &'static str, v: &[NameOrId]| {
             v.iter()
-                .map(|u| resolve_user(u).map_err(|e| invalid(key, e)))
+                .map(|u| resolve_user(&u.text()).map_err(|e| invalid(key, e)))
                 .collect::<Result<std::collections::BTreeSet<u32>, _>>()
         };
-        let groups = |key: &'static str, v: &[String]| {
+        let groups = |key: &'static str, v: &[NameOrId]| {
             v.iter()
-                .map(|g| resolve_group(g).map_err(|e| invalid(key, e)))
+                .map(|g| resolve_group(&g.text()).map_err(|e| invalid(key, e)))
                 .collect::<Result<std::collections::BTreeSet<u32>, _>>()
         };
         let mut writer_gids = groups("access.writer_groups", &self.writer_groups)?;
@@ -136,6 +161,7 @@ impl AccessConfig {
         }
         Ok(super::access::AccessPolicy {
             admin_uids: users("access.admin_uids", &self.admin_uids)?,
+            own_uid_is_admin: self.own_uid_is_admin,
             admin_gids: groups("access.admin_groups", &self.admin_groups)?,
             writer_uids: users("access.writer_uids", &self.writer_uids)?,
             writer_gids,
@@ -160,6 +186,7 @@ impl Default for AccessConfig {
             admin_groups: vec![],
             writer_uids: vec![],
             writer_groups: vec![],
+            own_uid_is_admin: true,
             tcp_role: "writer".into(),
         }
     }
@@ -801,6 +828,24 @@ mod tests {
         assert!(c.resolve(&env()).unwrap().metrics_listen.is_some());
         let c = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9464\"\n", "x.toml").unwrap();
         assert!(c.resolve(&env()).is_ok());
+    }
+
+    #[test]
+    fn access_takes_names_and_numbers() {
+        let c = Config::from_toml(
+            "[access]\nwriter_uids = [65534, \"1001\", \"root\"]\nadmin_groups = [0]\nown_uid_is_admin = false\n",
+            "x.toml",
+        )
+        .unwrap();
+        let p = c.resolve(&env()).unwrap().access;
+        assert_eq!(p.writer_uids, [0, 1001, 65534].into());
+        assert_eq!(p.admin_gids, [0].into());
+        assert!(!p.own_uid_is_admin);
+        let err = Config::from_toml("[access]\nwriter_uids = [\"no-such-user-x\"]\n", "x.toml")
+            .unwrap()
+            .resolve(&env())
+            .unwrap_err();
+        assert!(err.to_string().contains("access.writer_uids"), "{err}");
     }
 
     #[test]
