@@ -80,7 +80,14 @@ async fn every_rpc_over_unix_and_tcp() {
     exercise_every_rpc(&unix_client(&d.socket).await.unwrap()).await;
 
     let dir2 = tempfile::tempdir().unwrap();
-    let d2 = Daemon::start(dir2.path());
+    // Admin over TCP (writer is the default): the round trip checkpoints and drops.
+    let d2 = Daemon::start_with(
+        dir2.path(),
+        Opts {
+            extra_toml: "[access]\ntcp_role = \"admin\"\n",
+            ..Opts::default()
+        },
+    );
     exercise_every_rpc(&tcp_client(&d2.tcp).await.unwrap()).await;
     // Both transports reach the same counters.
     let u = unix_client(&d2.socket).await.unwrap();

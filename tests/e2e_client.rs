@@ -22,9 +22,18 @@ const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
 /// Start the daemon off the async worker threads: starting blocks until it serves.
 async fn start(dir: &Path) -> Daemon {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || Daemon::start(&dir))
-        .await
-        .unwrap()
+    // Admin over TCP: these round trips checkpoint and drop forks on both transports.
+    tokio::task::spawn_blocking(move || {
+        Daemon::start_with(
+            &dir,
+            Opts {
+                extra_toml: "[access]\ntcp_role = \"admin\"\n",
+                ..Opts::default()
+            },
+        )
+    })
+    .await
+    .unwrap()
 }
 
 fn endpoints(d: &Daemon) -> [String; 2] {

@@ -291,15 +291,22 @@ async fn a_broken_fork_manifest_makes_only_that_fork_unavailable_until_repaired(
         .find(|i| ForkId::parse(&i.fork).unwrap() == broken)
         .unwrap();
     assert!(row.error.is_some() && row.next_vid == 0, "{row:?}");
-    // The operator's floor is below what was granted: the repair never lowers
-    // anything it can see, and here it can see nothing but the floor and the
-    // claim; the floor the database gives must then be right. It is above.
+    // Nothing local remembers the fork, but the lost data directory's lease
+    // record does: the repair stands above the floor given and that lease.
     let report = e
         .repair(Namespace::Fork(broken), granted.end + 5, 0)
         .await
         .unwrap();
     assert!(report.before.contains("unparseable"), "{report:?}");
-    assert_eq!(report.vid_ceiling, granted.end + 5);
+    assert!(report.vid_ceiling >= granted.end + 5, "{report:?}");
+    assert!(
+        report
+            .evidence
+            .iter()
+            .any(|e| e.starts_with("lease records")
+                && e.contains(&format!("vid {}", report.vid_ceiling))),
+        "{report:?}"
+    );
     let r = e
         .reserve(Namespace::Fork(broken), Kind::Vid, 1)
         .await

@@ -118,7 +118,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, cause chain included: what was wrong and where.
-            eprintln!("idallocd: error: {e:#}");
+            // Redacted: an error may quote a store URL or endpoint with its
+            // credentials.
+            let line = idalloc::engine::store::redact_text(&format!("{e:#}"));
+            eprintln!("idallocd: error: {line}");
             ExitCode::FAILURE
         }
     }
@@ -227,6 +230,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         idalloc::engine::StoreHandle::check_url(&settings.store_url, &settings.store_options)
             .with_context(|| format!("{}", file.display()))?;
         print!("{}", effective.to_toml_redacted());
+        for note in settings.access_notes() {
+            eprintln!("idallocd: {note}");
+        }
         eprintln!("idallocd: {} is valid", file.display());
         return Ok(());
     }

@@ -65,9 +65,10 @@ impl StoreHandle {
         options: &[(String, String)],
         create: bool,
     ) -> Result<StoreHandle, OpenError> {
-        let bad = |m: String| OpenError::StoreConfig(m);
-        let parsed =
-            url::Url::parse(url).map_err(|e| bad(format!("object store URL {url:?}: {e}")))?;
+        // The builders' errors may quote an option (an endpoint with a password).
+        let bad = |m: String| OpenError::StoreConfig(redact_text(&m));
+        let parsed = url::Url::parse(url)
+            .map_err(|e| bad(format!("object store URL {}: {e}", redact_url(url))))?;
         let display_url = redact(&parsed);
         let prefix = Path::parse(parsed.path().trim_start_matches('/'))
             .map_err(|e| bad(format!("object store URL {display_url}: bad path: {e}")))?;
@@ -227,17 +228,48 @@ pub fn redact_option(key: &str, value: &str) -> String {
     if secret {
         "<redacted>".to_string()
     } else {
-        value.to_string()
+        // An endpoint may carry user info, a query or a fragment.
+        redact_text(value)
     }
 }
 
-/// A URL without user info, password or query string (which may carry SAS tokens).
+/// A URL without user info, password, query string (which may carry SAS tokens)
+/// or fragment.
 fn redact(url: &url::Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
     u.set_query(None);
+    u.set_fragment(None);
     u.to_string()
+}
+
+/// `text` with every URL in it redacted as [`redact_url`] does: store errors
+/// quote the URL of the request that failed, endpoint and credentials included.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let scheme_start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .map_or(rest.len(), |i| at + i);
+        out.push_str(&rest[..scheme_start]);
+        let token = &rest[scheme_start..end];
+        // A URL quoted inside an error often ends in punctuation of the sentence.
+        let trimmed = token.trim_end_matches([',', ';', ')', ']', '.', ':']);
+        if scheme_start == at {
+            out.push_str(token);
+        } else {
+            out.push_str(&redact_url(trimmed));
+            out.push_str(&token[trimmed.len()..]);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A manifest with the version that conditional updates must match.
@@ -377,7 +409,7 @@ impl Mirror {
             Some(e) => {
                 metrics::counter!("idalloc_store_errors_total", "op" => op).increment(1);
                 h.healthy = false;
-                h.last_error = Some((Instant::now(), format!("{op}: {e}")));
+                h.last_error = Some((Instant::now(), redact_text(&format!("{op}: {e}"))));
             }
         }
     }
@@ -626,6 +658,9 @@ impl Mirror {
 
 fn classify<T>(op: &'static str, path: &Path, e: object_store::Error) -> Attempt<T> {
     let (line, status) = one_line(&e);
+    // The store's errors quote the request's URL, endpoint and credentials
+    // included; from here on they reach logs, `status` and replies.
+    let line = redact_text(&line);
     let refused = |reason: String| {
         Attempt::Fatal(StoreError::Refused {
             op,
@@ -760,6 +795,22 @@ mod tests {
         );
         assert!(!shown.contains("sig="), "{shown}");
         assert!(shown.contains("bucket/graphs/db1"), "{shown}");
+    }
+
+    #[test]
+    fn urls_inside_text_lose_their_secrets() {
+        let e = "Error performing GET http://AKIA:hunter2@10.0.0.1:9000/b/x?X-Amz-Signature=abc#frag in 3ms, after 2 retries: (http://u:p@h/)";
+        let shown = redact_text(e);
+        assert_eq!(
+            shown,
+            "Error performing GET http://10.0.0.1:9000/b/x in 3ms, after 2 retries: (http://h/)"
+        );
+        assert_eq!(redact_text("no urls here: a://"), "no urls here: a://");
+        assert_eq!(
+            redact_option("aws_endpoint", "http://u:pw@minio:9000/#x"),
+            "http://minio:9000/"
+        );
+        assert_eq!(redact_url("s3://b/p#frag"), "s3://b/p");
     }
 
     #[test]

@@ -49,6 +49,18 @@ pub struct Config {
     pub allow_remote: bool,
     /// Most client connections served at once; further clients wait in the backlog.
     pub max_connections: usize,
+    /// Most of those `max_connections` one identity may hold (one uid, one
+    /// certificate name, or plain TCP as a whole); more are refused with the
+    /// reason. Default 256.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once, on slots of their own: a peer that has
+    /// not yet shown a certificate never holds one of `max_connections`.
+    /// Default 64; past it, TLS clients wait in the backlog.
+    pub max_handshakes: usize,
+    /// A connection with no request for this long is closed (the client library
+    /// redials when it next needs one). Default `"5m"`; `"0s"` keeps idle
+    /// connections open.
+    pub idle_timeout: String,
     /// Threads of the async runtime that serves connections. Default 1, which is
     /// tokio's single-threaded runtime: a request needs microseconds of CPU, each
     /// group of reservations is flushed on that thread, and every extra worker adds
@@ -84,37 +96,63 @@ pub struct Config {
     pub tls: Option<super::tls::TlsConfig>,
 }
 
+/// A user or group as `[access]` takes it: a name or a number, in TOML as a
+/// string (`"graphdb"`, `"1001"`) or an integer (`1001`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NameOrId {
+    /// A number.
+    Id(u32),
+    /// A name, or a number in a string.
+    Name(String),
+}
+
+impl NameOrId {
+    fn text(&self) -> String {
+        match self {
+            NameOrId::Id(n) => n.to_string(),
+            NameOrId::Name(s) => s.clone(),
+        }
+    }
+}
+
 /// `[access]`: the writer and admin roles of unix-socket peers (by uid or group,
 /// names or numbers), and the role of plain TCP connections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
-    /// Admins besides root and the daemon's own user.
-    pub admin_uids: Vec<String>,
+    /// Admins besides root and (unless `own_uid_is_admin = false`) the
+    /// daemon's own user.
+    pub admin_uids: Vec<NameOrId>,
     /// Groups whose members are admins.
-    pub admin_groups: Vec<String>,
+    pub admin_groups: Vec<NameOrId>,
     /// Writers.
-    pub writer_uids: Vec<String>,
+    pub writer_uids: Vec<NameOrId>,
     /// Groups whose members are writers. Default: the daemon's own group, which
     /// owns the socket it creates (set `SocketGroup=` and list it here under
     /// socket activation).
-    pub writer_groups: Vec<String>,
-    /// Role of plain (loopback) TCP connections, which carry no identity:
-    /// `"admin"` (default) or `"writer"`.
+    pub writer_groups: Vec<NameOrId>,
+    /// Whether the daemon's own uid is an admin (default true). Set false
+    /// where writers run as that uid too (a single-uid container), or they
+    /// would all be admins.
+    pub own_uid_is_admin: bool,
+    /// Role of plain (loopback) TCP connections, which carry no identity, so
+    /// every local user who can reach the port gets it: `"writer"` (default) or
+    /// `"admin"` (only where every local user may give ids back and drop forks).
     pub tcp_role: String,
 }
 
 impl AccessConfig {
     fn resolve(&self) -> Result<super::access::AccessPolicy, ConfigError> {
         use super::access::{own_gid, resolve_group, resolve_user, Role};
-        let users = |key: &'static str, v: &[String]| {
+        let users = |key: &'static str, v: &[NameOrId]| {
             v.iter()
-                .map(|u| resolve_user(u).map_err(|e| invalid(key, e)))
+                .map(|u| resolve_user(&u.text()).map_err(|e| invalid(key, e)))
                 .collect::<Result<std::collections::BTreeSet<u32>, _>>()
         };
-        let groups = |key: &'static str, v: &[String]| {
+        let groups = |key: &'static str, v: &[NameOrId]| {
             v.iter()
-                .map(|g| resolve_group(g).map_err(|e| invalid(key, e)))
+                .map(|g| resolve_group(&g.text()).map_err(|e| invalid(key, e)))
                 .collect::<Result<std::collections::BTreeSet<u32>, _>>()
         };
         let mut writer_gids = groups("access.writer_groups", &self.writer_groups)?;
@@ -123,6 +161,7 @@ impl AccessConfig {
         }
         Ok(super::access::AccessPolicy {
             admin_uids: users("access.admin_uids", &self.admin_uids)?,
+            own_uid_is_admin: self.own_uid_is_admin,
             admin_gids: groups("access.admin_groups", &self.admin_groups)?,
             writer_uids: users("access.writer_uids", &self.writer_uids)?,
             writer_gids,
@@ -147,7 +186,8 @@ impl Default for AccessConfig {
             admin_groups: vec![],
             writer_uids: vec![],
             writer_groups: vec![],
-            tcp_role: "admin".into(),
+            own_uid_is_admin: true,
+            tcp_role: "writer".into(),
         }
     }
 }
@@ -197,6 +237,9 @@ pub struct ObjectStoreConfig {
 pub struct MetricsConfig {
     /// `HOST:PORT` of the Prometheus endpoint; off when absent.
     pub listen: Option<String>,
+    /// Serve the (unauthenticated, read-only) endpoint on a non-loopback
+    /// address. Default false: such an address is refused.
+    pub allow_remote: bool,
 }
 
 /// `[log]`.
@@ -233,6 +276,9 @@ impl Default for Config {
             socket_mode: "0660".into(),
             allow_remote: false,
             max_connections: 1024,
+            max_connections_per_identity: 256,
+            max_handshakes: 64,
+            idle_timeout: "5m".into(),
             worker_threads: 1,
             busy_poll: "100us".into(),
             max_in_flight_per_connection: 128,
@@ -373,6 +419,12 @@ pub struct Settings {
     pub allow_remote: bool,
     /// Connection limit.
     pub max_connections: usize,
+    /// Connection limit of one identity.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Idle connections are closed after this; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Async runtime threads.
     pub worker_threads: usize,
     /// Spin budget after each request while a lone writer is active; zero = off.
@@ -400,6 +452,19 @@ pub struct Settings {
     pub access: super::access::AccessPolicy,
     /// TLS listeners' certificates and role mapping, when `[tls]` is set.
     pub tls: Option<std::sync::Arc<super::tls::TlsServer>>,
+}
+
+impl Settings {
+    /// What an operator must know about who gets which role, one line each, for
+    /// the start-up log and `check-config`: plain TCP carries no identity, so its
+    /// role is every local user's.
+    pub fn access_notes(&self) -> Vec<String> {
+        self.listen
+            .iter()
+            .filter(|e| matches!(e, Endpoint::Tcp(_)))
+            .map(|e| super::access::tcp_note(&e.to_string(), self.access.tcp_role))
+            .collect()
+    }
 }
 
 impl Config {
@@ -478,6 +543,15 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
+        if self.max_connections_per_identity == 0 {
+            return Err(invalid(
+                "max_connections_per_identity",
+                "must be at least 1",
+            ));
+        }
+        if self.max_handshakes == 0 {
+            return Err(invalid("max_handshakes", "must be at least 1"));
+        }
         if !(1..=1024).contains(&self.worker_threads) {
             return Err(invalid("worker_threads", "must be between 1 and 1024"));
         }
@@ -547,6 +621,14 @@ impl Config {
                 )
             })?),
         };
+        if let Some(addr) = metrics_listen {
+            if !addr.ip().is_loopback() && !self.metrics.allow_remote {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{addr} is not a loopback address and the endpoint has no authentication; set [metrics] allow_remote = true to serve it to other hosts"),
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 "log.level",
@@ -582,6 +664,10 @@ impl Config {
             socket_mode,
             allow_remote: self.allow_remote,
             max_connections: self.max_connections,
+            max_connections_per_identity: self.max_connections_per_identity,
+            max_handshakes: self.max_handshakes,
+            idle_timeout: Some(duration("idle_timeout", &self.idle_timeout)?)
+                .filter(|d| !d.is_zero()),
             worker_threads: self.worker_threads,
             busy_poll,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
@@ -733,6 +819,36 @@ mod tests {
     }
 
     #[test]
+    fn metrics_leave_loopback_only_when_allowed() {
+        let c = Config::from_toml(
+            "[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert!(c.resolve(&env()).unwrap().metrics_listen.is_some());
+        let c = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9464\"\n", "x.toml").unwrap();
+        assert!(c.resolve(&env()).is_ok());
+    }
+
+    #[test]
+    fn access_takes_names_and_numbers() {
+        let c = Config::from_toml(
+            "[access]\nwriter_uids = [65534, \"1001\", \"root\"]\nadmin_groups = [0]\nown_uid_is_admin = false\n",
+            "x.toml",
+        )
+        .unwrap();
+        let p = c.resolve(&env()).unwrap().access;
+        assert_eq!(p.writer_uids, [0, 1001, 65534].into());
+        assert_eq!(p.admin_gids, [0].into());
+        assert!(!p.own_uid_is_admin);
+        let err = Config::from_toml("[access]\nwriter_uids = [\"no-such-user-x\"]\n", "x.toml")
+            .unwrap()
+            .resolve(&env())
+            .unwrap_err();
+        assert!(err.to_string().contains("access.writer_uids"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_names_itself() {
         let err = Config::from_toml("[allocation]\nlease_sise = 5\n", "x.toml").unwrap_err();
         let msg = err.to_string();
@@ -795,6 +911,13 @@ mod tests {
                 "object_store.timeout",
             ),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"0.0.0.0:9464\"", "metrics.listen"),
+            ("idle_timeout = \"later\"", "idle_timeout"),
+            ("max_handshakes = 0", "max_handshakes"),
+            (
+                "max_connections_per_identity = 0",
+                "max_connections_per_identity",
+            ),
             ("[log]\nlevel = \"info,[[\"", "log.level"),
         ];
         for (text, key) in cases {

@@ -24,9 +24,18 @@ use tarpc::{ClientMessage, Response, ServerError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use std::time::Duration;
+
+use tarpc::context::Context;
+
 use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
-use crate::protocol::{IdAlloc, IdAllocRequest, IdAllocResponse};
+use crate::error::ServiceError;
+use crate::namespace::Kind;
+use crate::protocol::{
+    BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdAllocRequest, IdAllocResponse, IdRange,
+    MergeReport, MergeRequest, RepairReport, RepairRequest, Status,
+};
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +44,8 @@ pub struct ConnLimits {
     pub max_frame_bytes: usize,
     /// Most requests in flight; more get an error reply (not a closed connection).
     pub max_in_flight: usize,
+    /// Close the connection after this long without a request (none in flight).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Serve `svc` on `io` until the connection ends. All of this connection's requests
@@ -55,10 +66,22 @@ pub async fn serve_connection<S, Svc>(
     let serve = svc.serve();
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
+    // An idle connection holds a slot of max_connections and a descriptor:
+    // closed after `idle_timeout` with nothing read and nothing in flight.
+    let idle_for = limits
+        .idle_timeout
+        .unwrap_or(Duration::from_secs(86400 * 365));
+    let idle = tokio::time::sleep(idle_for);
+    tokio::pin!(idle);
     while reading || !in_flight.is_empty() {
         tokio::select! {
             biased;
+            _ = &mut idle, if limits.idle_timeout.is_some() && in_flight.is_empty() => {
+                tracing::debug!(?idle_for, "closing an idle connection");
+                break;
+            }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                 busy.touch();
                 if transport.feed(reply).await.is_err() {
                     return;
@@ -84,6 +107,7 @@ pub async fn serve_connection<S, Svc>(
                 }
                 Some(Ok(ClientMessage::Request(req))) => {
                     busy.touch();
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                     if req.context.deadline <= std::time::Instant::now() {
                         continue;
                     }
@@ -116,16 +140,105 @@ pub async fn serve_connection<S, Svc>(
     let _ = transport.close().await;
 }
 
+/// Tell a refused peer why, in the one frame a client can show, and close.
+///
+/// The peer's first request (read within `wait`) is answered with `error` as the
+/// typed error of whatever it called, so the client reports `permission denied:
+/// ...` at once instead of a closed connection it would redial. Then the write
+/// half is shut and what the peer still sends is read and dropped for a moment,
+/// so that the close is a FIN after the reply rather than a reset that could
+/// destroy the reply before the client reads it.
+pub async fn refuse_connection<S>(
+    io: S,
+    error: ServiceError,
+    max_frame_bytes: usize,
+    wait: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut transport: ServerTransport<S, IdAllocRequest, IdAllocResponse> =
+        ServerTransport::new(io, max_frame_bytes, CancellationToken::new());
+    let first = tokio::time::timeout(wait, async {
+        loop {
+            match transport.next().await {
+                Some(Ok(ClientMessage::Request(req))) => return Some(req),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    if let Ok(Some(req)) = first {
+        let reply = Response {
+            request_id: req.id,
+            message: Refusal(error).serve().serve(req.context, req.message).await,
+        };
+        if transport.send(reply).await.is_err() {
+            return;
+        }
+    }
+    let _ = transport.close().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(Ok(_)) = transport.next().await {}
+    })
+    .await;
+}
+
+/// The service a refused peer gets: every call answers the refusal.
+#[derive(Clone)]
+struct Refusal(ServiceError);
+
+impl IdAlloc for Refusal {
+    async fn reserve(
+        self,
+        _: Context,
+        _: Option<String>,
+        _: Kind,
+        _: u64,
+    ) -> Result<IdRange, ServiceError> {
+        Err(self.0)
+    }
+    async fn hwm(self, _: Context, _: Option<String>) -> Result<Hwm, ServiceError> {
+        Err(self.0)
+    }
+    async fn bootstrap_fork(
+        self,
+        _: Context,
+        _: BootstrapRequest,
+    ) -> Result<ForkInfo, ServiceError> {
+        Err(self.0)
+    }
+    async fn list_forks(
+        self,
+        _: Context,
+        _: Option<String>,
+        _: u32,
+    ) -> Result<ForkPage, ServiceError> {
+        Err(self.0)
+    }
+    async fn drop_fork(self, _: Context, _: String) -> Result<ForkInfo, ServiceError> {
+        Err(self.0)
+    }
+    async fn checkpoint(self, _: Context, _: Option<String>) -> Result<Hwm, ServiceError> {
+        Err(self.0)
+    }
+    async fn status(self, _: Context) -> Result<Status, ServiceError> {
+        Err(self.0)
+    }
+    async fn repair(self, _: Context, _: RepairRequest) -> Result<RepairReport, ServiceError> {
+        Err(self.0)
+    }
+    async fn merge_fork(self, _: Context, _: MergeRequest) -> Result<MergeReport, ServiceError> {
+        Err(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ServiceError;
-    use crate::namespace::Kind;
     use crate::protocol::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
-    use tarpc::context::Context;
     use tarpc::tokio_serde::formats::Bincode;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{UnixListener, UnixStream};
@@ -227,6 +340,7 @@ mod tests {
     const LIMITS: ConnLimits = ConnLimits {
         max_frame_bytes: 1024,
         max_in_flight: 4,
+        idle_timeout: None,
     };
 
     fn start(dir: &std::path::Path, shutdown: CancellationToken) -> std::path::PathBuf {

@@ -1,5 +1,6 @@
-//! Listening sockets: binding the configured endpoints safely, taking them over from
-//! systemd (socket activation), and the accept loop with its connection limit.
+//! Listening sockets: binding the configured endpoints safely and taking them over
+//! from systemd (socket activation). What is done with each accepted connection
+//! is [`super::admission`]'s.
 //!
 //! Safety rules enforced here, because each is a way to lose uniqueness or expose the
 //! daemon by accident:
@@ -15,12 +16,8 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::Endpoint;
 
@@ -109,6 +106,11 @@ impl Listener {
                 }
             }
         }
+    }
+
+    /// Whether this is a plain (unauthenticated) TCP listener.
+    pub fn is_plain_tcp(&self) -> bool {
+        matches!(self, Listener::Tcp { tls: false, .. })
     }
 
     /// Accept one connection.
@@ -301,57 +303,6 @@ fn adopt_fd(fd: RawFd, allow_remote: bool, tls: bool) -> Result<Listener, Listen
         Err(act(format!(
             "address family {domain:?} is neither unix nor TCP; configure ListenStream= with a path or a port"
         )))
-    }
-}
-
-/// Accept connections until `shutdown`, handing each to `serve` with the connection
-/// permit it holds. The permit is taken *after* accepting: the limit is shared by
-/// every listener, and a permit held by an idle acceptor would be a slot no client
-/// can use (with two listeners and `max_connections = 2`, one client would starve
-/// the rest). At the limit, each acceptor holds at most one accepted connection
-/// waiting for a slot; further clients wait in the kernel backlog.
-pub async fn accept_loop<F>(
-    listener: Listener,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    mut serve: F,
-) where
-    F: FnMut(Conn, OwnedSemaphorePermit),
-{
-    use backon::BackoffBuilder;
-    // EMFILE/ENFILE/ENOBUFS and friends: retrying at once would spin. Back off
-    // (10 ms doubling to 1 s) and let connections close; a success starts over.
-    let policy = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(10))
-        .with_max_delay(Duration::from_secs(1))
-        .without_max_times();
-    let mut pauses = policy.build();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok(conn) => {
-                pauses = policy.build();
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    p = limit.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return, // semaphore closed: shutting down
-                    },
-                };
-                serve(conn, permit);
-            }
-            Err(e) => {
-                let pause = pauses.next().unwrap_or(Duration::from_secs(1));
-                tracing::warn!(listener = %listener.describe(), error = %e, "accept failed; backing off {pause:?}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
     }
 }
 

@@ -26,8 +26,9 @@ pub const CONNECTIONS_OPEN: &str = "idalloc_connections_open";
 /// Connections refused before any request, by reason (counter).
 pub const CONNECTIONS_REFUSED: &str = "idalloc_connections_refused_total";
 /// The reasons of [`CONNECTIONS_REFUSED`]: a unix peer in no `[access]` list, a TLS
-/// handshake refused or a certificate whose names have no role.
-pub const REFUSAL_REASONS: &[&str] = &["no_role", "tls"];
+/// handshake refused or a certificate whose names have no role, an identity at
+/// `max_connections_per_identity`.
+pub const REFUSAL_REASONS: &[&str] = &["no_role", "tls", "per_identity"];
 
 /// Latency buckets in seconds: 25 µs to 10 s (a flush is ~100 µs, an S3 call tens
 /// of ms, a stalled store seconds).
@@ -97,25 +98,58 @@ pub async fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     process.describe();
     describe();
     let state = Arc::new((handle, process));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(respond(&state.0, &state.1, &req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(serve_scrapes(listener, state));
     Ok(())
+}
+
+/// Scrapes served at once; more wait in the backlog (holding no descriptor).
+pub const MAX_SCRAPES: usize = 16;
+/// Time a scrape has to send its request headers, and to finish once served.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The endpoint's accept loop. Idle HTTP connections once took every
+/// descriptor the daemon had (and writers timed out on the unix socket), and an
+/// accept error was retried at once, spinning a core: now a slot is taken
+/// before accepting, each connection is bounded in time, and accept errors back
+/// off.
+async fn serve_scrapes(
+    listener: tokio::net::TcpListener,
+    state: Arc<(PrometheusHandle, metrics_process::Collector)>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                pause = std::time::Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed; backing off {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state.0, &state.1, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(SCRAPE_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(io, service);
+            let _ = tokio::time::timeout(SCRAPE_TIMEOUT * 2, conn).await;
+        });
+    }
 }
 
 fn respond(

@@ -13,6 +13,7 @@
 //!    `Engine::shutdown` (checkpoint, lower manifests, mark clean), STOPPING=1.
 
 pub mod access;
+pub mod admission;
 pub mod busy_poll;
 pub mod config;
 pub mod connection;
@@ -23,11 +24,8 @@ pub mod service;
 pub mod tls;
 pub mod transport;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use idalloc_client::unix_conn::UnixConn;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,8 +35,8 @@ use crate::error::ServiceError;
 
 use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
-use connection::{serve_connection, ConnLimits};
-use listen::{BindOptions, Conn, ListenError, Listener};
+use connection::ConnLimits;
+use listen::{BindOptions, ListenError, Listener};
 use service::Service;
 
 /// Why the daemon stopped with an error. Each message is one line an operator can act on.
@@ -73,6 +71,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let listeners = bind_all(&settings).await?;
     for l in &listeners {
         tracing::info!(listener = %l.describe(), "listening");
+        if l.is_plain_tcp() {
+            let note = access::tcp_note(&l.describe(), settings.access.tcp_role);
+            match settings.access.tcp_role {
+                access::Role::Writer => tracing::info!("{note}"),
+                access::Role::Admin => tracing::warn!("{note}"),
+            }
+        }
     }
 
     notify::status("recovering local state and object-store leases");
@@ -97,7 +102,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let limits = ConnLimits {
         max_frame_bytes: settings.max_frame_bytes,
         max_in_flight: settings.max_in_flight_per_connection,
+        idle_timeout: settings.idle_timeout,
     };
+    admission::raise_open_file_limit(&settings);
     let service = Service::new(engine.clone());
     let gate_engine = engine.clone();
     let busy = BusyPoll::new(
@@ -106,93 +113,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     );
     let busy_stop = CancellationToken::new();
     tokio::spawn(busy.clone().run(busy_stop.clone()));
-    let conn_limit = Arc::new(Semaphore::new(settings.max_connections));
     let stop_accepting = CancellationToken::new();
     let close_reads = CancellationToken::new();
     let force_close = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut acceptors = JoinSet::new();
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
-    let access = Arc::new(settings.access.clone());
+    let gate = admission::Gate::new(&settings);
+    let serving = admission::Serving {
+        service: service.clone(),
+        limits,
+        busy: busy.clone(),
+        close_reads: close_reads.clone(),
+        force_close: force_close.clone(),
+        connections: connections.clone(),
+    };
     for listener in listeners {
-        let access = access.clone();
-        let tls = settings.tls.clone();
-        let (service, busy, close_reads, force_close, connections) = (
-            service.clone(),
-            busy.clone(),
-            close_reads.clone(),
-            force_close.clone(),
-            connections.clone(),
-        );
-        acceptors.spawn(listen::accept_loop(
+        acceptors.spawn(admission::accept_loop(
             listener,
-            conn_limit.clone(),
+            gate.clone(),
             stop_accepting.clone(),
-            move |conn, permit| {
-                let (access, service, busy, close_reads, force_close, tls) = (
-                    access.clone(),
-                    service.clone(),
-                    busy.clone(),
-                    close_reads.clone(),
-                    force_close.clone(),
-                    tls.clone(),
-                );
-                // Who the peer is decides its role; a peer with none is refused
-                // before a single request is read. The TLS handshake runs on the
-                // connection's own task, so a slow peer never stalls accepting.
-                connections.spawn(async move {
-                    let _permit = permit;
-                    let served = async move {
-                        match conn {
-                            Conn::Unix(unix) => match access.unix_peer(&unix) {
-                                // Watched for reading only (`unix_conn`): no wake-up each
-                                // time the client reads a reply.
-                                Ok(peer) => match UnixConn::from_tokio(unix) {
-                                    Ok(unix) => {
-                                        serve_peer(unix, peer, service, limits, busy, close_reads)
-                                            .await
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "could not register an accepted unix connection; closed it")
-                                    }
-                                },
-                                Err(why) => {
-                                    metrics::connection_refused("no_role");
-                                    tracing::warn!(reason = %why, "connection refused: the peer has no role")
-                                }
-                            },
-                            Conn::Tcp(tcp) => {
-                                let peer = access::Peer {
-                                    name: tcp
-                                        .peer_addr()
-                                        .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
-                                    role: access.tcp_role,
-                                };
-                                serve_peer(tcp, peer, service, limits, busy, close_reads).await
-                            }
-                            Conn::Tls(tcp) => {
-                                let Some(tls) = tls else {
-                                    return tracing::error!("a TLS connection without [tls]: refused");
-                                };
-                                match tls.accept(tcp).await {
-                                    Ok((stream, peer)) => {
-                                        serve_peer(stream, peer, service, limits, busy, close_reads)
-                                            .await
-                                    }
-                                    Err(why) => {
-                                        metrics::connection_refused("tls");
-                                        tracing::warn!(reason = %why, "TLS connection refused")
-                                    }
-                                }
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        _ = served => {}
-                        _ = force_close.cancelled() => {}
-                    }
-                });
-            },
+            serving.clone(),
         ));
     }
 
@@ -245,21 +186,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
         Err(e) => Err(ServerError::Shutdown(e)),
     }
-}
-
-/// Serve one connection whose peer has a role, counted in the connection gauge.
-async fn serve_peer<S>(
-    io: S,
-    peer: access::Peer,
-    service: Service,
-    limits: ConnLimits,
-    busy: Arc<BusyPoll>,
-    close_reads: CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let _counted = metrics::ConnectionGuard::open();
-    serve_connection(io, service.with_peer(peer), limits, busy, close_reads).await
 }
 
 async fn bind_all(settings: &Settings) -> Result<Vec<Listener>, ListenError> {

@@ -35,6 +35,7 @@ impl Service {
         Service {
             engine,
             peer: Arc::new(super::access::Peer {
+                identity: "in-process".into(),
                 name: "in-process".into(),
                 role: super::access::Role::Admin,
             }),
@@ -47,6 +48,69 @@ impl Service {
             engine: self.engine.clone(),
             peer: Arc::new(peer),
         }
+    }
+}
+
+impl Service {
+    /// The audit line of an admin action: who did what to which namespace, and
+    /// how it ended. Target `idalloc::audit`, so a filter can keep or route it.
+    fn audit<T>(&self, operation: &'static str, what: &str, r: &Result<T, ServiceError>) {
+        let peer = &self.peer.name;
+        match r {
+            Ok(_) => {
+                tracing::info!(target: "idalloc::audit", %peer, operation, on = what, "audit: {operation} of {what} by {peer}: done")
+            }
+            Err(e) => {
+                tracing::warn!(target: "idalloc::audit", %peer, operation, on = what, error = %e, "audit: {operation} of {what} by {peer}: failed")
+            }
+        }
+    }
+}
+
+impl Service {
+    /// What a writer may see of an error: no object-store or internal detail
+    /// (endpoints, bucket layout, the store's own messages), which the log and
+    /// an admin's `status` keep. The kind of error, and so whether to retry, is
+    /// unchanged.
+    fn for_peer<T>(&self, r: Result<T, ServiceError>) -> Result<T, ServiceError> {
+        if self.peer.role == super::access::Role::Admin {
+            return r;
+        }
+        r.map_err(|e| match e {
+            ServiceError::Unavailable { retry_after_ms, .. } => ServiceError::Unavailable {
+                message: WRITER_STORE_ERROR.into(),
+                retry_after_ms,
+            },
+            ServiceError::Internal(_) => ServiceError::Internal(
+                "the daemon failed unexpectedly; the detail is in its log".into(),
+            ),
+            other => other,
+        })
+    }
+}
+
+/// What writers are told instead of an object-store error.
+const WRITER_STORE_ERROR: &str =
+    "the object store cannot be reached right now; the detail is in the daemon's log and in an admin's idallocctl status";
+
+/// `status` as a writer may see it: store errors replaced by
+/// [`WRITER_STORE_ERROR`].
+pub fn status_for_writer(mut st: Status) -> Status {
+    if st.mirror.last_error.is_some() {
+        st.mirror.last_error = Some(WRITER_STORE_ERROR.into());
+    }
+    for ns in &mut st.namespaces {
+        if let Some(e) = &mut ns.error {
+            *e = "unavailable: this namespace could not be verified against the object store; an admin's idallocctl status has the detail".into();
+        }
+    }
+    st
+}
+
+fn shown(fork: Option<&str>) -> &str {
+    match fork {
+        None | Some("") => "primary",
+        Some(f) => f,
     }
 }
 
@@ -110,7 +174,8 @@ impl IdAlloc for Service {
     ) -> Result<IdRange, ServiceError> {
         observed("reserve", async move {
             let ns = namespace(fork.as_deref())?;
-            self.engine.reserve(ns, kind, count).await
+            let r = self.engine.reserve(ns, kind, count).await;
+            self.for_peer(r)
         })
         .await
     }
@@ -118,7 +183,8 @@ impl IdAlloc for Service {
     async fn hwm(self, _: Context, fork: Option<String>) -> Result<Hwm, ServiceError> {
         cold("hwm", async move {
             let ns = namespace(fork.as_deref())?;
-            self.engine.hwm(ns).await
+            let r = self.engine.hwm(ns).await;
+            self.for_peer(r)
         })
         .await
     }
@@ -140,7 +206,8 @@ impl IdAlloc for Service {
                     req.fork
                 )));
             }
-            self.engine
+            let r = self
+                .engine
                 .bootstrap_fork_request(
                     fork,
                     parent,
@@ -158,7 +225,8 @@ impl IdAlloc for Service {
                     if let ServiceError::PermissionDenied(why) = e {
                         tracing::warn!(peer = %self.peer.name, "permission denied: {why}");
                     }
-                })
+                });
+            self.for_peer(r)
         })
         .await
     }
@@ -190,8 +258,10 @@ impl IdAlloc for Service {
     async fn drop_fork(self, _: Context, fork: String) -> Result<ForkInfo, ServiceError> {
         cold("drop_fork", async move {
             self.peer.require_admin("fork drop")?;
-            let fork = fork_id(&fork, "fork")?;
-            self.engine.drop_fork(fork).await
+            let id = fork_id(&fork, "fork")?;
+            let r = self.engine.drop_fork(id).await;
+            self.audit("fork drop", &fork, &r);
+            r
         })
         .await
     }
@@ -200,9 +270,21 @@ impl IdAlloc for Service {
         cold("merge_fork", async move {
             self.peer.require_admin("fork merge")?;
             let fork = fork_id(&req.fork, "fork")?;
-            self.engine
-                .merge_fork_request(fork, req.into, req.request_id.unwrap_or_else(rand::random))
-                .await
+            let r = self
+                .engine
+                .merge_fork_request(
+                    fork,
+                    req.into.clone(),
+                    req.request_id.unwrap_or_else(rand::random),
+                )
+                .await;
+            let into = match &req.into {
+                crate::protocol::MergeInto::Parent => "its parent",
+                crate::protocol::MergeInto::Primary => "the primary",
+                crate::protocol::MergeInto::Fork(f) => f.as_str(),
+            };
+            self.audit("fork merge", &format!("{} into {into}", req.fork), &r);
+            r
         })
         .await
     }
@@ -211,20 +293,37 @@ impl IdAlloc for Service {
         cold("checkpoint", async move {
             self.peer.require_admin("checkpoint")?;
             let ns = namespace(fork.as_deref())?;
-            self.engine.checkpoint(ns).await
+            let r = self.engine.checkpoint(ns).await;
+            self.audit("checkpoint", shown(fork.as_deref()), &r);
+            r
         })
         .await
     }
 
     async fn status(self, _: Context) -> Result<Status, ServiceError> {
-        cold("status", async move { Ok(self.engine.status().await) }).await
+        cold("status", async move {
+            let st = self.engine.status().await;
+            Ok(match self.peer.role {
+                super::access::Role::Admin => st,
+                super::access::Role::Writer => status_for_writer(st),
+            })
+        })
+        .await
     }
 
     async fn repair(self, _: Context, req: RepairRequest) -> Result<RepairReport, ServiceError> {
         cold("repair", async move {
             self.peer.require_admin("repair")?;
             let ns = namespace(req.fork.as_deref())?;
-            self.engine.repair(ns, req.vid_floor, req.eid_floor).await
+            let r = self.engine.repair(ns, req.vid_floor, req.eid_floor).await;
+            let what = format!(
+                "{} (vid floor {}, eid floor {})",
+                shown(req.fork.as_deref()),
+                req.vid_floor,
+                req.eid_floor
+            );
+            self.audit("repair", &what, &r);
+            r
         })
         .await
     }
@@ -246,6 +345,36 @@ mod tests {
             Err(ServiceError::InvalidArgument(m)) => assert!(m.starts_with("parent: "), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn writers_see_no_store_error_detail() {
+        use crate::protocol::*;
+        let st = Status {
+            version: "v".into(),
+            uptime_secs: 0,
+            mode: WriterMode::MultiWriter,
+            fork_ids: ForkIds::Namespace,
+            object_store: "s3://bucket/p".into(),
+            mirror: MirrorHealth {
+                healthy: false,
+                last_error: Some("get: Error performing GET http://minio:9000/bucket/p".into()),
+                last_error_age_ms: Some(1),
+                last_success_age_ms: None,
+            },
+            namespaces_total: 1,
+            namespaces: vec![NamespaceStatus {
+                fork: None,
+                dropped: false,
+                merged_into: None,
+                counters: vec![],
+                error: Some("object store unavailable: minio:9000 refused".into()),
+            }],
+            warnings: vec![],
+        };
+        let shown = format!("{:?}", status_for_writer(st));
+        assert!(!shown.contains("minio"), "{shown}");
+        assert!(shown.contains("s3://bucket/p"), "{shown}");
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl TlsServer {
             Some(role) => Ok((
                 stream,
                 Peer {
+                    identity: format!("tls {shown}"),
                     name: format!("tls {addr} ({shown})"),
                     role,
                 },

@@ -334,6 +334,62 @@ pub fn copy_for_uids(bin: &Path, dir: &Path, uids: &[u32]) -> PathBuf {
     to
 }
 
+/// `bin` where any uid can run it: a copy in `$TMPDIR/idalloc-test-bins/` (mode
+/// 0755), made once per build of it and replaced when it is rebuilt, for tests
+/// that run a client or the daemon as another user and have no directory of
+/// their own to put it in. Panics saying what is out of reach, as
+/// [`tempdir_for_uids`] does.
+pub fn bin_for_any_uid(bin: &Path) -> PathBuf {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::env::temp_dir().join("idalloc-test-bins");
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod 0755 {}: {e}", dir.display()));
+    if let Some(why) = unreachable_by(65534, &dir) {
+        panic!(
+            "other uids cannot reach {}: {why}; set TMPDIR to a folder every user may enter",
+            dir.display()
+        );
+    }
+    let meta = std::fs::metadata(bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let name = bin
+        .file_name()
+        .expect("a binary path names a file")
+        .to_string_lossy();
+    let to = dir.join(format!(
+        "{name}-{}-{}",
+        meta.len(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000
+    ));
+    if !to.exists() {
+        // Copied aside and renamed into place: test threads and processes racing
+        // for the same copy each see a whole file or none.
+        let tmp = dir.join(format!(
+            ".{name}.{}.{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::copy(bin, &tmp)
+            .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", bin.display(), tmp.display()));
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod 0755 {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, &to)
+            .unwrap_or_else(|e| panic!("cannot rename {} into place: {e}", tmp.display()));
+        // Earlier builds' copies are not needed any more.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if n.starts_with(&format!("{name}-")) && e.path() != to {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    to
+}
+
 /// Run `cmd` as `uid` (and gid `uid`) to completion. Panics saying which program
 /// the uid could not run and why, instead of a bare PermissionDenied.
 pub fn output_as(uid: u32, cmd: &mut Command) -> std::process::Output {

@@ -547,6 +547,7 @@ impl Client {
         let deadline = Instant::now() + self.inner.config.deadline;
         let mut pauses = self.inner.config.backoff();
         let mut last_error: Option<String> = None;
+        let mut broke_before = false;
         loop {
             let (generation, conn) = match self.connection(deadline, &mut last_error).await {
                 Ok(c) => c,
@@ -605,10 +606,25 @@ impl Client {
                 Attempt::Broken(why) => {
                     tracing::debug!(endpoint = %self.inner.endpoint_text, error = %why, "connection to idallocd broken; reconnecting");
                     last_error = Some(why);
-                    let mut current = self.inner.current.lock().unwrap();
-                    if matches!(&*current, Some((g, _)) if *g == generation) {
-                        *current = None;
+                    {
+                        let mut current = self.inner.current.lock().unwrap();
+                        if matches!(&*current, Some((g, _)) if *g == generation) {
+                            *current = None;
+                        }
                     }
+                    // The first break redials at once (a restarted daemon is back
+                    // in the backlog). A connection that breaks again right after
+                    // it was made (a daemon that closes every connection it
+                    // accepts) is redialed with the backoff: without it one call
+                    // dialed thousands of times a second.
+                    if broke_before {
+                        let pause = pauses.next().unwrap_or(self.inner.config.backoff_max);
+                        if Instant::now() + pause >= deadline {
+                            return Err(self.deadline_error(last_error));
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    broke_before = true;
                 }
             }
         }
@@ -698,4 +714,40 @@ async fn dial(inner: &Inner) -> std::io::Result<Conn> {
         }
     };
     Ok(IdAllocClient::from(wire))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A daemon that accepts every connection and closes it at once (what
+    /// idallocd did to a peer with no role): one call dialed it about 6,500
+    /// times a second. With the backoff it is a handful of dials per call.
+    #[tokio::test]
+    async fn redials_after_repeated_breaks_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("closing.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+            }
+        });
+        let config = ClientConfig::default()
+            .with_deadline(Duration::from_secs(1))
+            .with_busy_poll(Duration::ZERO);
+        let client = Client::connect_with(format!("unix:{}", path.display()), config)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = client.status().await.unwrap_err();
+        assert!(matches!(err, ClientError::DeadlineExceeded { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let dials = accepted.load(Ordering::Relaxed);
+        assert!(dials <= 20, "{dials} connections in one second of one call");
+    }
 }
