@@ -58,9 +58,15 @@ the two spellings of one value are the same fork.
 The endpoint is unix:PATH, tcp:HOST:PORT (plain, loopback only) or tls:HOST:PORT
 (TLS: the daemon's certificate is checked against --tls-ca for HOST, and this
 client presents --tls-cert/--tls-key, whose names the daemon maps to a role).
-Without --endpoint or IDALLOC_ENDPOINT it is the daemon's default socket:
-$RUNTIME_DIRECTORY/idallocd.sock under systemd, else $STATE_DIRECTORY/idallocd.sock,
-else ./idallocd-data/idallocd.sock.
+Without --endpoint or IDALLOC_ENDPOINT it is the first of these that applies:
+  1. $RUNTIME_DIRECTORY/idallocd.sock, else $STATE_DIRECTORY/idallocd.sock, when
+     set (inside a systemd unit: that unit's daemon with its embedded defaults);
+  2. ./idallocd-data/idallocd.sock if it exists (a daemon started with no
+     arguments in the current directory);
+  3. /run/idallocd/idallocd.sock, the system daemon's (idallocd.socket).
+The instance idallocd@NAME (one daemon per database) listens on
+/run/idallocd/NAME/idallocd.sock:
+  idallocctl --endpoint unix:/run/idallocd/db1/idallocd.sock status
 
 Errors: exit status 1 (2 for bad usage, a bad --endpoint included) and one line
 on stderr. A closed stdout (`| head`) ends the program quietly with status 141.";
@@ -69,7 +75,7 @@ on stderr. A closed stdout (`| head`) ends the program quietly with status 141."
 #[derive(Parser, Debug)]
 #[command(name = "idallocctl", version, after_help = EXAMPLES)]
 struct Cli {
-    /// Daemon address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [default: the daemon's default socket]
+    /// Daemon address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [default: a local daemon's socket, else /run/idallocd/idallocd.sock; see below]
     #[arg(long, global = true, env = "IDALLOC_ENDPOINT", value_name = "ADDR")]
     endpoint: Option<String>,
     /// For tls: endpoints, the CA (PEM) that signed the daemon's certificate
