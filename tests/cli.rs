@@ -106,6 +106,54 @@ fn check_config_builds_the_store_as_start_up_does() {
     assert!(!root.exists());
 }
 
+/// check-config runs the validation start-up runs: for each config start-up
+/// refuses, check-config refuses it with the same message, and neither creates
+/// the data directory.
+#[test]
+fn check_config_refuses_what_start_up_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (body, needle) in [
+        // EnvFilter takes a bare word for a target: the daemon would log nothing.
+        ("[log]\nlevel = \"wran\"\n", "`log.level`"),
+        (
+            "listen = [\"tcp:0.0.0.0:7411\"]\n",
+            "0.0.0.0:7411 is not a loopback address",
+        ),
+        (
+            "listen = [\"tcp:no-such-host.invalid:7411\"]\n",
+            "cannot resolve tcp:no-such-host.invalid:7411",
+        ),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(
+            &file,
+            format!("data_dir = {:?}\n{body}", data.display().to_string()),
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let (ok, out, checked) = run_to_end(&["check-config", file], dir.path());
+        assert!(!ok, "check-config accepted {body:?}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(checked.trim_end().lines().count(), 1, "{checked}");
+        assert!(checked.contains(needle), "{body:?}: {checked}");
+        let (ok, _, started) = run_to_end(&["--config", file], dir.path());
+        assert!(!ok, "start-up accepted {body:?}");
+        let line = started
+            .lines()
+            .find_map(|l| l.strip_prefix("idallocd: error: "))
+            .unwrap_or_else(|| panic!("no error line in:\n{started}"));
+        assert!(
+            checked.contains(line),
+            "check-config and start-up disagree on {body:?}:\n{checked}\n{started}"
+        );
+        assert!(
+            !data.exists(),
+            "{body:?}: refused before anything is created"
+        );
+    }
+}
+
 #[test]
 fn man_pages_and_completions_are_generated() {
     let dir = tempfile::tempdir().unwrap();

@@ -200,18 +200,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        let effective = Config::load(file)?.effective(&env)?;
-        // The store is built as start-up builds it (scheme, options through the
-        // backend's builder), without connecting or creating anything.
-        let settings = effective.resolve(&env)?;
-        idalloc::engine::StoreHandle::check_url(&settings.store_url, &settings.store_options)
-            .with_context(|| format!("{}", file.display()))?;
+        let config = Config::load(file)?;
+        // The validation start-up runs, no other: "valid" means "will start".
+        server::validate(&config, &env).with_context(|| format!("{}", file.display()))?;
+        let effective = config.effective(&env)?;
         print!("{}", effective.to_toml_redacted());
         eprintln!("idallocd: {} is valid", file.display());
         return Ok(());
     }
     let config = load_config(&cli)?;
-    let settings = config.resolve(&env)?;
+    let settings = server::validate(&config, &env)?;
     let log = init_logging(&settings.log_level, settings.log_format);
 
     // One thread (the default) is tokio's current-thread runtime rather than a
@@ -279,9 +277,22 @@ fn watch_reload(
                     continue;
                 }
             };
-            if let Err(e) = fresh.resolve(&Environment::from_process()) {
-                tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
-                continue;
+            // Listener names may be resolved: off the runtime's thread.
+            let check = fresh.clone();
+            let verdict = tokio::task::spawn_blocking(move || {
+                server::validate(&check, &Environment::from_process()).map(drop)
+            })
+            .await;
+            match verdict {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the config check failed; keeping the running configuration");
+                    continue;
+                }
             }
             if let Some(tls) = &tls {
                 match tls.reload() {

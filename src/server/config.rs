@@ -224,6 +224,32 @@ pub enum LogFormat {
     Color,
 }
 
+/// The level names a `[log] level` directive may be (as `tracing` spells them).
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuse a `[log] level` that `tracing` would parse into something nobody meant.
+/// A bare word that is not a level is a *target* to `EnvFilter` (`wran` enables
+/// target `wran` and nothing else), which silences the daemon: here a bare word
+/// must be a level, and a target is spelt `TARGET=LEVEL`.
+fn check_log_filter(level: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("{level:?} is not a tracing filter: {e}"))?;
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // `target[span{field}]=level` and `[span]` forms carry their own syntax.
+        if directive.contains('=') || directive.contains('[') {
+            continue;
+        }
+        let numeric = matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
+        if !numeric && !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "{directive:?} in {level:?} is not a level ({}); name a target as TARGET=LEVEL, e.g. \"idalloc=debug,info\"",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Default for Config {
     fn default() -> Self {
         let engine = EngineConfig::default();
@@ -547,12 +573,7 @@ impl Config {
                 )
             })?),
         };
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            invalid(
-                "log.level",
-                format!("{:?} is not a tracing filter: {e}", self.log.level),
-            )
-        })?;
+        check_log_filter(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         let access = self.access.resolve()?;
         let tls = match &self.tls {
             Some(t) => Some(std::sync::Arc::new(
@@ -796,6 +817,10 @@ mod tests {
             ),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
             ("[log]\nlevel = \"info,[[\"", "log.level"),
+            // A bare word is a target to EnvFilter: "wran" would silence everything.
+            ("[log]\nlevel = \"wran\"", "log.level"),
+            ("[log]\nlevel = \"idalloc=debug,wran\"", "log.level"),
+            ("[log]\nlevel = \"idalloc=wran\"", "log.level"),
         ];
         for (text, key) in cases {
             let c = Config::from_toml(text, "x.toml").unwrap();
@@ -804,6 +829,21 @@ mod tests {
                 err.to_string().contains(&format!("`{key}`")),
                 "{text}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn log_levels_and_targets_are_accepted() {
+        for level in [
+            "info",
+            "WARN",
+            "off",
+            "idalloc=debug,info",
+            "info,tarpc=warn",
+            "3",
+            "[conn]=debug",
+        ] {
+            check_log_filter(level).unwrap_or_else(|e| panic!("{level}: {e}"));
         }
     }
 

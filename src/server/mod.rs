@@ -22,6 +22,7 @@ pub mod notify;
 pub mod service;
 pub mod tls;
 pub mod transport;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +41,7 @@ pub use config::{Config, ConfigError, Environment, Settings};
 use connection::{serve_connection, ConnLimits};
 use listen::{BindOptions, Conn, ListenError, Listener};
 use service::Service;
+pub use validate::{validate, ValidateError};
 
 /// Why the daemon stopped with an error. Each message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]
