@@ -35,7 +35,8 @@ Flags override the config file. SIGTERM or SIGINT stops it gracefully (requests 
 flight are answered, unused leases of its own given back); a second signal exits at
 once. SIGHUP (systemctl reload) re-reads the config file: the [log] level is applied
 at once and the [tls] certificate, key and client CA files are read again; other
-changes are logged as needing a restart. The documented config with every key and default is config/idallocd.toml.";
+changes are logged as needing a restart. Under systemd a reload is bracketed by
+RELOADING=1 and READY=1, so with Type=notify-reload `systemctl reload` waits for it. The documented config with every key and default is config/idallocd.toml.";
 
 #[derive(Parser, Debug)]
 #[command(name = "idallocd", version, about = "The idalloc id allocation daemon", long_about = LONG_ABOUT)]
@@ -270,53 +271,67 @@ fn watch_reload(
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let fresh = match load_config(&cli) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file does not load; keeping the running configuration");
-                    continue;
-                }
-            };
-            // Listener names may be resolved: off the runtime's thread.
-            let check = fresh.clone();
-            let verdict = tokio::task::spawn_blocking(move || {
-                server::validate(&check, &Environment::from_process()).map(drop)
-            })
-            .await;
-            match verdict {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: the config check failed; keeping the running configuration");
-                    continue;
-                }
-            }
-            if let Some(tls) = &tls {
-                match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
-                }
-            }
-            if fresh.log.level != running.log.level {
-                match log.set_level(&fresh.log.level) {
-                    Ok(applied) => tracing::info!(filter = %applied, "SIGHUP: log filter reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
-                }
-            }
-            let mut rest = fresh.clone();
-            rest.log.level = running.log.level.clone();
-            if rest != running {
-                tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
-            } else {
-                tracing::info!("SIGHUP: configuration reloaded");
-            }
-            running.log.level = fresh.log.level;
+            // RELOADING=1 ... READY=1 brackets the reload, whatever its outcome, so
+            // that `systemctl reload` (Type=notify-reload) returns once it is done.
+            server::notify::reloading();
+            reload(&cli, &mut running, &log, tls.as_deref()).await;
+            server::notify::ready("serving (configuration re-read on SIGHUP)");
         }
     });
     Ok(())
+}
+
+/// One SIGHUP's reload; what it did or refused is logged.
+async fn reload(
+    cli: &Cli,
+    running: &mut Config,
+    log: &LogReload,
+    tls: Option<&idalloc::server::tls::TlsServer>,
+) {
+    let fresh = match load_config(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file does not load; keeping the running configuration");
+            return;
+        }
+    };
+    // Listener names may be resolved: off the runtime's thread.
+    let check = fresh.clone();
+    let verdict = tokio::task::spawn_blocking(move || {
+        server::validate(&check, &Environment::from_process()).map(drop)
+    })
+    .await;
+    match verdict {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the config check failed; keeping the running configuration");
+            return;
+        }
+    }
+    if let Some(tls) = tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
+        }
+    }
+    if fresh.log.level != running.log.level {
+        match log.set_level(&fresh.log.level) {
+            Ok(applied) => tracing::info!(filter = %applied, "SIGHUP: log filter reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
+        }
+    }
+    let mut rest = fresh.clone();
+    rest.log.level = running.log.level.clone();
+    if rest != *running {
+        tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
+    } else {
+        tracing::info!("SIGHUP: configuration reloaded");
+    }
+    running.log.level = fresh.log.level;
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once, non-zero — an
@@ -401,7 +416,8 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
     // journal natively (priorities per level, fields as journal fields). The
     // variable is inherited, so it counts only while stderr is that very stream.
     let journald = stderr_is_journal();
-    let journal = journald
+    // Asked for JSON lines: they go to stderr even under systemd (a shipper reads them).
+    let journal = (journald && format != LogFormat::Json)
         .then(|| match tracing_journald::layer() {
             Ok(layer) => Some(layer.with_syslog_identifier("idallocd".into())),
             Err(e) => {
@@ -420,8 +436,10 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
         let layer = tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr);
-        // The journal timestamps each line itself.
-        if journald {
+        if format == LogFormat::Json {
+            layer.json().flatten_event(true).boxed()
+        } else if journald {
+            // The journal timestamps each line itself.
             layer.without_time().boxed()
         } else {
             layer.boxed()
@@ -461,7 +479,7 @@ fn colour(
 ) -> bool {
     match format {
         LogFormat::Auto => terminal && !journald && no_color.is_none_or(|v| v.is_empty()),
-        LogFormat::Plain => false,
+        LogFormat::Plain | LogFormat::Json => false,
         LogFormat::Color => true,
     }
 }

@@ -208,7 +208,7 @@ pub struct LogConfig {
     /// info spans cost CPU on every request and carry nothing to read.
     pub level: String,
     /// `auto` (colour on a terminal, plain otherwise and under journald), `plain`,
-    /// or `color`.
+    /// `color`, or `json` (one JSON object a line).
     pub format: LogFormat,
 }
 
@@ -222,6 +222,9 @@ pub enum LogFormat {
     Plain,
     /// Always colour.
     Color,
+    /// One JSON object a line on stderr (timestamp, level, target, fields), for
+    /// log shippers on hosts without journald; wins over the journal too.
+    Json,
 }
 
 /// The level names a `[log] level` directive may be (as `tracing` spells them).
