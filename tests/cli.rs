@@ -164,6 +164,20 @@ fn man_pages_and_completions_are_generated() {
         page.contains(".TH idallocd 8") && page.contains("check\\-config"),
         "{page}"
     );
+    // Every page idallocd.8 refers to is written beside it.
+    let refs: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_suffix("(8)"))
+        .filter(|l| l.starts_with("idallocd\\-"))
+        .collect();
+    assert!(refs.len() >= 4, "{page}");
+    for r in refs {
+        let file = format!("{}.8", r.replace("\\-", "-"));
+        let sub = std::fs::read_to_string(dir.path().join(&file))
+            .unwrap_or_else(|e| panic!("idallocd.8 refers to {file}, not written: {e}"));
+        let title = format!(".TH {} 8", file.trim_end_matches(".8"));
+        assert!(sub.contains(&title), "{file}: {sub}");
+    }
     let (ok, out, err) = run_to_end(&["completions", "bash"], dir.path());
     assert!(ok, "{err}");
     assert!(

@@ -93,7 +93,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write the man page idallocd.8 into a directory.
+    /// Write the man pages idallocd.8 and idallocd-SUBCOMMAND.8 into a directory.
     Man {
         /// Where to write it (for example /usr/local/share/man/man8).
         dir: PathBuf,
@@ -120,13 +120,7 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let env = Environment::from_process();
     if let Some(Command::Man { dir }) = &cli.command {
-        use clap::CommandFactory;
-        let man = clap_mangen::Man::new(Cli::command()).section("8");
-        let mut page = Vec::new();
-        man.render(&mut page)?;
-        let path = dir.join("idallocd.8");
-        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
-        return Ok(());
+        return write_man_pages(dir);
     }
     if let Some(Command::Completions { shell }) = &cli.command {
         use clap::CommandFactory;
@@ -237,6 +231,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         server::run(settings, shutdown).await?;
         Ok(())
     })
+}
+
+/// idallocd.8 and one page per subcommand (idallocd-check-config.8, ...), which
+/// idallocd.8's SUBCOMMANDS section refers to. No page for `help`: clap's help
+/// subcommand is left out of the pages, as `--help` is documented in each.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let top = Cli::command().disable_help_subcommand(true);
+    let mut pages = vec![("idallocd".to_string(), top.clone())];
+    for sub in top.get_subcommands() {
+        // Invoked as `idallocd SUB`: the synopsis says so.
+        let sub = sub.clone().bin_name(format!("idallocd {}", sub.get_name()));
+        pages.push((format!("idallocd-{}", sub.get_name()), sub));
+    }
+    for (name, cmd) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(name.clone())
+            .section("8")
+            .render(&mut page)?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The config file (or the embedded defaults) with the command line's overrides.
