@@ -106,6 +106,54 @@ fn check_config_builds_the_store_as_start_up_does() {
     assert!(!root.exists());
 }
 
+/// check-config runs the validation start-up runs: for each config start-up
+/// refuses, check-config refuses it with the same message, and neither creates
+/// the data directory.
+#[test]
+fn check_config_refuses_what_start_up_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (body, needle) in [
+        // EnvFilter takes a bare word for a target: the daemon would log nothing.
+        ("[log]\nlevel = \"wran\"\n", "`log.level`"),
+        (
+            "listen = [\"tcp:0.0.0.0:7411\"]\n",
+            "0.0.0.0:7411 is not a loopback address",
+        ),
+        (
+            "listen = [\"tcp:no-such-host.invalid:7411\"]\n",
+            "cannot resolve tcp:no-such-host.invalid:7411",
+        ),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(
+            &file,
+            format!("data_dir = {:?}\n{body}", data.display().to_string()),
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let (ok, out, checked) = run_to_end(&["check-config", file], dir.path());
+        assert!(!ok, "check-config accepted {body:?}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(checked.trim_end().lines().count(), 1, "{checked}");
+        assert!(checked.contains(needle), "{body:?}: {checked}");
+        let (ok, _, started) = run_to_end(&["--config", file], dir.path());
+        assert!(!ok, "start-up accepted {body:?}");
+        let line = started
+            .lines()
+            .find_map(|l| l.strip_prefix("idallocd: error: "))
+            .unwrap_or_else(|| panic!("no error line in:\n{started}"));
+        assert!(
+            checked.contains(line),
+            "check-config and start-up disagree on {body:?}:\n{checked}\n{started}"
+        );
+        assert!(
+            !data.exists(),
+            "{body:?}: refused before anything is created"
+        );
+    }
+}
+
 #[test]
 fn man_pages_and_completions_are_generated() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,6 +164,20 @@ fn man_pages_and_completions_are_generated() {
         page.contains(".TH idallocd 8") && page.contains("check\\-config"),
         "{page}"
     );
+    // Every page idallocd.8 refers to is written beside it.
+    let refs: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_suffix("(8)"))
+        .filter(|l| l.starts_with("idallocd\\-"))
+        .collect();
+    assert!(refs.len() >= 4, "{page}");
+    for r in refs {
+        let file = format!("{}.8", r.replace("\\-", "-"));
+        let sub = std::fs::read_to_string(dir.path().join(&file))
+            .unwrap_or_else(|e| panic!("idallocd.8 refers to {file}, not written: {e}"));
+        let title = format!(".TH {} 8", file.trim_end_matches(".8"));
+        assert!(sub.contains(&title), "{file}: {sub}");
+    }
     let (ok, out, err) = run_to_end(&["completions", "bash"], dir.path());
     assert!(ok, "{err}");
     assert!(

@@ -11,7 +11,15 @@ use client_support::FakeDaemon;
 use idalloc::ForkId;
 
 async fn ctl(endpoint: Option<&str>, args: &[&str]) -> Output {
+    ctl_in(None, endpoint, args).await
+}
+
+/// [`ctl`] run in the directory `cwd` (else the test's own).
+async fn ctl_in(cwd: Option<&std::path::Path>, endpoint: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
     cmd.args(args)
         .env_remove("IDALLOC_ENDPOINT")
         .env_remove("RUNTIME_DIRECTORY")
@@ -99,6 +107,40 @@ async fn commands_print_the_documented_json() {
     let wrong = format!("unix:{}", dir.path().join("nothing.sock").display());
     let out = ctl(Some(&wrong), &["--endpoint", &endpoint, "hwm", "--json"]).await;
     assert!(out.status.success());
+}
+
+/// With no endpoint given: a daemon started with no arguments in the current
+/// directory, else the system daemon's socket (as redis-cli and psql find theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_endpoint_is_the_local_socket_then_the_system_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = one_line_error(&ctl_in(Some(dir.path()), None, &["hwm"]).await);
+    assert!(
+        err.contains("cannot connect to unix:/run/idallocd/idallocd.sock"),
+        "{err}"
+    );
+    let local = dir.path().join("idallocd-data");
+    std::fs::create_dir(&local).unwrap();
+    let _daemon = FakeDaemon::start(&local.join("idallocd.sock"), Arc::default()).await;
+    let h = json(&ctl_in(Some(dir.path()), None, &["hwm", "--json"]).await);
+    assert_eq!(h["next_vid"].as_u64(), Some(0), "{h}");
+    // Inside a unit, its own runtime directory comes first.
+    let other = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    let out = cmd
+        .current_dir(dir.path())
+        .args(["hwm"])
+        .env_remove("IDALLOC_ENDPOINT")
+        .env_remove("STATE_DIRECTORY")
+        .env("RUNTIME_DIRECTORY", other.path())
+        .output()
+        .await
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(&format!("{}/idallocd.sock", other.path().display())),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,6 +358,8 @@ async fn help_teaches_with_examples() {
         "fork",
         "bench",
         "idallocd.sock",
+        "/run/idallocd/idallocd.sock",
+        "/run/idallocd/NAME/idallocd.sock",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }

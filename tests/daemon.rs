@@ -437,7 +437,12 @@ fn metrics_endpoint_counts_the_work_done() {
     // Gauges are refreshed every second.
     std::thread::sleep(Duration::from_millis(1200));
     let body = scrape(&metrics_addr);
-    let headroom = series(&body, "idalloc_lease_headroom", &["kind=\"eid\""]).unwrap_or(-1.0);
+    let headroom = series(
+        &body,
+        "idalloc_lease_headroom",
+        &["namespace=\"primary\"", "kind=\"eid\""],
+    )
+    .unwrap_or(-1.0);
     assert!(headroom > 0.0, "{body}");
     assert_eq!(
         series(&body, "idalloc_namespaces", &[]),

@@ -35,7 +35,8 @@ Flags override the config file. SIGTERM or SIGINT stops it gracefully (requests 
 flight are answered, unused leases of its own given back); a second signal exits at
 once. SIGHUP (systemctl reload) re-reads the config file: the [log] level is applied
 at once and the [tls] certificate, key and client CA files are read again; other
-changes are logged as needing a restart. The documented config with every key and default is config/idallocd.toml.";
+changes are logged as needing a restart. Under systemd a reload is bracketed by
+RELOADING=1 and READY=1, so with Type=notify-reload `systemctl reload` waits for it. The documented config with every key and default is config/idallocd.toml.";
 
 #[derive(Parser, Debug)]
 #[command(name = "idallocd", version, about = "The idalloc id allocation daemon", long_about = LONG_ABOUT)]
@@ -100,7 +101,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write the man page idallocd.8 into a directory.
+    /// Write the man pages idallocd.8 and idallocd-SUBCOMMAND.8 into a directory.
     Man {
         /// Where to write it (for example /usr/local/share/man/man8).
         dir: PathBuf,
@@ -130,13 +131,7 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let env = Environment::from_process();
     if let Some(Command::Man { dir }) = &cli.command {
-        use clap::CommandFactory;
-        let man = clap_mangen::Man::new(Cli::command()).section("8");
-        let mut page = Vec::new();
-        man.render(&mut page)?;
-        let path = dir.join("idallocd.8");
-        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
-        return Ok(());
+        return write_man_pages(dir);
     }
     if let Some(Command::Completions { shell }) = &cli.command {
         use clap::CommandFactory;
@@ -223,12 +218,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        let effective = Config::load(file)?.effective(&env)?;
-        // The store is built as start-up builds it (scheme, options through the
-        // backend's builder), without connecting or creating anything.
-        let settings = effective.resolve(&env)?;
-        idalloc::engine::StoreHandle::check_url(&settings.store_url, &settings.store_options)
-            .with_context(|| format!("{}", file.display()))?;
+        let config = Config::load(file)?;
+        // The validation start-up runs, no other: "valid" means "will start".
+        let settings =
+            server::validate(&config, &env).with_context(|| format!("{}", file.display()))?;
+        let effective = config.effective(&env)?;
         print!("{}", effective.to_toml_redacted());
         for note in settings.access_notes() {
             eprintln!("idallocd: {note}");
@@ -237,7 +231,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = load_config(&cli)?;
-    let settings = config.resolve(&env)?;
+    let settings = server::validate(&config, &env)?;
     let log = init_logging(&settings.log_level, settings.log_format);
 
     // One thread (the default) is tokio's current-thread runtime rather than a
@@ -264,6 +258,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         server::run(settings, shutdown).await?;
         Ok(())
     })
+}
+
+/// idallocd.8 and one page per subcommand (idallocd-check-config.8, ...), which
+/// idallocd.8's SUBCOMMANDS section refers to. No page for `help`: clap's help
+/// subcommand is left out of the pages, as `--help` is documented in each.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let top = Cli::command().disable_help_subcommand(true);
+    let mut pages = vec![("idallocd".to_string(), top.clone())];
+    for sub in top.get_subcommands() {
+        // Invoked as `idallocd SUB`: the synopsis says so.
+        let sub = sub.clone().bin_name(format!("idallocd {}", sub.get_name()));
+        pages.push((format!("idallocd-{}", sub.get_name()), sub));
+    }
+    for (name, cmd) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(name.clone())
+            .section("8")
+            .render(&mut page)?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The config file (or the embedded defaults) with the command line's overrides.
@@ -298,40 +316,67 @@ fn watch_reload(
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let fresh = match load_config(&cli) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file does not load; keeping the running configuration");
-                    continue;
-                }
-            };
-            if let Err(e) = fresh.resolve(&Environment::from_process()) {
-                tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
-                continue;
-            }
-            if let Some(tls) = &tls {
-                match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
-                }
-            }
-            if fresh.log.level != running.log.level {
-                match log.set_level(&fresh.log.level) {
-                    Ok(applied) => tracing::info!(filter = %applied, "SIGHUP: log filter reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
-                }
-            }
-            let mut rest = fresh.clone();
-            rest.log.level = running.log.level.clone();
-            if rest != running {
-                tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
-            } else {
-                tracing::info!("SIGHUP: configuration reloaded");
-            }
-            running.log.level = fresh.log.level;
+            // RELOADING=1 ... READY=1 brackets the reload, whatever its outcome, so
+            // that `systemctl reload` (Type=notify-reload) returns once it is done.
+            server::notify::reloading();
+            reload(&cli, &mut running, &log, tls.as_deref()).await;
+            server::notify::ready("serving (configuration re-read on SIGHUP)");
         }
     });
     Ok(())
+}
+
+/// One SIGHUP's reload; what it did or refused is logged.
+async fn reload(
+    cli: &Cli,
+    running: &mut Config,
+    log: &LogReload,
+    tls: Option<&idalloc::server::tls::TlsServer>,
+) {
+    let fresh = match load_config(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: the config file does not load; keeping the running configuration");
+            return;
+        }
+    };
+    // Listener names may be resolved: off the runtime's thread.
+    let check = fresh.clone();
+    let verdict = tokio::task::spawn_blocking(move || {
+        server::validate(&check, &Environment::from_process()).map(drop)
+    })
+    .await;
+    match verdict {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: the config file is not valid; keeping the running configuration");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the config check failed; keeping the running configuration");
+            return;
+        }
+    }
+    if let Some(tls) = tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
+        }
+    }
+    if fresh.log.level != running.log.level {
+        match log.set_level(&fresh.log.level) {
+            Ok(applied) => tracing::info!(filter = %applied, "SIGHUP: log filter reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
+        }
+    }
+    let mut rest = fresh.clone();
+    rest.log.level = running.log.level.clone();
+    if rest != *running {
+        tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
+    } else {
+        tracing::info!("SIGHUP: configuration reloaded");
+    }
+    running.log.level = fresh.log.level;
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once, non-zero — an
@@ -416,7 +461,8 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
     // journal natively (priorities per level, fields as journal fields). The
     // variable is inherited, so it counts only while stderr is that very stream.
     let journald = stderr_is_journal();
-    let journal = journald
+    // Asked for JSON lines: they go to stderr even under systemd (a shipper reads them).
+    let journal = (journald && format != LogFormat::Json)
         .then(|| match tracing_journald::layer() {
             Ok(layer) => Some(layer.with_syslog_identifier("idallocd".into())),
             Err(e) => {
@@ -435,8 +481,10 @@ fn init_logging(level: &str, format: LogFormat) -> LogReload {
         let layer = tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr);
-        // The journal timestamps each line itself.
-        if journald {
+        if format == LogFormat::Json {
+            layer.json().flatten_event(true).boxed()
+        } else if journald {
+            // The journal timestamps each line itself.
             layer.without_time().boxed()
         } else {
             layer.boxed()
@@ -476,7 +524,7 @@ fn colour(
 ) -> bool {
     match format {
         LogFormat::Auto => terminal && !journald && no_color.is_none_or(|v| v.is_empty()),
-        LogFormat::Plain => false,
+        LogFormat::Plain | LogFormat::Json => false,
         LogFormat::Color => true,
     }
 }

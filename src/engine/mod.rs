@@ -396,6 +396,37 @@ impl Engine {
         self.status_with(namespaces)
     }
 
+    /// The configured lease size (`[allocation] lease_size`): the smallest lease.
+    pub fn lease_size(&self) -> u64 {
+        self.cfg.lease_size
+    }
+
+    /// The object store as this daemon last found it.
+    pub fn mirror_health(&self) -> crate::protocol::MirrorHealth {
+        self.mirror.health()
+    }
+
+    /// Every namespace as the metrics sampler reads it: no store call, no
+    /// verification, no limit on the number of forks (each is a few loads).
+    pub fn samples(&self) -> Vec<NsSample> {
+        self.all_entries()
+            .into_iter()
+            .map(|e| {
+                let st = e.snapshot();
+                NsSample {
+                    key: e.key.clone(),
+                    primary: e.fork().is_none(),
+                    dropped: st.meta.dropped,
+                    merged: st.meta.merged_into.is_some(),
+                    broken: e.broken.lock().unwrap().is_some(),
+                    verified: e.verified.load(Ordering::Acquire),
+                    granted: st.counters.map(|c| c.granted),
+                    headroom: st.counters.map(|c| c.headroom()),
+                }
+            })
+            .collect()
+    }
+
     fn status_with(&self, namespaces: Vec<crate::protocol::NamespaceStatus>) -> Status {
         let mut warnings = Vec::new();
         if self.shared_disk {
@@ -477,4 +508,26 @@ impl Engine {
             None => Err(ServiceError::UnknownFork(id.text())),
         }
     }
+}
+
+/// One namespace in [`Engine::samples`].
+#[derive(Debug, Clone)]
+pub struct NsSample {
+    /// Its sled key: the same namespace from one sample to the next.
+    pub key: Vec<u8>,
+    /// The primary (else a fork).
+    pub primary: bool,
+    /// A dropped fork.
+    pub dropped: bool,
+    /// A fork merged into an ancestor.
+    pub merged: bool,
+    /// Its manifest cannot be parsed: every call gets that error until a repair.
+    pub broken: bool,
+    /// Checked against the object store since start (else its counters are
+    /// sled's, not yet trusted).
+    pub verified: bool,
+    /// Per kind ([`crate::namespace::Kind::index`]), the next id to grant.
+    pub granted: [u64; 2],
+    /// Per kind, ids left in this daemon's leases (the current one and a prefetched one).
+    pub headroom: [u64; 2],
 }

@@ -251,7 +251,7 @@ pub struct LogConfig {
     /// info spans cost CPU on every request and carry nothing to read.
     pub level: String,
     /// `auto` (colour on a terminal, plain otherwise and under journald), `plain`,
-    /// or `color`.
+    /// `color`, or `json` (one JSON object a line).
     pub format: LogFormat,
 }
 
@@ -265,6 +265,35 @@ pub enum LogFormat {
     Plain,
     /// Always colour.
     Color,
+    /// One JSON object a line on stderr (timestamp, level, target, fields), for
+    /// log shippers on hosts without journald; wins over the journal too.
+    Json,
+}
+
+/// The level names a `[log] level` directive may be (as `tracing` spells them).
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuse a `[log] level` that `tracing` would parse into something nobody meant.
+/// A bare word that is not a level is a *target* to `EnvFilter` (`wran` enables
+/// target `wran` and nothing else), which silences the daemon: here a bare word
+/// must be a level, and a target is spelt `TARGET=LEVEL`.
+fn check_log_filter(level: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("{level:?} is not a tracing filter: {e}"))?;
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // `target[span{field}]=level` and `[span]` forms carry their own syntax.
+        if directive.contains('=') || directive.contains('[') {
+            continue;
+        }
+        let numeric = matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
+        if !numeric && !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "{directive:?} in {level:?} is not a level ({}); name a target as TARGET=LEVEL, e.g. \"idalloc=debug,info\"",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -629,12 +658,7 @@ impl Config {
                 ));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            invalid(
-                "log.level",
-                format!("{:?} is not a tracing filter: {e}", self.log.level),
-            )
-        })?;
+        check_log_filter(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         let access = self.access.resolve()?;
         let tls = match &self.tls {
             Some(t) => Some(std::sync::Arc::new(
@@ -919,6 +943,10 @@ mod tests {
                 "max_connections_per_identity",
             ),
             ("[log]\nlevel = \"info,[[\"", "log.level"),
+            // A bare word is a target to EnvFilter: "wran" would silence everything.
+            ("[log]\nlevel = \"wran\"", "log.level"),
+            ("[log]\nlevel = \"idalloc=debug,wran\"", "log.level"),
+            ("[log]\nlevel = \"idalloc=wran\"", "log.level"),
         ];
         for (text, key) in cases {
             let c = Config::from_toml(text, "x.toml").unwrap();
@@ -927,6 +955,21 @@ mod tests {
                 err.to_string().contains(&format!("`{key}`")),
                 "{text}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn log_levels_and_targets_are_accepted() {
+        for level in [
+            "info",
+            "WARN",
+            "off",
+            "idalloc=debug,info",
+            "info,tarpc=warn",
+            "3",
+            "[conn]=debug",
+        ] {
+            check_log_filter(level).unwrap_or_else(|e| panic!("{level}: {e}"));
         }
     }
 

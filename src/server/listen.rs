@@ -221,7 +221,9 @@ async fn bind_tcp(host_port: &str, allow_remote: bool, tls: bool) -> Result<List
     Ok(Listener::Tcp { listener, tls })
 }
 
-fn check_loopback(
+/// The loopback rule for one listener on the addresses its host resolved to; also
+/// what [`super::validate`] checks before start-up binds anything.
+pub(crate) fn check_loopback(
     endpoint: &str,
     addrs: &[SocketAddr],
     allow_remote: bool,

@@ -180,7 +180,23 @@ fn respond(
     }
     process.collect();
     handle.run_upkeep();
-    reply(StatusCode::OK, handle.render(), CONTENT_TYPE)
+    reply(
+        StatusCode::OK,
+        cpu_as_counter(handle.render()),
+        CONTENT_TYPE,
+    )
+}
+
+/// `process_cpu_seconds_total` typed as the counter it is. The `metrics` facade's
+/// counters are whole numbers, so metrics-process records CPU time as a gauge to
+/// keep its fraction (`use-gauge-on-cpu-seconds-total`); Prometheus conventions
+/// (client_golang, node_exporter) and `rate()` want it typed `counter`.
+fn cpu_as_counter(text: String) -> String {
+    text.replacen(
+        "# TYPE process_cpu_seconds_total gauge",
+        "# TYPE process_cpu_seconds_total counter",
+        1,
+    )
 }
 
 /// Help text for every series, and the series that must be present from the
@@ -189,9 +205,17 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
         "idalloc_build_info",
-        "Always 1; the labels say which idallocd this is."
+        "Always 1; the labels say which idallocd this is: version, git revision, rustc version, target triple, cargo profile."
     );
-    metrics::gauge!("idalloc_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(
+        "idalloc_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "revision" => env!("IDALLOC_BUILD_REVISION"),
+        "rustc" => env!("IDALLOC_BUILD_RUSTC"),
+        "target" => env!("IDALLOC_BUILD_TARGET"),
+        "profile" => env!("IDALLOC_BUILD_PROFILE"),
+    )
+    .set(1.0);
     describe_gauge!(
         "idalloc_start_time_seconds",
         Unit::Seconds,
@@ -325,22 +349,32 @@ pub fn outcome<T>(r: &Result<T, crate::error::ServiceError>) -> &'static str {
     }
 }
 
+/// How long after its last grant a namespace still counts as reserving for
+/// `idalloc_lease_headroom`: a namespace that holds no ids and grants none has no
+/// lease to run out of.
+const RESERVING_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Refresh the engine's gauges once a second until `stop`: lease headroom of the
-/// primary per kind and the smallest among live forks (bounded cardinality),
-/// forks by state, writer mode, store health. Sampled rather than set on every
-/// reservation, which keeps the reservation path free of them.
+/// primary per kind and the smallest among live forks that are reserving (bounded
+/// cardinality), forks by state, the primary's availability, writer mode, store
+/// health and its last success. Sampled rather than set on every reservation,
+/// which keeps the reservation path free of them.
 pub fn spawn_gauges(
     engine: std::sync::Arc<crate::engine::Engine>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     metrics::describe_gauge!(
         "idalloc_lease_headroom",
-        "Ids left in leases before the object store must be written: the primary, and the smallest among live forks (namespace=\"forks_min\")."
+        "Ids left in this daemon's leases before the object store must be written, by kind: the primary, and the smallest among live forks (namespace=\"forks_min\"). Only namespaces that hold ids or granted some in the last 60 s count; NaN when none does (idle, unleased, merged, dropped) or the primary is unavailable."
     );
     metrics::describe_gauge!("idalloc_namespaces", "Namespaces known (primary + forks).");
     metrics::describe_gauge!(
         "idalloc_forks",
-        "Forks among the first 100 known, by state (live, dropped, unavailable)."
+        "Forks known, by state (live, dropped, merged, unavailable: its manifest cannot be parsed)."
+    );
+    metrics::describe_gauge!(
+        "idalloc_primary_unavailable",
+        "1 while the primary's manifest cannot be parsed (every call on it fails until `idallocctl repair`), else 0."
     );
     metrics::describe_gauge!(
         "idalloc_writer_mode",
@@ -350,49 +384,230 @@ pub fn spawn_gauges(
         "idalloc_store_healthy",
         "1 while the last object-store call succeeded, else 0."
     );
+    metrics::describe_gauge!(
+        "idalloc_store_last_success_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "When the last object-store call succeeded, in seconds since the Unix epoch (0 before the first)."
+    );
+    metrics::describe_gauge!(
+        "idalloc_lease_size_configured_ids",
+        "[allocation] lease_size: the ids of the smallest lease (leases that run out fast grow to 16 x). Alert rules compare headroom with it."
+    );
     let mode = engine.mode().to_string();
     metrics::gauge!("idalloc_writer_mode", "mode" => mode).set(1.0);
+    metrics::gauge!("idalloc_lease_size_configured_ids").set(engine.lease_size() as f64);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut sampler = Sampler::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let st = engine.status_now();
-            let mut forks_min: [Option<u64>; 2] = [None, None];
-            let (mut live, mut dropped, mut unavailable) = (0u64, 0u64, 0u64);
-            for (i, ns) in st.namespaces.iter().enumerate() {
-                if i == 0 {
-                    for c in &ns.counters {
-                        metrics::gauge!("idalloc_lease_headroom", "namespace" => "primary", "kind" => c.kind.as_str())
-                            .set(c.headroom as f64);
-                    }
-                    continue;
-                }
-                if ns.error.is_some() {
-                    unavailable += 1;
-                } else if ns.dropped {
-                    dropped += 1;
-                } else {
-                    live += 1;
-                    for c in &ns.counters {
-                        let m = &mut forks_min[c.kind.index()];
-                        *m = Some(m.map_or(c.headroom, |v| v.min(c.headroom)));
-                    }
-                }
-            }
+            let g = sampler.gauges(&engine.samples(), std::time::Instant::now());
             for kind in crate::namespace::Kind::ALL {
-                if let Some(h) = forks_min[kind.index()] {
-                    metrics::gauge!("idalloc_lease_headroom", "namespace" => "forks_min", "kind" => kind.as_str())
-                        .set(h as f64);
-                }
+                let i = kind.index();
+                metrics::gauge!("idalloc_lease_headroom", "namespace" => "primary", "kind" => kind.as_str())
+                    .set(g.primary_headroom[i]);
+                metrics::gauge!("idalloc_lease_headroom", "namespace" => "forks_min", "kind" => kind.as_str())
+                    .set(g.forks_min_headroom[i]);
             }
-            metrics::gauge!("idalloc_forks", "state" => "live").set(live as f64);
-            metrics::gauge!("idalloc_forks", "state" => "dropped").set(dropped as f64);
-            metrics::gauge!("idalloc_forks", "state" => "unavailable").set(unavailable as f64);
-            metrics::gauge!("idalloc_namespaces").set(st.namespaces_total as f64);
-            metrics::gauge!("idalloc_store_healthy").set(if st.mirror.healthy { 1.0 } else { 0.0 });
+            for (state, n) in [
+                ("live", g.live),
+                ("dropped", g.dropped),
+                ("merged", g.merged),
+                ("unavailable", g.unavailable),
+            ] {
+                metrics::gauge!("idalloc_forks", "state" => state).set(n as f64);
+            }
+            metrics::gauge!("idalloc_primary_unavailable").set(if g.primary_unavailable {
+                1.0
+            } else {
+                0.0
+            });
+            metrics::gauge!("idalloc_namespaces").set(g.namespaces as f64);
+            let mirror = engine.mirror_health();
+            metrics::gauge!("idalloc_store_healthy").set(if mirror.healthy { 1.0 } else { 0.0 });
+            let last_success = mirror.last_success_age_ms.map_or(0.0, |age| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                now - age as f64 / 1000.0
+            });
+            metrics::gauge!("idalloc_store_last_success_timestamp_seconds").set(last_success);
         }
     });
+}
+
+/// What one tick of the sampler sets.
+#[derive(Debug, PartialEq)]
+struct Gauges {
+    primary_headroom: [f64; 2],
+    forks_min_headroom: [f64; 2],
+    live: u64,
+    dropped: u64,
+    merged: u64,
+    unavailable: u64,
+    primary_unavailable: bool,
+    namespaces: u64,
+}
+
+/// Remembers when each namespace last granted ids, to tell one that is reserving
+/// from one that is idle.
+#[derive(Default)]
+struct Sampler {
+    last_grant: std::collections::HashMap<Vec<u8>, [(u64, Option<std::time::Instant>); 2]>,
+}
+
+impl Sampler {
+    fn gauges(&mut self, samples: &[crate::engine::NsSample], now: std::time::Instant) -> Gauges {
+        let mut g = Gauges {
+            primary_headroom: [f64::NAN; 2],
+            forks_min_headroom: [f64::NAN; 2],
+            live: 0,
+            dropped: 0,
+            merged: 0,
+            unavailable: 0,
+            primary_unavailable: false,
+            namespaces: samples.len() as u64,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for s in samples {
+            seen.insert(s.key.as_slice());
+            // The first sample of a namespace only sets the baseline: a daemon just
+            // started has seen nobody reserve yet.
+            let last = self
+                .last_grant
+                .entry(s.key.clone())
+                .or_insert([(s.granted[0], None), (s.granted[1], None)]);
+            let mut reserving = [false; 2];
+            for (i, (granted, when)) in last.iter_mut().enumerate() {
+                if *granted != s.granted[i] {
+                    *granted = s.granted[i];
+                    *when = Some(now);
+                }
+                reserving[i] = when.is_some_and(|t| now.duration_since(t) < RESERVING_WINDOW);
+            }
+            let counts = |i: usize| s.verified && (s.headroom[i] > 0 || reserving[i]);
+            if s.primary {
+                g.primary_unavailable = s.broken;
+                if !s.broken {
+                    for (i, h) in g.primary_headroom.iter_mut().enumerate() {
+                        if counts(i) {
+                            *h = s.headroom[i] as f64;
+                        }
+                    }
+                }
+                continue;
+            }
+            match (s.broken, s.merged, s.dropped) {
+                (true, _, _) => g.unavailable += 1,
+                (false, true, _) => g.merged += 1,
+                (false, false, true) => g.dropped += 1,
+                (false, false, false) => {
+                    g.live += 1;
+                    for (i, m) in g.forks_min_headroom.iter_mut().enumerate() {
+                        if counts(i) {
+                            // NaN.min(x) is x: the first fork that counts sets it.
+                            *m = m.min(s.headroom[i] as f64);
+                        }
+                    }
+                }
+            }
+        }
+        self.last_grant.retain(|k, _| seen.contains(k.as_slice()));
+        g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::engine::NsSample;
+
+    fn ns(key: u8, primary: bool, granted: u64, headroom: u64) -> NsSample {
+        NsSample {
+            key: vec![key],
+            primary,
+            dropped: false,
+            merged: false,
+            broken: false,
+            verified: true,
+            granted: [granted, 0],
+            headroom: [headroom, 0],
+        }
+    }
+
+    #[test]
+    fn headroom_counts_only_namespaces_that_hold_ids_or_are_reserving() {
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        // Just started, nothing leased: no headroom to alert on, not 0.
+        let g = s.gauges(&[ns(0, true, 0, 0), ns(1, false, 5, 0)], t0);
+        assert!(g.primary_headroom.iter().all(|h| h.is_nan()), "{g:?}");
+        assert!(g.forks_min_headroom.iter().all(|h| h.is_nan()), "{g:?}");
+        // The primary takes a lease; the idle fork still has none.
+        let g = s.gauges(&[ns(0, true, 10, 990), ns(1, false, 5, 0)], t0);
+        assert_eq!(g.primary_headroom[0], 990.0);
+        assert!(g.forks_min_headroom[0].is_nan(), "{g:?}");
+        assert!(g.primary_headroom[1].is_nan(), "eids: no lease: {g:?}");
+        // The lease runs dry while ids are being granted: 0 is the alarm.
+        let t1 = t0 + Duration::from_secs(1);
+        let g = s.gauges(&[ns(0, true, 1000, 0), ns(1, false, 5, 0)], t1);
+        assert_eq!(g.primary_headroom[0], 0.0);
+        // A minute without grants and no lease: idle again.
+        let g = s.gauges(&[ns(0, true, 1000, 0)], t1 + RESERVING_WINDOW);
+        assert!(g.primary_headroom[0].is_nan(), "{g:?}");
+    }
+
+    #[test]
+    fn forks_min_is_the_smallest_of_the_live_forks_that_count() {
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        let mut merged = ns(3, false, 0, 7);
+        merged.merged = true;
+        merged.dropped = true;
+        let mut dropped = ns(4, false, 0, 8);
+        dropped.dropped = true;
+        let mut broken = ns(5, false, 0, 0);
+        broken.broken = true;
+        let mut unverified = ns(6, false, 0, 9);
+        unverified.verified = false;
+        let all = [
+            ns(0, true, 0, 100),
+            ns(1, false, 0, 500),
+            ns(2, false, 0, 40),
+            merged,
+            dropped,
+            broken,
+            unverified,
+        ];
+        let g = s.gauges(&all, t0);
+        assert_eq!(g.forks_min_headroom[0], 40.0);
+        assert_eq!(
+            (g.live, g.dropped, g.merged, g.unavailable, g.namespaces),
+            (3, 1, 1, 1, 7),
+            "a merged fork is not live: {g:?}"
+        );
+        assert!(!g.primary_unavailable);
+    }
+
+    #[test]
+    fn a_broken_primary_is_a_series_not_a_gap() {
+        let mut s = Sampler::default();
+        let mut p = ns(0, true, 0, 100);
+        p.broken = true;
+        let g = s.gauges(&[p], Instant::now());
+        assert!(g.primary_unavailable);
+        assert!(g.primary_headroom[0].is_nan());
+    }
+
+    #[test]
+    fn cpu_time_is_typed_counter() {
+        let text = "# HELP process_cpu_seconds_total x\n# TYPE process_cpu_seconds_total gauge\nprocess_cpu_seconds_total 0.37\n";
+        assert!(cpu_as_counter(text.into())
+            .contains("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 0.37"));
+    }
 }

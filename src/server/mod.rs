@@ -23,6 +23,7 @@ pub mod notify;
 pub mod service;
 pub mod tls;
 pub mod transport;
+pub mod validate;
 
 use std::time::Instant;
 
@@ -38,6 +39,7 @@ pub use config::{Config, ConfigError, Environment, Settings};
 use connection::ConnLimits;
 use listen::{BindOptions, ListenError, Listener};
 use service::Service;
+pub use validate::{validate, ValidateError};
 
 /// Why the daemon stopped with an error. Each message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,21 @@ pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
+/// Tell systemd that a reload (SIGHUP) has begun; [`ready`] ends it. With
+/// `Type=notify-reload` (systemd 253 and later) `systemctl reload` waits for that
+/// READY=1; systemd wants the monotonic time beside RELOADING=1 to tell this
+/// reload from an earlier one.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading the configuration (SIGHUP)"),
+        ]),
+        Err(e) => tracing::warn!(error = %e, "cannot read the monotonic clock for RELOADING=1"),
+    }
+}
+
 /// Update the free-form status line shown by `systemctl status`.
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);

@@ -16,6 +16,7 @@ macro_rules! println {
 }
 
 mod bench;
+mod health;
 mod table;
 
 /// What to do when writing to stdout fails.
@@ -49,6 +50,7 @@ Examples:
   idallocctl checkpoint
   idallocctl repair --fork 01J2VF4Z0Y8Q3R5S7T9V1W3X5Z --vid-floor 120000 --eid-floor 450000
   idallocctl --endpoint tcp:127.0.0.1:7420 status
+  idallocctl --timeout 2s health            exit 0 healthy, 1 store/namespace unavailable, 3 unreachable
   idallocctl --endpoint tls:ids.db1.example:7443 --tls-ca ca.pem --tls-cert me.pem --tls-key me.key status
   idallocctl bench --clients 4 --concurrency 4 --duration 10s
 
@@ -58,9 +60,15 @@ the two spellings of one value are the same fork.
 The endpoint is unix:PATH, tcp:HOST:PORT (plain, loopback only) or tls:HOST:PORT
 (TLS: the daemon's certificate is checked against --tls-ca for HOST, and this
 client presents --tls-cert/--tls-key, whose names the daemon maps to a role).
-Without --endpoint or IDALLOC_ENDPOINT it is the daemon's default socket:
-$RUNTIME_DIRECTORY/idallocd.sock under systemd, else $STATE_DIRECTORY/idallocd.sock,
-else ./idallocd-data/idallocd.sock.
+Without --endpoint or IDALLOC_ENDPOINT it is the first of these that applies:
+  1. $RUNTIME_DIRECTORY/idallocd.sock, else $STATE_DIRECTORY/idallocd.sock, when
+     set (inside a systemd unit: that unit's daemon with its embedded defaults);
+  2. ./idallocd-data/idallocd.sock if it exists (a daemon started with no
+     arguments in the current directory);
+  3. /run/idallocd/idallocd.sock, the system daemon's (idallocd.socket).
+The instance idallocd@NAME (one daemon per database) listens on
+/run/idallocd/NAME/idallocd.sock:
+  idallocctl --endpoint unix:/run/idallocd/db1/idallocd.sock status
 
 Errors: exit status 1 (2 for bad usage, a bad --endpoint included) and one line
 on stderr. A closed stdout (`| head`) ends the program quietly with status 141.";
@@ -69,7 +77,7 @@ on stderr. A closed stdout (`| head`) ends the program quietly with status 141."
 #[derive(Parser, Debug)]
 #[command(name = "idallocctl", version, after_help = EXAMPLES)]
 struct Cli {
-    /// Daemon address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [default: the daemon's default socket]
+    /// Daemon address: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT [default: a local daemon's socket, else /run/idallocd/idallocd.sock; see below]
     #[arg(long, global = true, env = "IDALLOC_ENDPOINT", value_name = "ADDR")]
     endpoint: Option<String>,
     /// For tls: endpoints, the CA (PEM) that signed the daemon's certificate
@@ -161,6 +169,23 @@ enum Command {
     /// Daemon version, mode, object-store health and counters
     Status {
         /// Print the full status as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 if the daemon answers, its object store works and every namespace verifies
+    ///
+    /// A probe for scripts, monitoring and orchestrators (as pg_isready): one line
+    /// saying which, on stdout when healthy and on stderr when not. Exit 1: the
+    /// daemon answered, but its last object-store call failed or a namespace (the
+    /// primary or a fork, dropped and merged ones included) cannot be verified,
+    /// e.g. a manifest that does not parse. Exit 3: the daemon is unreachable (no
+    /// connection, or no answer within --timeout). Exit 2: bad usage. The store is
+    /// judged by the daemon's last call to it, as `status` shows it.
+    #[command(
+        after_help = "Examples:\n  idallocctl health\n  idallocctl --timeout 2s health --json\n  idallocctl --endpoint unix:/run/idallocd/db1/idallocd.sock health || systemctl status idallocd@db1"
+    )]
+    Health {
+        /// Print {"healthy","problem","message","endpoint","version","store","unavailable"}
         #[arg(long)]
         json: bool,
     },
@@ -343,6 +368,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Health { json } = cli.command {
+        let config = client_config(&cli);
+        return runtime.block_on(health::run(endpoint, config, json, one_line));
+    }
     match runtime.block_on(run(cli, endpoint)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -372,7 +401,8 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
-async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
+/// The client's deadline and TLS files, from the global flags.
+fn client_config(cli: &Cli) -> ClientConfig {
     let mut config = ClientConfig::default().with_deadline(Duration::from(cli.timeout));
     if let Some(ca) = &cli.tls_ca {
         let mut files = idalloc::TlsFiles::new(ca);
@@ -381,6 +411,11 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
         }
         config = config.with_tls(files);
     }
+    config
+}
+
+async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
+    let config = client_config(&cli);
     if let Command::Bench(args) = cli.command {
         return bench::run(endpoint, config, args).await;
     }
@@ -504,7 +539,10 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 print_status(&endpoint.to_string(), &status);
             }
         }
-        Command::Bench(_) | Command::Completions { .. } | Command::Man { .. } => {
+        Command::Bench(_)
+        | Command::Health { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled before connecting")
         }
     }

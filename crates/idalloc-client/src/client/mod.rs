@@ -35,7 +35,7 @@ mod error;
 mod source;
 mod wire;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use allocator::Allocator;
@@ -80,19 +80,46 @@ impl Client {
     }
 }
 
-/// The endpoint `idallocd` listens on when run with its embedded defaults, as
-/// DESIGN.md fixes it: `$RUNTIME_DIRECTORY/idallocd.sock` under systemd, else the
-/// socket in the data directory (`$STATE_DIRECTORY`, else `./idallocd-data`).
+/// Where the packaged units put the system daemon's socket (`idallocd.socket`).
+/// The daemon of instance `NAME` (`idallocd@NAME.socket`, one per database) listens
+/// on `/run/idallocd/NAME/idallocd.sock` instead: [`system_endpoint`].
+pub const SYSTEM_SOCKET: &str = "/run/idallocd/idallocd.sock";
+
+/// The socket of the system daemon (`None`: `idallocd.service`) or of the instance
+/// `idallocd@NAME.service` (`Some(NAME)`), as the shipped socket units name them.
+pub fn system_endpoint(instance: Option<&str>) -> Endpoint {
+    match instance {
+        None => Endpoint::Unix(PathBuf::from(SYSTEM_SOCKET)),
+        Some(name) => Endpoint::Unix(Path::new("/run/idallocd").join(name).join(SOCKET_FILE_NAME)),
+    }
+}
+
+/// The endpoint a client uses when none is given (the CLI checks `--endpoint` and
+/// `IDALLOC_ENDPOINT` before this), first that applies:
+///
+/// 1. `$RUNTIME_DIRECTORY/idallocd.sock`, then `$STATE_DIRECTORY/idallocd.sock`:
+///    inside a systemd unit those are where the unit's own daemon listens with its
+///    embedded defaults (DESIGN.md);
+/// 2. `./idallocd-data/idallocd.sock` if it exists: a daemon started with no
+///    arguments in the current directory;
+/// 3. [`SYSTEM_SOCKET`], the packaged `idallocd.socket`'s: from a login shell on a
+///    host that runs the daemon under systemd, as `redis-cli` and `psql` find theirs.
 pub fn default_endpoint() -> Endpoint {
     default_endpoint_from(
         std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from),
         std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+        Path::new(DEFAULT_DATA_DIR).join(SOCKET_FILE_NAME).exists(),
     )
 }
 
-/// [`default_endpoint`] from given values of `RUNTIME_DIRECTORY` / `STATE_DIRECTORY`.
-/// systemd separates several directories with `:`; the first is the daemon's.
-pub fn default_endpoint_from(runtime_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> Endpoint {
+/// [`default_endpoint`] from given values of `RUNTIME_DIRECTORY` / `STATE_DIRECTORY`
+/// and of whether `./idallocd-data/idallocd.sock` exists. systemd separates several
+/// directories with `:`; the first is the daemon's.
+pub fn default_endpoint_from(
+    runtime_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    local_socket_exists: bool,
+) -> Endpoint {
     let first = |p: PathBuf| -> Option<PathBuf> {
         let s = p
             .to_string_lossy()
@@ -105,8 +132,11 @@ pub fn default_endpoint_from(runtime_dir: Option<PathBuf>, state_dir: Option<Pat
     let dir = runtime_dir
         .and_then(first)
         .or_else(|| state_dir.and_then(first))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    Endpoint::Unix(dir.join(SOCKET_FILE_NAME))
+        .or_else(|| local_socket_exists.then(|| PathBuf::from(DEFAULT_DATA_DIR)));
+    match dir {
+        Some(dir) => Endpoint::Unix(dir.join(SOCKET_FILE_NAME)),
+        None => system_endpoint(None),
+    }
 }
 
 #[cfg(test)]
@@ -115,25 +145,44 @@ mod tests {
 
     #[test]
     fn default_endpoint_follows_systemd_directories() {
+        for local in [false, true] {
+            assert_eq!(
+                default_endpoint_from(
+                    Some("/run/idallocd".into()),
+                    Some("/var/lib/idallocd".into()),
+                    local
+                )
+                .to_string(),
+                "unix:/run/idallocd/idallocd.sock"
+            );
+            assert_eq!(
+                default_endpoint_from(None, Some("/var/lib/idallocd".into()), local).to_string(),
+                "unix:/var/lib/idallocd/idallocd.sock"
+            );
+            assert_eq!(
+                default_endpoint_from(Some("/run/a:/run/b".into()), None, local).to_string(),
+                "unix:/run/a/idallocd.sock"
+            );
+        }
+    }
+
+    #[test]
+    fn default_endpoint_is_the_local_socket_then_the_system_one() {
         assert_eq!(
-            default_endpoint_from(None, None).to_string(),
+            default_endpoint_from(None, None, true).to_string(),
             "unix:./idallocd-data/idallocd.sock"
         );
         assert_eq!(
-            default_endpoint_from(
-                Some("/run/idallocd".into()),
-                Some("/var/lib/idallocd".into())
-            )
-            .to_string(),
+            default_endpoint_from(None, None, false).to_string(),
             "unix:/run/idallocd/idallocd.sock"
         );
         assert_eq!(
-            default_endpoint_from(None, Some("/var/lib/idallocd".into())).to_string(),
-            "unix:/var/lib/idallocd/idallocd.sock"
+            default_endpoint_from(Some("".into()), None, false).to_string(),
+            "unix:/run/idallocd/idallocd.sock"
         );
         assert_eq!(
-            default_endpoint_from(Some("/run/a:/run/b".into()), None).to_string(),
-            "unix:/run/a/idallocd.sock"
+            system_endpoint(Some("db1")).to_string(),
+            "unix:/run/idallocd/db1/idallocd.sock"
         );
     }
 }
