@@ -27,7 +27,7 @@
 //!   in the engine would give.
 //! - *one committer, callers as tokio tasks*: 16 tasks on a 2-worker runtime, each
 //!   queueing a oneshot on a std channel and awaiting it: the engine's hand-off
-//!   (`src/engine/local.rs`) with nothing of the engine around it.
+//!   (`src/engine/local/mod.rs`) with nothing of the engine around it.
 //!
 //! Run: `cargo bench --bench commit_bound`. The table gives reservations/s, p50 and
 //! p99 latency of one reservation, flushes per reservation, the mean time of one

@@ -263,7 +263,7 @@ fn crash_loop_single_daemon_on_file_store() {
 }
 
 /// One writer alone: every group holds one commit, and after a streak of them the
-/// daemon busy-polls between requests (src/engine/local.rs, src/server/busy_poll.rs).
+/// daemon busy-polls between requests (src/engine/local/mod.rs, src/server/busy_poll.rs).
 /// Killed mid-flush on that path, nothing acknowledged may be lost or handed out
 /// again.
 #[test]

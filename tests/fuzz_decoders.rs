@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use idalloc::engine::manifest::Manifest;
+use idalloc::engine::store::manifest::Manifest;
 use idalloc::protocol::{IdAllocRequest, IdAllocResponse};
 use idalloc::server::transport::ServerTransport;
 use rand::rngs::StdRng;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use idalloc::engine::store_check::{check, Outcome, ProbeSize, StoreCheck};
+use idalloc::engine::store::check::{check, Outcome, ProbeSize, StoreCheck};
 use idalloc::engine::{OpenError, StoreHandle};
 use idalloc::protocol::WriterMode;
 use object_store::memory::InMemory;

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use idalloc::engine::manifest::Manifest;
+use idalloc::engine::store::manifest::Manifest;
 use libfuzzer_sys::fuzz_target;
 use object_store::path::Path;
 

@@ -88,13 +88,13 @@ enum Command {
         #[arg(long, value_name = "URL")]
         object_store: Option<String>,
         /// Race rounds.
-        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.rounds)]
+        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.rounds)]
         rounds: u32,
         /// Concurrent writers per round.
-        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.writers)]
+        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.writers)]
         writers: u32,
         /// Body size, in bytes, of every other round's writes.
-        #[arg(long, default_value_t = idalloc::engine::store_check::ProbeSize::FULL.payload_bytes)]
+        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.payload_bytes)]
         payload_bytes: usize,
         /// Print the report as JSON (fields: docs/guarantees.md, "Is the store safe
         /// for several daemons?").
@@ -152,7 +152,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         json,
     }) = &cli.command
     {
-        use idalloc::engine::store_check::{self, Outcome, ProbeSize};
+        use idalloc::engine::store::check::{self as store_check, Outcome, ProbeSize};
         let mut c = match config {
             Some(path) => Config::load(path)?,
             None => Config::default(),

@@ -25,8 +25,8 @@ use crate::namespace::{Kind, Namespace};
 use crate::protocol::{ForkIds, ForkInfo, WriterMode};
 
 use super::counter::Counter;
-use super::manifest::{path_for, ForkMeta, Manifest};
 use super::ns::{NsEntry, NsState};
+use super::store::manifest::{path_for, ForkMeta, Manifest};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
@@ -91,7 +91,7 @@ impl Engine {
     pub(super) async fn read_claim(&self, id: ForkId) -> Result<Option<Claim>, ServiceError> {
         let path = claim_path(id);
         let Some((bytes, _)) = self
-            .mirror
+            .store
             .read_bytes(&path)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?
@@ -122,7 +122,7 @@ impl Engine {
             return Ok(());
         };
         let bytes = serde_json::to_vec_pretty(meta).expect("fork meta serialises");
-        self.mirror
+        self.store
             .overwrite_bytes(&retired_path(id), bytes)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))
@@ -134,7 +134,7 @@ impl Engine {
     pub(super) async fn read_retired(&self, id: ForkId) -> Result<Option<ForkMeta>, ServiceError> {
         let path = retired_path(id);
         let Some((bytes, _)) = self
-            .mirror
+            .store
             .read_bytes(&path)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?
@@ -158,7 +158,7 @@ impl Engine {
         };
         let path = path_for(&Namespace::Fork(id));
         if let Written::Won(_) = self
-            .mirror
+            .store
             .write(&path, &claim.manifest, None)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?
@@ -179,7 +179,7 @@ impl Engine {
         }
         for fid in [id, other_spelling(id)] {
             let found = self
-                .mirror
+                .store
                 .read_bytes(&path_for(&Namespace::Fork(fid)))
                 .await
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -214,13 +214,13 @@ impl Engine {
     /// by another daemon sharing the root). Returns how many were adopted.
     pub async fn discover_forks(&self) -> Result<usize, ServiceError> {
         let dirs = self
-            .mirror
+            .store
             .list_fork_dirs()
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?;
         let mut adopted = 0;
         for dir in dirs {
-            let Some(id) = super::manifest::fork_from_dir(&dir) else {
+            let Some(id) = super::store::manifest::fork_from_dir(&dir) else {
                 continue;
             };
             if self.forks.read().unwrap().contains_key(&id) {
@@ -335,9 +335,9 @@ impl Engine {
         // In multi-writer mode other daemons may have granted up to the parent's
         // ceiling, so the ceiling is the only safe HWM. A single writer (verified
         // against the manifest above) knows its granted HWM exactly.
-        let pman = match self.mirror.mode() {
+        let pman = match self.store.mode() {
             WriterMode::MultiWriter => self
-                .mirror
+                .store
                 .read(&parent_entry.path())
                 .await
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?,
@@ -347,7 +347,7 @@ impl Engine {
         // everything any namespace was ever granted.
         let tree = match self.cfg.fork_ids {
             ForkIds::Tree => self
-                .mirror
+                .store
                 .read(&self.primary.path())
                 .await
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?,
@@ -392,7 +392,7 @@ impl Engine {
         };
         let bytes = serde_json::to_vec_pretty(&claim).expect("claim serialises");
         let won = match self
-            .mirror
+            .store
             .create_bytes(&claim_path(fork), bytes)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?
@@ -424,7 +424,7 @@ impl Engine {
         let ns = Namespace::Fork(fork);
         let path = path_for(&ns);
         let written = self
-            .mirror
+            .store
             .write(&path, &m, None)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -445,7 +445,7 @@ impl Engine {
             verified,
         );
         if let Written::Won(version) = written {
-            entry.mirror.lock().await.cached = Some(Versioned {
+            entry.ceiling.lock().await.cached = Some(Versioned {
                 manifest: m,
                 version,
             });
@@ -464,7 +464,7 @@ impl Engine {
         let entry = self.entry(Namespace::Fork(fork)).await?;
         self.ensure_verified(&entry).await?;
         let hint = self.retry_hint_ms();
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         if entry.snapshot().meta.dropped {
             return Ok(entry.info(false));
         }
@@ -476,7 +476,7 @@ impl Engine {
         let path = entry.path();
         for _ in 0..32 {
             let cur = self
-                .mirror
+                .store
                 .read(&path)
                 .await
                 .map_err(|e| store_err(e, hint))?;
@@ -498,7 +498,7 @@ impl Engine {
                 m.set_ceiling(k, m.ceiling(k).max(owned));
             }
             match self
-                .mirror
+                .store
                 .write(&path, &m, cur.as_ref().map(|v| &v.version))
                 .await
                 .map_err(|e| store_err(e, hint))?

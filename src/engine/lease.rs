@@ -16,8 +16,8 @@ use crate::error::ServiceError;
 use crate::namespace::{Kind, Namespace};
 use crate::protocol::{ForkIds, Hwm};
 
-use super::manifest::{ForkMeta, Manifest};
-use super::ns::{MirrorState, NsEntry};
+use super::ns::{CeilingState, NsEntry};
+use super::store::manifest::{ForkMeta, Manifest};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
@@ -55,7 +55,7 @@ impl Engine {
         kind: Kind,
         count: u64,
     ) -> Result<(), ServiceError> {
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         if entry.state.lock().unwrap().counters[kind.index()].can_take(count) {
             return Ok(());
         }
@@ -86,7 +86,7 @@ impl Engine {
     pub(super) async fn take_lease(
         &self,
         entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
         kind: Kind,
         need: u64,
     ) -> Result<(), ServiceError> {
@@ -126,7 +126,7 @@ impl Engine {
             let cur = match &ms.cached {
                 Some(v) => Some(v.clone()),
                 None => self
-                    .mirror
+                    .store
                     .read(&path)
                     .await
                     .map_err(|e| store_err(e, hint))?,
@@ -169,7 +169,7 @@ impl Engine {
             ends[kind.index()] = end;
             ends[other.index()] = other_owned;
             let (written, recorded) = futures::join!(
-                self.mirror
+                self.store
                     .write(&path, &m, cur.as_ref().map(|v| &v.version)),
                 self.record_lease(&entry.ns, ms.recorded, ends)
             );
@@ -269,7 +269,7 @@ impl Engine {
         };
         let entry = entry.clone();
         tokio::spawn(async move {
-            let mut ms = entry.mirror.lock().await;
+            let mut ms = entry.ceiling.lock().await;
             let still_low = {
                 let st = entry.state.lock().unwrap();
                 let c = &st.counters[k];
@@ -302,7 +302,7 @@ impl Engine {
     /// The rate growth the next lease of `kind` takes: one more doubling if the
     /// last lease was won less than `lease_min_life` ago, one less if over
     /// [`RATE_SHRINK_FACTOR`] times that (the first lease of a process keeps 0).
-    pub(super) fn next_rate_growth(&self, ms: &MirrorState, kind: Kind) -> u32 {
+    pub(super) fn next_rate_growth(&self, ms: &CeilingState, kind: Kind) -> u32 {
         let life = self.cfg.lease_min_life;
         let k = kind.index();
         match ms.last_lease_at[k] {
@@ -323,7 +323,7 @@ impl Engine {
     pub(super) fn lease_won(
         &self,
         entry: &NsEntry,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
         kind: Kind,
         rate: u32,
         size: u64,
@@ -350,7 +350,7 @@ impl Engine {
     pub async fn checkpoint(&self, ns: Namespace) -> Result<Hwm, ServiceError> {
         let entry = self.entry(ns).await?;
         self.ensure_verified(&entry).await?;
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         self.checkpoint_locked(&entry, &mut ms).await?;
         Ok(self.hwm_of(&entry))
     }
@@ -359,7 +359,7 @@ impl Engine {
     pub(super) async fn checkpoint_locked(
         &self,
         entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
     ) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
         let before = entry.snapshot();
@@ -382,7 +382,7 @@ impl Engine {
         }
         let path = entry.path();
         let Some(cur) = self
-            .mirror
+            .store
             .read(&path)
             .await
             .map_err(|e| store_err(e, hint))?
@@ -418,7 +418,7 @@ impl Engine {
         }
         // Local release first, durably: a crash after this point leaves a gap.
         self.persist(entry).await?;
-        match self.mirror.write(&path, &m, Some(&cur.version)).await {
+        match self.store.write(&path, &m, Some(&cur.version)).await {
             Ok(Written::Won(version)) => {
                 ms.cached = Some(Versioned {
                     manifest: m,

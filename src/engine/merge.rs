@@ -70,7 +70,7 @@ impl Engine {
         let _guard = self.enter()?;
         self.ensure_mode().await?;
         let tree = self.cfg.fork_ids == ForkIds::Tree;
-        if !tree && self.mirror.mode() == WriterMode::MultiWriter {
+        if !tree && self.store.mode() == WriterMode::MultiWriter {
             return Err(ServiceError::InvalidArgument(format!(
                 "fork merge is refused on a shared (multi-writer) root that counts fork ids per namespace: another daemon may hold a lease of the target below fork {fork}'s ids and grant from it without reading the store. Run this root with [allocation] fork_ids = \"tree\" (its forks' ids are disjoint from the start), or merge on a root served by one daemon"
             )));
@@ -217,7 +217,7 @@ impl Engine {
             if child && into_us {
                 let hint = self.retry_hint_ms();
                 if let Some(v) = self
-                    .mirror
+                    .store
                     .read(&e.path())
                     .await
                     .map_err(|err| store_err(err, hint))?
@@ -243,11 +243,11 @@ impl Engine {
         let into = ns_name(target);
         let into = into.as_str();
         let hint = self.retry_hint_ms();
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         let path = entry.path();
         for _ in 0..MAX_CONFLICTS {
             let cur = self
-                .mirror
+                .store
                 .read(&path)
                 .await
                 .map_err(|e| store_err(e, hint))?;
@@ -284,7 +284,7 @@ impl Engine {
                 m.set_ceiling(k, m.ceiling(k).max(owned).max(children_end[k.index()]));
             }
             match self
-                .mirror
+                .store
                 .write(&path, &m, cur.as_ref().map(|v| &v.version))
                 .await
                 .map_err(|e| store_err(e, hint))?
@@ -322,7 +322,7 @@ impl Engine {
         tree: bool,
     ) -> Result<[u64; 2], ServiceError> {
         let hint = self.retry_hint_ms();
-        let mut ms = target.mirror.lock().await;
+        let mut ms = target.ceiling.lock().await;
         let path = target.path();
         // This daemon's own grants first (they take ids under the state lock):
         // from here on none is below `end`. A crash before the manifest is
@@ -338,7 +338,7 @@ impl Engine {
         }
         for _ in 0..MAX_CONFLICTS {
             let cur = self
-                .mirror
+                .store
                 .read(&path)
                 .await
                 .map_err(|e| store_err(e, hint))?;
@@ -359,7 +359,7 @@ impl Engine {
             let ceilings = [m.ceiling(Kind::Vid), m.ceiling(Kind::Eid)];
             if changed {
                 match self
-                    .mirror
+                    .store
                     .write(&path, &m, cur.as_ref().map(|v| &v.version))
                     .await
                     .map_err(|e| store_err(e, hint))?

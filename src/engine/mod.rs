@@ -1,15 +1,20 @@
 //! The allocation engine: sled grants, object-store leases, forks and recovery.
 //!
-//! This is where the invariants of `DESIGN.md` live:
+//! This is where the invariants of `DESIGN.md` live. The two tiers are folders:
+//!
+//! - `local/` (private): sled and the group committer (*durable before reply*),
+//!   and the life mark, the durable "this life is not clean" mark (trust rule).
+//! - [`store`]: the object-store tier, which holds the authoritative ceilings —
+//!   the [`store::CeilingStore`] with time-outs, retries and conditional writes
+//!   (*never guess*; leases owned only once written), building a store from a URL
+//!   and redacting it, the reference-compatible manifests, every daemon's lease
+//!   records, the lock of a `file://` root, and the probe of a store's conditional
+//!   writes.
+//!
+//! Between them, the engine itself:
 //!
 //! - [`counter`]: taking ids out of a lease (unique, ordered, no overflow).
-//! - [`local`]: sled and the group committer (durable before reply).
-//! - [`store`]: the object store with time-outs, retries and conditional writes
-//!   (never guess; leases owned only once written).
-//! - [`manifest`]: the reference-compatible `id_allocator.json`.
-//! - [`ns`]: one namespace in memory.
-//! - [`life_mark`]: the durable "this life is not clean" mark (trust rule).
-//! - [`root_lock`]: one daemon per `file://` root.
+//! - `ns` (private): one namespace in memory.
 //! - `lease`, `verify`, `forks`, `recovery`, `repair` (private): taking and giving
 //!   back leases (rule 9), checking a namespace against the store before it
 //!   serves, fork bootstrap (claims) and drop, start-up reconciliation and clean
@@ -26,17 +31,12 @@ mod config;
 pub mod counter;
 mod forks;
 mod lease;
-mod lease_record;
-pub mod life_mark;
-pub mod local;
-pub mod manifest;
+mod local;
 mod merge;
-pub mod ns;
+mod ns;
 mod recovery;
 mod repair;
-pub mod root_lock;
 pub mod store;
-pub mod store_check;
 mod tree;
 mod verify;
 
@@ -59,7 +59,7 @@ use crate::protocol::{ForkInfo, ForkPage, Hwm, IdRange, Status, WriterMode};
 use counter::TakeError;
 use local::Local;
 use ns::NsEntry;
-use store::{Mirror, StoreError};
+use store::{CeilingStore, StoreError};
 
 /// Why the engine could not start. Each message names the object or value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +124,14 @@ impl From<StoreError> for OpenError {
 /// Drive it from one tokio runtime, multi-thread (as idallocd does) or
 /// current-thread, for its whole life. Each group of reservations is flushed by a
 /// task spawned on the runtime of the commit that opened the group, which blocks
-/// that worker thread for the flush (src/engine/local.rs); a commit made from
+/// that worker thread for the flush (src/engine/local/mod.rs); a commit made from
 /// another runtime meanwhile waits for that task, so a runtime left undriven
 /// would hold it up.
 pub struct Engine {
     cfg: EngineConfig,
     local: Local,
-    mirror: Mirror,
+    /// The object-store tier: the authoritative ceilings, which leases raise.
+    store: CeilingStore,
     primary: Arc<NsEntry>,
     forks: RwLock<BTreeMap<ForkId, Arc<NsEntry>>>,
     /// Serialises fork creation and discovery, so one daemon never creates or adopts
@@ -146,7 +147,7 @@ pub struct Engine {
     /// Set once the root's recorded fork-id mode is known to be ours.
     mode_settled: tokio::sync::OnceCell<()>,
     /// Held for the engine's life on `file://` roots.
-    _root_lock: Option<root_lock::RootLock>,
+    _root_lock: Option<store::root_lock::RootLock>,
     /// Both tiers on one disk (the mirror is inside the data directory).
     shared_disk: bool,
     me: Weak<Engine>,
@@ -188,7 +189,7 @@ fn store_err(e: StoreError, retry_after_ms: u64) -> ServiceError {
 /// that never lowers a counter.
 fn broken_message(path: &str, reason: &str) -> String {
     let fork = path
-        .strip_prefix(&format!("{}/", manifest::FORKS_DIR))
+        .strip_prefix(&format!("{}/", store::manifest::FORKS_DIR))
         .and_then(|rest| rest.split('/').next())
         .map(|f| format!("--fork {f} "))
         .unwrap_or_default();
@@ -304,7 +305,7 @@ impl Engine {
     /// The namespace's HWM as a reply (`root_wide` from the writer mode).
     fn hwm_of(&self, entry: &NsEntry) -> Hwm {
         Hwm {
-            root_wide: self.mirror.mode() == WriterMode::SingleWriter,
+            root_wide: self.store.mode() == WriterMode::SingleWriter,
             ..entry.hwm()
         }
     }
@@ -403,7 +404,7 @@ impl Engine {
 
     /// The object store as this daemon last found it.
     pub fn mirror_health(&self) -> crate::protocol::MirrorHealth {
-        self.mirror.health()
+        self.store.health()
     }
 
     /// Every namespace as the metrics sampler reads it: no store call, no
@@ -430,15 +431,15 @@ impl Engine {
     fn status_with(&self, namespaces: Vec<crate::protocol::NamespaceStatus>) -> Status {
         let mut warnings = Vec::new();
         if self.shared_disk {
-            warnings.push(shared_disk_warning(self.mirror.display_url()));
+            warnings.push(shared_disk_warning(self.store.display_url()));
         }
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
-            mode: self.mirror.mode(),
+            mode: self.store.mode(),
             fork_ids: self.cfg.fork_ids,
-            object_store: self.mirror.display_url().to_string(),
-            mirror: self.mirror.health(),
+            object_store: self.store.display_url().to_string(),
+            mirror: self.store.health(),
             namespaces_total: 1 + self.forks.read().unwrap().len() as u64,
             namespaces,
             warnings,
@@ -451,7 +452,7 @@ impl Engine {
     }
 
     /// Whether reservations come from one writer at a time (see
-    /// [`Local::lone_writer`]): then latency is all that counts, and the server
+    /// `Local::lone_writer`): then latency is all that counts, and the server
     /// busy-polls for the next request.
     pub fn lone_writer(&self) -> bool {
         self.local.lone_writer()
@@ -459,12 +460,12 @@ impl Engine {
 
     /// Single- or multi-writer.
     pub fn mode(&self) -> WriterMode {
-        self.mirror.mode()
+        self.store.mode()
     }
 
     /// The object-store URL without secrets.
     pub fn store_url(&self) -> &str {
-        self.mirror.display_url()
+        self.store.display_url()
     }
 
     /// Every namespace, primary first.

@@ -18,7 +18,7 @@ use crate::protocol::{CounterStatus, ForkInfo, Hwm, NamespaceStatus};
 
 use super::counter::Counter;
 use super::local::{ns_key, NsRecord, Snapshot};
-use super::manifest::{path_for, ForkMeta};
+use super::store::manifest::{path_for, ForkMeta};
 use super::store::Versioned;
 
 /// The mutable part of a namespace.
@@ -36,7 +36,7 @@ pub struct NsState {
 
 /// What this daemon last knew of the namespace's manifest.
 #[derive(Default)]
-pub struct MirrorState {
+pub struct CeilingState {
     /// The manifest and version from our last read or winning write; `None` when
     /// unknown (never read, or a write's outcome was ambiguous).
     pub cached: Option<Versioned>,
@@ -77,7 +77,7 @@ pub struct NsEntry {
     /// Counters and fork metadata.
     pub state: Mutex<NsState>,
     /// Serialises manifest reads and writes for this namespace.
-    pub mirror: tokio::sync::Mutex<MirrorState>,
+    pub ceiling: tokio::sync::Mutex<CeilingState>,
     /// Whether the manifest has been checked against local state since start.
     pub verified: AtomicBool,
     /// Whether a background lease is being taken, per kind.
@@ -97,7 +97,7 @@ impl NsEntry {
             created_by: Mutex::new(None),
             key: ns_key(ns.fork().map(|f| f.value())),
             state: Mutex::new(state),
-            mirror: tokio::sync::Mutex::new(MirrorState::default()),
+            ceiling: tokio::sync::Mutex::new(CeilingState::default()),
             verified: AtomicBool::new(verified),
             prefetching: [AtomicBool::new(false), AtomicBool::new(false)],
             lease_len: [AtomicU64::new(0), AtomicU64::new(0)],

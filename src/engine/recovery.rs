@@ -31,12 +31,12 @@ use crate::namespace::Namespace;
 use crate::protocol::WriterMode;
 
 use super::counter::Counter;
-use super::life_mark::{self, Mark};
+use super::local::life_mark::{self, Mark};
 use super::local::{Local, MetaRecord};
-use super::manifest::{fork_from_dir, ForkMeta};
 use super::ns::{NsEntry, NsState};
-use super::root_lock::RootLock;
-use super::store::{Mirror, RetryPolicy, StoreHandle};
+use super::store::manifest::{fork_from_dir, ForkMeta};
+use super::store::root_lock::RootLock;
+use super::store::{CeilingStore, RetryPolicy, StoreHandle};
 use super::{Engine, EngineConfig, OpenError};
 
 /// Store reads in flight at once during recovery.
@@ -55,7 +55,7 @@ fn read_boot_id(path: &std::path::Path) -> String {
 pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<Engine>, OpenError> {
     cfg.validate()
         .map_err(|(key, reason)| OpenError::InvalidConfig(format!("{key}: {reason}")))?;
-    let mirror = Mirror::new(
+    let mirror = CeilingStore::new(
         store,
         RetryPolicy {
             timeout: cfg.store_timeout,
@@ -74,7 +74,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         ),
     }
     if mirror.mode() == WriterMode::MultiWriter && cfg.store_startup_check {
-        use super::store_check::{check, Outcome, ProbeSize};
+        use super::store::check::{check, Outcome, ProbeSize};
         let probe = check(
             mirror.raw_store(),
             &[],
@@ -192,7 +192,7 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
     let engine = Arc::new_cyclic(|me| Engine {
         cfg,
         local,
-        mirror,
+        store: mirror,
         primary,
         forks: std::sync::RwLock::new(forks),
         bootstrap_lock: tokio::sync::Mutex::new(()),
@@ -342,7 +342,7 @@ fn new_primary() -> Arc<NsEntry> {
 /// Empty sled: every fork under `catalog/forks/` is registered, to resume above
 /// its ceilings once verified (one entry per 128-bit value, whichever spellings
 /// it has). The primary is `new_primary`.
-async fn adopt_all(mirror: &Mirror) -> Result<BTreeMap<ForkId, Arc<NsEntry>>, OpenError> {
+async fn adopt_all(mirror: &CeilingStore) -> Result<BTreeMap<ForkId, Arc<NsEntry>>, OpenError> {
     let dirs = mirror.list_fork_dirs().await?;
     let mut forks: BTreeMap<ForkId, Arc<NsEntry>> = BTreeMap::new();
     for d in dirs {
@@ -388,7 +388,7 @@ impl Engine {
             deadline,
             futures::stream::iter(entries)
                 .map(|e| async move {
-                    let mut ms = e.mirror.lock().await;
+                    let mut ms = e.ceiling.lock().await;
                     if let Err(err) = self.checkpoint_locked(&e, &mut ms).await {
                         tracing::warn!(namespace = %e.ns, error = %err, "could not give the unused lease back; it stays recorded locally");
                     }

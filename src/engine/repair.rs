@@ -21,7 +21,7 @@ use crate::namespace::{Kind, Namespace};
 use crate::protocol::RepairReport;
 
 use super::forks::{claim_path, other_spelling, Claim};
-use super::manifest::{path_for, ForkMeta, Manifest};
+use super::store::manifest::{path_for, ForkMeta, Manifest};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
@@ -52,7 +52,7 @@ impl Engine {
                             let mut spelling = id;
                             for s in [id, other_spelling(id)] {
                                 let there = self
-                                    .mirror
+                                    .store
                                     .read_bytes(&path_for(&Namespace::Fork(s)))
                                     .await
                                     .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -69,10 +69,10 @@ impl Engine {
             }
         };
         let hint = self.retry_hint_ms();
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         let path = entry.path();
         let raw = self
-            .mirror
+            .store
             .read_bytes(&path)
             .await
             .map_err(|e| store_err(e, hint))?;
@@ -103,7 +103,7 @@ impl Engine {
             let alt_path = path_for(&Namespace::Fork(alt));
             // The other spelling is evidence only if it parses; a broken one is
             // repaired by naming that spelling.
-            if let Ok(Some(v)) = self.mirror.read(&alt_path).await {
+            if let Ok(Some(v)) = self.store.read(&alt_path).await {
                 raise(
                     format!("{alt_path}"),
                     [v.manifest.next_vid_batch, v.manifest.next_eid_batch],
@@ -158,13 +158,13 @@ impl Engine {
                 &mut evidence,
             );
             let dirs = self
-                .mirror
+                .store
                 .list_fork_dirs()
                 .await
                 .map_err(|e| store_err(e, self.retry_hint_ms()))?;
             for dir in dirs {
-                let p = super::manifest::fork_path(&dir);
-                if let Ok(Some(v)) = self.mirror.read(&p).await {
+                let p = super::store::manifest::fork_path(&dir);
+                if let Ok(Some(v)) = self.store.read(&p).await {
                     raise(
                         format!("{p} (tree mode)"),
                         [v.manifest.next_vid_batch, v.manifest.next_eid_batch],
@@ -227,8 +227,8 @@ impl Engine {
         // Replace exactly what was read (its version), whatever it held: a
         // concurrent writer makes this fail rather than be overwritten.
         let written = match &raw {
-            None => self.mirror.write(&path, &m, None).await,
-            Some((_, version)) => self.mirror.write(&path, &m, Some(version)).await,
+            None => self.store.write(&path, &m, None).await,
+            Some((_, version)) => self.store.write(&path, &m, Some(version)).await,
         }
         .map_err(|e| store_err(e, hint))?;
         let version = match written {
@@ -270,7 +270,7 @@ impl Engine {
         let hint = self.retry_hint_ms();
         let path = claim_path(id);
         let Some((_, version)) = self
-            .mirror
+            .store
             .read_bytes(&path)
             .await
             .map_err(|e| store_err(e, hint))?
@@ -283,7 +283,7 @@ impl Engine {
             manifest: Manifest::new(0, 0),
         };
         let bytes = serde_json::to_vec_pretty(&claim).expect("claim serialises");
-        self.mirror
+        self.store
             .replace_bytes(&path, bytes, &version)
             .await
             .map_err(|e| store_err(e, hint))?;

@@ -26,8 +26,8 @@ use crate::protocol::ForkIds;
 
 use super::forks::CLAIMS_DIR;
 use super::lease::manifest_to_rewrite;
-use super::ns::{MirrorState, NsEntry};
-use super::store::{Mirror, StoreError, Versioned, Written};
+use super::ns::{CeilingState, NsEntry};
+use super::store::{CeilingStore, StoreError, Versioned, Written};
 use super::{store_err, Engine, OpenError};
 
 /// Where a root records how it counts fork ids (outside `catalog/`).
@@ -55,7 +55,7 @@ fn mode_path() -> Path {
 
 /// Read the root's recorded mode; `None` when it records none yet.
 async fn read_mode(
-    mirror: &Mirror,
+    mirror: &CeilingStore,
 ) -> Result<Option<(ModeRecord, object_store::UpdateVersion)>, StoreError> {
     let Some((bytes, version)) = mirror.read_bytes(&mode_path()).await? else {
         return Ok(None);
@@ -76,7 +76,7 @@ fn mode_bytes(mode: ForkIds, settled: bool) -> Vec<u8> {
 }
 
 /// Whether the root has any fork (a manifest or a creation claim).
-async fn root_has_forks(mirror: &Mirror) -> Result<bool, StoreError> {
+async fn root_has_forks(mirror: &CeilingStore) -> Result<bool, StoreError> {
     if !mirror.list_fork_dirs().await?.is_empty() {
         return Ok(true);
     }
@@ -92,7 +92,7 @@ async fn root_has_forks(mirror: &Mirror) -> Result<bool, StoreError> {
 /// the switch sees the fork (and puts the old mode back) or that daemon sees the
 /// record (and serves nothing of its fork). Only then is the record settled; an
 /// interrupted switch is finished (or refused) by the next check.
-pub(super) async fn settle_mode(mirror: &Mirror, want: ForkIds) -> Result<(), OpenError> {
+pub(super) async fn settle_mode(mirror: &CeilingStore, want: ForkIds) -> Result<(), OpenError> {
     for _ in 0..MAX_CONFLICTS {
         let recorded = read_mode(mirror).await?;
         match recorded {
@@ -193,7 +193,7 @@ impl Engine {
     pub(super) async fn ensure_mode(&self) -> Result<(), ServiceError> {
         self.mode_settled
             .get_or_try_init(|| async {
-                settle_mode(&self.mirror, self.cfg.fork_ids)
+                settle_mode(&self.store, self.cfg.fork_ids)
                     .await
                     .map_err(|e| match e {
                         OpenError::StoreUnreachable(m) => {
@@ -215,7 +215,7 @@ impl Engine {
     /// a daemon already serving forks is never switched under).
     pub(super) async fn mode_unchanged(&self) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
-        match read_mode(&self.mirror).await.map_err(|e| store_err(e, hint))? {
+        match read_mode(&self.store).await.map_err(|e| store_err(e, hint))? {
             Some((rec, _)) if rec.fork_ids != self.cfg.fork_ids => {
                 Err(ServiceError::Internal(format!(
                     "{MODE_PATH} now says fork_ids = \"{}\" but this daemon runs with \"{}\": restart it with the root's setting",
@@ -236,7 +236,7 @@ impl Engine {
     pub(super) async fn take_tree_lease(
         &self,
         entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
         kind: Kind,
         need: u64,
     ) -> Result<(), ServiceError> {
@@ -255,7 +255,7 @@ impl Engine {
             let fork_ceiling = fork_cur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
             // 1. Win [start, end) on the tree's sequence.
             let (start, end) = {
-                let mut pms = self.primary.mirror.lock().await;
+                let mut pms = self.primary.ceiling.lock().await;
                 let ppath = self.primary.path();
                 let pcur = self.read_cached(&mut pms, &ppath).await?;
                 let pceiling = pcur.as_ref().map_or(0, |v| v.manifest.ceiling(kind));
@@ -275,7 +275,7 @@ impl Engine {
                 ends[1 - kind.index()] =
                     entry.state.lock().unwrap().counters[1 - kind.index()].owned_end();
                 let (written, recorded) = futures::join!(
-                    self.mirror
+                    self.store
                         .write(&ppath, &m, pcur.as_ref().map(|v| &v.version)),
                     self.record_lease(&entry.ns, ms.recorded, ends)
                 );
@@ -330,7 +330,7 @@ impl Engine {
                 m.set_ceiling(kind, end);
                 m.set_ceiling(other, m.ceiling(other).max(other_owned));
                 match self
-                    .mirror
+                    .store
                     .write(&fork_path, &m, cur.as_ref().map(|v| &v.version))
                     .await
                 {
@@ -370,14 +370,14 @@ impl Engine {
     /// The manifest at `path` as last known under `ms`, read if unknown.
     pub(super) async fn read_cached(
         &self,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
         path: &Path,
     ) -> Result<Option<Versioned>, ServiceError> {
         if let Some(v) = &ms.cached {
             return Ok(Some(v.clone()));
         }
         let v = self
-            .mirror
+            .store
             .read(path)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -389,7 +389,7 @@ impl Engine {
     pub(super) async fn honour_tombstone(
         &self,
         entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
         cur: Option<&Versioned>,
     ) -> Result<(), ServiceError> {
         let Some(meta) = cur.and_then(|v| v.manifest.fork_meta()) else {

@@ -26,8 +26,8 @@ use crate::protocol::{ForkIds, WriterMode};
 
 use super::forks::{claim_path, other_spelling, Claim};
 use super::lease::manifest_to_rewrite;
-use super::manifest::{path_for, ForkMeta, Manifest};
-use super::ns::{MirrorState, NsEntry};
+use super::ns::{CeilingState, NsEntry};
+use super::store::manifest::{path_for, ForkMeta, Manifest};
 use super::store::{Versioned, Written};
 use super::{store_err, Engine};
 
@@ -103,7 +103,7 @@ impl Engine {
         if entry.verified.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut ms = entry.mirror.lock().await;
+        let mut ms = entry.ceiling.lock().await;
         if entry.verified.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -123,7 +123,7 @@ impl Engine {
     async fn evidence(&self, entry: &Arc<NsEntry>) -> Result<Evidence, ServiceError> {
         let hint = self.retry_hint_ms();
         let read = |p: object_store::path::Path| async move {
-            self.mirror.read(&p).await.map_err(|e| store_err(e, hint))
+            self.store.read(&p).await.map_err(|e| store_err(e, hint))
         };
         let Some(id) = entry.fork() else {
             return Ok(Evidence {
@@ -202,7 +202,7 @@ impl Engine {
             manifest: Manifest::new(0, 0),
         };
         let bytes = serde_json::to_vec_pretty(&claim).expect("claim serialises");
-        self.mirror
+        self.store
             .create_bytes(&claim_path(id), bytes)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -219,7 +219,7 @@ impl Engine {
     pub(super) async fn verify(
         &self,
         entry: &Arc<NsEntry>,
-        ms: &mut MirrorState,
+        ms: &mut CeilingState,
     ) -> Result<(), ServiceError> {
         let hint = self.retry_hint_ms();
         for _ in 0..MAX_CONFLICTS {
@@ -258,7 +258,7 @@ impl Engine {
                     if stale {
                         c.jump_to(ceiling);
                     } else if ceiling > owned.max(forks_owned[kind.index()])
-                        && self.mirror.mode() == WriterMode::SingleWriter
+                        && self.store.mode() == WriterMode::SingleWriter
                     {
                         tracing::warn!(
                             namespace = %entry.ns, %kind, local = owned, manifest = ceiling,
@@ -294,7 +294,7 @@ impl Engine {
                     }
                 }
                 match self
-                    .mirror
+                    .store
                     .write(&path, &m, ev.cur.as_ref().map(|v| &v.version))
                     .await
                     .map_err(|e| store_err(e, hint))?

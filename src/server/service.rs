@@ -94,7 +94,7 @@ const WRITER_STORE_ERROR: &str =
     "the object store cannot be reached right now; the detail is in the daemon's log and in an admin's idallocctl status";
 
 /// `status` as a writer may see it: store errors replaced by
-/// [`WRITER_STORE_ERROR`].
+/// `WRITER_STORE_ERROR`.
 pub fn status_for_writer(mut st: Status) -> Status {
     if st.mirror.last_error.is_some() {
         st.mirror.last_error = Some(WRITER_STORE_ERROR.into());

@@ -1,5 +1,6 @@
-//! The sled tier: where grants are made durable, and the group committer that
-//! makes them durable together.
+//! The sled tier: where grants are made durable, the group committer that makes
+//! them durable together, and the life mark ([`life_mark`]) that says whether
+//! sled can be trusted at the next start.
 //!
 //! Invariant protected: *durable before reply* (2). Every reservation waits for a
 //! `flush()` that happened after its grant was written. A commit joins a queue;
@@ -18,7 +19,7 @@
 //! older one.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -27,8 +28,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::counter::Counter;
-use super::manifest::ForkMeta;
+use super::store::manifest::ForkMeta;
 use super::OpenError;
+
+pub(super) mod life_mark;
 
 /// One namespace as sled keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,8 +86,6 @@ pub struct Loaded {
     pub meta: Option<MetaRecord>,
     /// Every namespace record.
     pub records: Vec<NsRecord>,
-    /// Where a corrupt database was moved, if one was.
-    pub moved_aside: Option<PathBuf>,
 }
 
 /// The local, hot tier.
@@ -166,7 +167,6 @@ impl Local {
             path: dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        let mut moved_aside = None;
         let db = match open_sled(dir, cache_bytes) {
             Ok(db) => db,
             Err(e) if is_lock_error(&e) => {
@@ -191,14 +191,13 @@ impl Local {
                     path: dir.display().to_string(),
                     reason: format!("cannot be opened ({e}) nor moved aside ({e2})"),
                 })?;
-                moved_aside = Some(aside);
                 open_sled(dir, cache_bytes).map_err(|e| OpenError::DataDir {
                     path: dir.display().to_string(),
                     reason: e.to_string(),
                 })?
             }
         };
-        let loaded = load(&db, moved_aside).map_err(|reason| OpenError::DataDir {
+        let loaded = load(&db).map_err(|reason| OpenError::DataDir {
             path: dir.display().to_string(),
             reason,
         })?;
@@ -309,7 +308,7 @@ fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-fn load(db: &sled::Db, moved_aside: Option<PathBuf>) -> Result<Loaded, String> {
+fn load(db: &sled::Db) -> Result<Loaded, String> {
     let meta = match db.get(META_KEY).map_err(|e| e.to_string())? {
         None => None,
         Some(v) => Some(serde_json::from_slice(&v).map_err(|e| format!("meta record: {e}"))?),
@@ -321,11 +320,7 @@ fn load(db: &sled::Db, moved_aside: Option<PathBuf>) -> Result<Loaded, String> {
             .map_err(|e| format!("record {}: {e}", String::from_utf8_lossy(&k)))?;
         records.push(rec);
     }
-    Ok(Loaded {
-        meta,
-        records,
-        moved_aside,
-    })
+    Ok(Loaded { meta, records })
 }
 
 /// Owned by a group task from before it is spawned, so that a task dropped

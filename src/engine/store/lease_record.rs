@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ServiceError;
 use crate::namespace::{Kind, Namespace};
 
-use super::{store_err, Engine};
+use crate::engine::{store_err, Engine};
 
 /// Where lease records live, outside `catalog/` (the reference reader's tree).
 pub const LEASES_DIR: &str = "idalloc/leases";
@@ -53,7 +53,7 @@ fn ns_dir(ns: &Namespace) -> String {
 
 /// What the records under a prefix say: per kind the highest end, and the
 /// records read (path and values) for the repair's report.
-pub(super) struct Recorded {
+pub(in crate::engine) struct Recorded {
     pub ends: [u64; 2],
     pub records: Vec<(String, [u64; 2])>,
 }
@@ -64,10 +64,10 @@ impl Engine {
     }
 
     /// Write this daemon's record of `ns` so that it covers `ends` and `prev`
-    /// (what it said before in this life, from `MirrorState::recorded`), and
+    /// (what it said before in this life, from `CeilingState::recorded`), and
     /// return what it says now. A lease is installed only after this returned
     /// `Ok` for its end.
-    pub(super) async fn record_lease(
+    pub(in crate::engine) async fn record_lease(
         &self,
         ns: &Namespace,
         prev: Option<[u64; 2]>,
@@ -84,7 +84,7 @@ impl Engine {
             data_dir: self.cfg.data_dir.display().to_string(),
         };
         let bytes = serde_json::to_vec_pretty(&rec).expect("lease record serialises");
-        self.mirror
+        self.store
             .overwrite_bytes(&self.record_path(ns), bytes)
             .await
             .map_err(|e| store_err(e, self.retry_hint_ms()))?;
@@ -94,14 +94,14 @@ impl Engine {
     /// The highest ends recorded by any daemon for `ns`, or, with `ns = None`,
     /// for every namespace of the root (tree mode's one sequence). A record that
     /// cannot be parsed is an error naming it: a repair never guesses.
-    pub(super) async fn recorded_leases(
+    pub(in crate::engine) async fn recorded_leases(
         &self,
         ns: Option<&Namespace>,
     ) -> Result<Recorded, ServiceError> {
         let hint = self.retry_hint_ms();
         let prefix = Path::from(ns.map_or_else(|| LEASES_DIR.to_string(), ns_dir));
         let paths = self
-            .mirror
+            .store
             .list_paths(&prefix)
             .await
             .map_err(|e| store_err(e, hint))?;
@@ -111,7 +111,7 @@ impl Engine {
         };
         for path in paths {
             let Some((bytes, _)) = self
-                .mirror
+                .store
                 .read_bytes(&path)
                 .await
                 .map_err(|e| store_err(e, hint))?

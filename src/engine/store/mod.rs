@@ -1,5 +1,9 @@
-//! The object-store tier: building a store from a URL, and the `Mirror` through
-//! which the engine reads and conditionally writes manifests.
+//! The object-store tier, which holds the authoritative ceilings: building a
+//! store from a URL (and redacting it), the [`CeilingStore`] through which the
+//! engine reads and conditionally writes manifests, the manifests themselves
+//! ([`manifest`]), every daemon's lease records (`lease_record`), the lock of a
+//! `file://` root (`root_lock`) and the probe of a store's conditional writes
+//! ([`check`]).
 //!
 //! Invariants protected: *never guess* (8) — "not found" is recognised by the
 //! error's type (`object_store::Error::NotFound`), never by its text, and any other
@@ -18,8 +22,13 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use crate::protocol::{MirrorHealth, WriterMode};
 
-use super::manifest::{Manifest, FORKS_DIR};
 use super::OpenError;
+use manifest::{Manifest, FORKS_DIR};
+
+pub mod check;
+mod lease_record;
+pub mod manifest;
+pub(super) mod root_lock;
 
 /// An object store ready for the engine: the store (already rooted at the
 /// configured prefix), its writer mode, and how to name it in logs.
@@ -319,7 +328,7 @@ pub enum StoreError {
 /// The longest pause between two attempts of one store call.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 
-/// object_store's own retries, off: [`Mirror`] retries with its own policy and
+/// object_store's own retries, off: [`CeilingStore`] retries with its own policy and
 /// time-out per attempt, and a second layer of retries inside would multiply the
 /// attempts and hide the real cause behind "retries exhausted".
 fn no_inner_retries() -> object_store::RetryConfig {
@@ -348,7 +357,7 @@ struct Health {
 }
 
 /// The engine's view of the object store.
-pub struct Mirror {
+pub struct CeilingStore {
     handle: StoreHandle,
     policy: RetryPolicy,
     health: Mutex<Health>,
@@ -360,10 +369,10 @@ enum Attempt<T> {
     Fatal(StoreError),
 }
 
-impl Mirror {
+impl CeilingStore {
     /// Wrap a store handle with a retry policy.
     pub fn new(handle: StoreHandle, policy: RetryPolicy) -> Self {
-        Mirror {
+        CeilingStore {
             handle,
             policy,
             health: Mutex::new(Health {

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::OpenError;
 
@@ -21,7 +21,6 @@ pub const LOCK_FILE: &str = ".idallocd.lock";
 #[derive(Debug)]
 pub struct RootLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl RootLock {
@@ -64,12 +63,7 @@ impl RootLock {
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
         file.write_all(note.as_bytes()).map_err(io)?;
-        Ok(RootLock { _file: file, path })
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(RootLock { _file: file })
     }
 }
 
