@@ -16,8 +16,6 @@
 //!   `DESIGN.md`.
 //! - `server` (feature `server`): the daemon around the engine — config, listeners,
 //!   the tarpc service, systemd notifications, metrics, graceful shutdown.
-//! - `faults` (feature `server`, hidden): a fault-injecting `ObjectStore` wrapper
-//!   for the tests; not API.
 
 #![warn(missing_docs)]
 
@@ -25,9 +23,6 @@ pub use idalloc_client::{client, endpoint, error, fork_id, namespace, protocol, 
 
 #[cfg(feature = "server")]
 pub mod engine;
-#[cfg(feature = "server")]
-#[doc(hidden)]
-pub mod faults;
 #[cfg(feature = "server")]
 pub mod server;
 

@@ -1,10 +1,10 @@
-//! Who may do what, attacked through the real daemon (issue 29): the role plain
+//! Who may do what, attacked through the real daemon: the role plain
 //! TCP gets, identity taken when the peer connected, refusals that reach the
 //! peer in one line, the audit log, redaction, and the connection limits that
 //! keep the unauthenticated from starving writers. The tests run as root, so they
 //! can act as other uids (a child process drops to them).
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -225,7 +225,6 @@ fn supplementary_groups_count_where_proc_is_hidden() {
         .unwrap();
     let mut d = Daemon {
         child,
-        dir: dir.path().to_path_buf(),
         socket: socket.clone(),
         tcp: String::new(),
         stderr_path,
@@ -461,7 +460,6 @@ fn the_open_file_limit_is_raised_to_fit_max_connections() {
         .unwrap();
     let mut d = Daemon {
         child,
-        dir: dir.path().to_path_buf(),
         socket,
         tcp: String::new(),
         stderr_path,
@@ -553,7 +551,6 @@ fn the_daemons_own_uid_need_not_be_admin_and_uids_may_be_integers() {
         .unwrap();
     let mut d = Daemon {
         child,
-        dir: dir.path().to_path_buf(),
         socket,
         tcp: String::new(),
         stderr_path,

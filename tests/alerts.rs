@@ -5,7 +5,7 @@
 //! docs/metrics.md, a live scrape, the rules and the Grafana dashboard name the
 //! same metrics.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

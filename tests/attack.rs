@@ -1,16 +1,16 @@
-//! Attacks on the rule-9 / fork-claim / power-cut fix (commit 9104599): each test
+//! Attacks on giving ids back (rule 9), fork claims and power cuts: each test
 //! is one interleaving that the contract (DESIGN.md) forbids to go wrong, named
 //! after what it tries. Engine-level, `InMemory` (multi-writer) stores.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::faults::{Fault, Op};
 use common::*;
-use idalloc::engine::{FloorAuthority, StoreHandle};
-use idalloc::faults::{Fault, FaultControl, FaultyStore, Op};
-use idalloc::protocol::{IdRange, WriterMode};
+use idalloc::engine::FloorAuthority;
+use idalloc::protocol::IdRange;
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -40,29 +40,6 @@ fn claim_path(f: ForkId) -> String {
 
 fn ulid_of(f: ForkId) -> ForkId {
     ForkId::parse(&f.with_form(IdForm::Ulid).text()).unwrap()
-}
-
-fn faulty() -> (Arc<dyn ObjectStore>, Arc<FaultControl>, StoreHandle) {
-    let (inner, _) = memory_store();
-    let (f, ctl) = FaultyStore::wrap(inner.clone());
-    let h = StoreHandle::custom(f, WriterMode::MultiWriter, "memory://faulty");
-    (inner, ctl, h)
-}
-
-/// Ranges named by who got them; panics naming the two that overlap.
-fn assert_disjoint_named(got: &[(&str, IdRange)], what: &str) {
-    let mut v = got.to_vec();
-    v.sort_by_key(|(_, r)| (r.start, r.end));
-    for w in v.windows(2) {
-        assert!(
-            w[0].1.end <= w[1].1.start,
-            "{what}: {} got {:?} and {} got {:?}: one id handed out twice (all: {got:?})",
-            w[0].0,
-            w[0].1,
-            w[1].0,
-            w[1].1
-        );
-    }
 }
 
 /// Power cut after an unclean life, then a clean stop *before* the stale fork was
@@ -99,7 +76,7 @@ async fn a_clean_stop_before_a_stale_fork_is_verified_gives_back_granted_ids() {
     let hwm = e.hwm(Namespace::Fork(f)).await.unwrap();
     got.push(e.reserve(Namespace::Fork(f), Kind::Vid, 5).await.unwrap());
     let named: Vec<(&str, IdRange)> = got.iter().map(|r| ("life", *r)).collect();
-    assert_disjoint_named(&named, "fork vid after cut + clean stop");
+    crate::common::assert_disjoint_named(&named, "fork vid after cut + clean stop");
     assert!(
         hwm.next_vid >= top,
         "hwm {} below the {top} granted before the cut",
@@ -152,7 +129,7 @@ async fn two_daemons_settle_a_two_spelling_fork_on_two_spellings() {
     let sb = b.hwm(Namespace::Fork(second)).await.unwrap().fork;
     let claim: serde_json::Value =
         serde_json::from_slice(&get(&store, &claim_path(u)).await).unwrap();
-    assert_disjoint_named(
+    crate::common::assert_disjoint_named(
         &got,
         &format!(
             "fork vid (A writes {sa:?}, B writes {sb:?}, the claim names {})",
@@ -221,7 +198,7 @@ async fn legacy_two_spelling_fork_with_live_leases_keeps_overlapping_after_upgra
             );
         }
     }
-    assert_disjoint_named(&got, "fork vid after the upgrade");
+    crate::common::assert_disjoint_named(&got, "fork vid after the upgrade");
 }
 
 /// A fork created under its ULID spelling; its claim is later damaged. Daemon B,
@@ -262,7 +239,7 @@ async fn repair_by_the_other_spelling_of_a_broken_claim_splits_the_fork() {
             b.reserve(Namespace::Fork(u), Kind::Vid, 4).await.unwrap(),
         ));
     }
-    assert_disjoint_named(&got, "fork vid after a repair by the other spelling");
+    crate::common::assert_disjoint_named(&got, "fork vid after a repair by the other spelling");
 }
 
 /// One fork's damaged claim stops `discover_forks` at that fork (`?` in the
@@ -298,7 +275,7 @@ async fn one_broken_claim_hides_the_other_forks_from_discovery() {
 #[tokio::test]
 async fn claim_won_then_manifest_write_failed_nobody_is_told_created() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let a = open(env.config("a", 10), &h).await.unwrap();
     let f = ForkId::generate();
     // The first put (the claim) goes through; the next two (the manifest and its
@@ -404,6 +381,6 @@ async fn reserve_checkpoint_prefetch_and_reports_racing_on_two_daemons() {
             .filter(|(_, n, _)| *n == ns)
             .map(|(w, _, r)| (*w, *r))
             .collect();
-        assert_disjoint_named(&got, &format!("{ns:?} vid"));
+        crate::common::assert_disjoint_named(&got, &format!("{ns:?} vid"));
     }
 }

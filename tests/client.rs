@@ -2,7 +2,7 @@
 //! unique across tasks and across a daemon restart, typed errors, deadlines,
 //! reconnects, fork listing and drops.
 
-mod client_support;
+use crate::client_support;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -4,20 +4,22 @@
 //!
 //! `IDALLOC_SOAK_CYCLES` sets the number of crash cycles (default 30 per variant).
 
-mod daemon_support;
-mod s3_support;
+use crate::common;
+use crate::daemon_support;
+use crate::s3_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::copy_dir;
 use daemon_support::{Daemon, Opts};
 use idalloc::client::{AllocatorConfig, Client, ClientConfig};
 use idalloc::protocol::BootstrapRequest;
 use idalloc::Kind;
 use rand::Rng;
-use s3_support::{copy_dir, Ledger, Moto};
+use s3_support::{Ledger, Moto};
 
 const FORK: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
 
@@ -271,7 +273,7 @@ fn crash_loop_lone_writer_on_file_store() {
     file_store_crash_loop(1, "lone-writer");
 }
 
-/// Issue 3's scenario with the real client library: 8 writer tasks with cached,
+/// A daemon killed under load from the real client library: 8 writer tasks with cached,
 /// prefetching allocators; the daemon is killed with SIGKILL and restarted under
 /// them; every id from both lives is unique.
 #[test]

@@ -2,7 +2,7 @@
 //! TCP, bad frames, typed errors, socket takeover rules, readiness, graceful shutdown
 //! under load, and the metrics endpoint.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -97,7 +97,7 @@ async fn every_rpc_over_unix_and_tcp() {
         ranges.push(u.reserve(ctx(), None, Kind::Vid, 3).await.unwrap().unwrap());
         ranges.push(t.reserve(ctx(), None, Kind::Vid, 3).await.unwrap().unwrap());
     }
-    assert_disjoint(&mut ranges);
+    crate::common::assert_disjoint(&ranges, "ranges");
     drop((d, d2));
 }
 
@@ -346,7 +346,7 @@ fn sigterm_under_load(extra_toml: &str) {
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(30);
     assert!(status.success(), "exit {status}:\n{}", d.stderr());
-    let mut ranges: Vec<IdRange> = rt.block_on(async {
+    let ranges: Vec<IdRange> = rt.block_on(async {
         let mut all = vec![];
         for w in workers {
             all.extend(w.await.unwrap());
@@ -358,7 +358,7 @@ fn sigterm_under_load(extra_toml: &str) {
         "load was applied: {} ranges",
         ranges.len()
     );
-    assert_disjoint(&mut ranges);
+    crate::common::assert_disjoint(&ranges, "ranges");
     let max_end = ranges.iter().map(|r| r.end).max().unwrap();
     // Clean shutdown lowers the manifest to what was granted: every granted id was
     // delivered, none beyond.
@@ -896,8 +896,8 @@ fn writers_keep_connecting_while_a_socket_activated_daemon_restarts() {
         "both lives served: {} then {after}",
         got.len() - after
     );
-    let mut ranges: Vec<IdRange> = got.iter().map(|(_, r)| *r).collect();
-    assert_disjoint(&mut ranges);
+    let ranges: Vec<IdRange> = got.iter().map(|(_, r)| *r).collect();
+    crate::common::assert_disjoint(&ranges, "ranges");
     drop(listener);
 }
 
@@ -976,7 +976,7 @@ fn fork_merge_through_idallocctl_raises_the_primary_above_the_fork() {
     );
 }
 
-/// Rule 3's bound on a caller's floor (issue 29): in tree mode a writer's
+/// Rule 3's bound on a caller's floor: in tree mode a writer's
 /// bootstrap with a floor near `u64::MAX` would move the whole tree's sequence
 /// there for good, so a writer's floor may be at most `max_count` above the
 /// parent's high-water mark; further up is the admin's decision.

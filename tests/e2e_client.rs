@@ -3,7 +3,7 @@
 //! TCP. Also the client cache under daemon restarts (SIGTERM and `kill -9`), the
 //! `examples/writer.rs` program, and the README quickstart (no arguments, empty cwd).
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use daemon_support::{assert_disjoint, free_port, scrape, series, Daemon, Opts};
+use daemon_support::{free_port, scrape, series, Daemon, Opts};
 use idalloc::client::{AllocatorConfig, Client, ClientConfig, ClientError};
 use idalloc::protocol::BootstrapRequest;
 use idalloc::{IdRange, Kind, ServiceError};
@@ -380,7 +380,7 @@ async fn busy_polling_on_both_sides_changes_no_range() {
         }
     }
     assert_eq!(all.len(), 2 * (300 + 16 * 50));
-    assert_disjoint(&mut all);
+    crate::common::assert_disjoint(&all, "ranges");
     let metrics = metrics.clone();
     let body = tokio::task::spawn_blocking(move || scrape(&metrics))
         .await
@@ -545,7 +545,7 @@ async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
         all.extend(t.await.unwrap());
     }
     assert!(client.reconnects() >= 1);
-    assert_disjoint(&mut all);
+    crate::common::assert_disjoint(&all, "ranges");
     drop(d);
 }
 

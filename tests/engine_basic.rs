@@ -1,7 +1,7 @@
 //! The engine's everyday behaviour: ranges, errors, forks, checkpoint, restart and
 //! compatibility with the reference manifest format.
 
-mod common;
+use crate::common;
 
 use common::*;
 use idalloc::engine::StoreHandle;

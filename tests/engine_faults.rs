@@ -1,29 +1,20 @@
 //! An adversarial object store: failures, stalls, corruption and writes that land
 //! but report an error. No counter may reset, lower or hand an id out twice.
 
-mod common;
+use crate::common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use crate::faults::{Fault, Op};
 use common::*;
-use idalloc::engine::{OpenError, StoreHandle};
-use idalloc::faults::{Fault, FaultControl, FaultyStore, Op};
-use idalloc::protocol::{IdRange, WriterMode};
+use idalloc::engine::OpenError;
+use idalloc::protocol::IdRange;
 use idalloc::{ForkId, Kind, Namespace, ServiceError};
-use object_store::ObjectStore;
-
-fn faulty() -> (Arc<dyn ObjectStore>, Arc<FaultControl>, StoreHandle) {
-    let (inner, _) = memory_store();
-    let (f, ctl) = FaultyStore::wrap(inner.clone());
-    let h = StoreHandle::custom(f, WriterMode::MultiWriter, "memory://faulty");
-    (inner, ctl, h)
-}
 
 #[tokio::test]
 async fn transient_get_errors_at_open_never_reset_a_counter() {
     let env = Env::new();
-    let (inner, ctl, h) = faulty();
+    let (inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 100), &h).await.unwrap();
     let last = e.reserve(Namespace::Primary, Kind::Vid, 250).await.unwrap();
     crash(e).await;
@@ -47,7 +38,7 @@ async fn transient_get_errors_at_open_never_reset_a_counter() {
 #[tokio::test]
 async fn transient_get_errors_at_bootstrap_never_overwrite_a_fork() {
     let env = Env::new();
-    let (inner, ctl, h) = faulty();
+    let (inner, ctl, h) = crate::common::faulty();
     let a = open(env.config("a", 100), &h).await.unwrap();
     let b = open(env.config("b", 100), &h).await.unwrap();
     a.reserve(Namespace::Primary, Kind::Vid, 500).await.unwrap();
@@ -79,7 +70,7 @@ async fn transient_get_errors_at_bootstrap_never_overwrite_a_fork() {
 #[tokio::test]
 async fn a_failed_lease_write_leaves_nothing_advanced() {
     let env = Env::new();
-    let (inner, ctl, h) = faulty();
+    let (inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 100), &h).await.unwrap();
     let first = e.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap();
     assert_eq!(first, IdRange { start: 0, end: 100 });
@@ -125,7 +116,7 @@ async fn a_failed_lease_write_leaves_nothing_advanced() {
 #[tokio::test]
 async fn a_write_that_lands_but_reports_an_error_is_never_reused() {
     let env = Env::new();
-    let (inner, ctl, h) = faulty();
+    let (inner, ctl, h) = crate::common::faulty();
     let a = open(env.config("a", 100), &h).await.unwrap();
     let b = open(env.config("b", 100), &h).await.unwrap();
     let mut got = vec![a.reserve(Namespace::Primary, Kind::Vid, 100).await.unwrap()];
@@ -150,7 +141,7 @@ async fn a_write_that_lands_but_reports_an_error_is_never_reused() {
 #[tokio::test]
 async fn an_outage_is_ridden_out_inside_the_lease_then_reported_then_healed() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 1000), &h).await.unwrap();
     let mut got = vec![e.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap()];
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -211,7 +202,7 @@ async fn an_outage_is_ridden_out_inside_the_lease_then_reported_then_healed() {
 #[tokio::test]
 async fn a_stalled_store_times_out_instead_of_hanging() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 50), &h).await.unwrap();
     e.reserve(Namespace::Primary, Kind::Eid, 50).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -237,7 +228,7 @@ async fn a_stalled_store_times_out_instead_of_hanging() {
 #[tokio::test]
 async fn a_corrupt_read_is_an_error_not_a_zero() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 50), &h).await.unwrap();
     let first = e.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
     crash(e).await;
@@ -268,7 +259,7 @@ async fn a_corrupt_read_is_an_error_not_a_zero() {
 #[tokio::test]
 async fn trusted_local_state_starts_without_the_store_but_serves_only_once_verified() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 100), &h).await.unwrap();
     let last = e.reserve(Namespace::Primary, Kind::Vid, 30).await.unwrap();
     e.shutdown().await.unwrap();
@@ -295,7 +286,7 @@ async fn trusted_local_state_starts_without_the_store_but_serves_only_once_verif
 #[tokio::test]
 async fn status_answers_within_its_budget_on_a_stalled_store_without_unverified_numbers() {
     let env = Env::new();
-    let (_inner, ctl, h) = faulty();
+    let (_inner, ctl, h) = crate::common::faulty();
     let e = open(env.config("a", 100), &h).await.unwrap();
     let f = ForkId::generate();
     e.bootstrap_fork(f, None, 0, 0).await.unwrap();

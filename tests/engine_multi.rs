@@ -1,7 +1,7 @@
 //! Several engines (daemons) on one multi-writer store: leases by conditional
 //! update must keep every range disjoint, and fork bootstrap must agree.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -123,8 +123,8 @@ async fn two_contending_daemons_with_rate_grown_leases_stay_fair_and_bounded() {
 /// Two engines, 8 tasks, 3 s on one slow store; `growth` is the largest lease
 /// as a multiple of lease_size (4).
 async fn contend(lease_min_life: std::time::Duration, growth: u64) {
+    use crate::faults::{Fault, FaultyStore, Op};
     use idalloc::engine::StoreHandle;
-    use idalloc::faults::{Fault, FaultyStore, Op};
     use idalloc::protocol::WriterMode;
     let env = Arc::new(Env::new());
     let (inner, _) = memory_store();

@@ -6,7 +6,7 @@
 //! of that fork, and each error the one the model expects (a merge on the shared
 //! `InMemory` root is refused in namespace mode). `PROPTEST_CASES` runs more cases.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 

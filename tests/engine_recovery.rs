@@ -1,7 +1,7 @@
 //! Recovery: lost, stale and corrupt data directories, and DESIGN.md's rule "trust
 //! sled only when it can be current" (boot id + clean-shutdown mark).
 
-mod common;
+use crate::common;
 
 use common::*;
 use idalloc::engine::StoreHandle;

@@ -17,8 +17,8 @@
 //!   nothing. Its refusals: a dropped fork, a target that is not an ancestor, live
 //!   children, a shared root counting per namespace.
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -39,7 +39,7 @@
 //!
 //! Errors of operations are fine; only acknowledged ranges count.
 //!
-//! Run: `cargo test --test explore` (200 cases of 40 steps). Environment:
+//! Run: `cargo test --test tests explore::` (200 cases of 40 steps). Environment:
 //! - `IDALLOC_EXPLORE_CASES=N`: number of cases (long mode: thousands);
 //! - `IDALLOC_EXPLORE_SEED=S`: run (and on failure shrink) only the case of seed S;
 //!   with `IDALLOC_EXPLORE_KEEP=i,j,k` only those steps of it (a shrunk history);
@@ -67,7 +67,7 @@
 //!
 //! Also here: deterministic regression tests of known bugs, named after them.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -76,11 +76,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::faults::{Fault, FaultControl, FaultyStore, Op as FaultOp};
 use common::{crash, open, Env};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use idalloc::engine::{Engine, EngineConfig, FloorAuthority, StoreHandle};
-use idalloc::faults::{Fault, FaultControl, FaultyStore, Op as FaultOp};
 use idalloc::protocol::{ForkIds, ForkInfo, IdRange, MergeInto, WriterMode};
 use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::memory::InMemory;
@@ -338,24 +338,15 @@ async fn wait_for_ceiling(store: &Arc<dyn ObjectStore>, path: &str, kind: Kind, 
     }
 }
 
-fn assert_disjoint_named(got: &[(String, IdRange)], what: &str) {
-    for (i, (who_a, a)) in got.iter().enumerate() {
-        for (who_b, b) in &got[i + 1..] {
-            assert!(
-                a.end <= b.start || b.end <= a.start,
-                "{what}: {who_a}'s {a:?} and {who_b}'s {b:?} overlap; all ranges: {got:?}"
-            );
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// A copy of a live data directory, or an error if anything in it could not be
+/// copied (a snapshot is then not taken).
+fn try_copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let dest = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
+            try_copy_dir(&entry.path(), &dest)?;
         } else {
             std::fs::copy(entry.path(), dest)?;
         }
@@ -1580,7 +1571,7 @@ impl World {
                         .path()
                         .join(format!("snapshot-{}-{}", NAMES[*e], self.snap_seq));
                     self.snap_seq += 1;
-                    if copy_dir(&sled, &snap).is_ok() {
+                    if try_copy_dir(&sled, &snap).is_ok() {
                         self.slots[*e].snapshots.push(snap);
                         out.push_str(&format!(
                             ", sled/ copied as #{}",
@@ -1617,7 +1608,7 @@ impl World {
                 let out = if !snaps.is_empty() {
                     let i = pick % snaps.len();
                     let _ = std::fs::remove_dir_all(&sled);
-                    copy_dir(&snaps[i], &sled).unwrap();
+                    try_copy_dir(&snaps[i], &sled).unwrap();
                     stats.rollbacks.fetch_add(1, Ordering::Relaxed);
                     format!("sled/ rolled back to copy #{i} of {}", snaps.len())
                 } else if *lose_all {
@@ -2143,10 +2134,10 @@ fn explore_case(seed: u64, s: &Settings, stats: &Stats) -> Option<String> {
         report.push_str(&format!("  {line}\n"));
     }
     report.push_str(&format!(
-        "---- replay the case:   {steps}{without}IDALLOC_EXPLORE_SEED={seed} cargo test --test explore explore_random_histories -- --nocapture\n"
+        "---- replay the case:   {steps}{without}IDALLOC_EXPLORE_SEED={seed} cargo test --test tests explore::explore_random_histories -- --nocapture\n"
     ));
     report.push_str(&format!(
-        "---- replay the shrunk: {steps}{without}IDALLOC_EXPLORE_SEED={seed} IDALLOC_EXPLORE_KEEP={} cargo test --test explore explore_random_histories -- --nocapture\n",
+        "---- replay the shrunk: {steps}{without}IDALLOC_EXPLORE_SEED={seed} IDALLOC_EXPLORE_KEEP={} cargo test --test tests explore::explore_random_histories -- --nocapture\n",
         keep_s.join(",")
     ));
     Some(report)
@@ -2248,7 +2239,7 @@ async fn checkpoint_gives_back_another_daemons_ids() {
     b.checkpoint(p).await.unwrap();
     got.push(("B".into(), b.reserve(p, Kind::Vid, 10).await.unwrap()));
     got.push(("A".into(), a.reserve(p, Kind::Vid, 5).await.unwrap()));
-    assert_disjoint_named(&got, "primary vid after B's checkpoint");
+    crate::common::assert_disjoint_named(&got, "primary vid after B's checkpoint");
 }
 
 /// The clean-shutdown variant: B's shutdown gives back as its checkpoint did, and a
@@ -2281,7 +2272,7 @@ async fn checkpoint_gives_back_another_daemons_ids_at_clean_shutdown() {
     let b = open(env.config("b", LEASE), &h).await.unwrap();
     got.push(("B".into(), b.reserve(p, Kind::Vid, 10).await.unwrap()));
     got.push(("A".into(), a.reserve(p, Kind::Vid, 5).await.unwrap()));
-    assert_disjoint_named(&got, "primary vid after B's clean shutdown");
+    crate::common::assert_disjoint_named(&got, "primary vid after B's clean shutdown");
 }
 
 /// One 128-bit fork bootstrapped concurrently as UUID on A and as ULID on B: both
@@ -2329,7 +2320,10 @@ async fn one_fork_two_spellings_two_creators() {
                 .filter(|(w, _)| w.ends_with(kind.as_str()))
                 .cloned()
                 .collect();
-            assert_disjoint_named(&ranges, &format!("round {round}: fork {fu} {kind}"));
+            crate::common::assert_disjoint_named(
+                &ranges,
+                &format!("round {round}: fork {fu} {kind}"),
+            );
         }
     }
 }
@@ -2410,6 +2404,6 @@ async fn bootstrap_whose_create_lands_but_reply_is_lost() {
             assert!(r.start >= 7, "{label}: {who}'s {r:?} is below the floor 7");
             got.push((who.into(), r));
         }
-        assert_disjoint_named(&got, &format!("{label}: fork vid"));
+        crate::common::assert_disjoint_named(&got, &format!("{label}: fork vid"));
     }
 }

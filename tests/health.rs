@@ -2,7 +2,7 @@
 //! object store or a namespace is unavailable, 3 when the daemon is unreachable,
 //! with one line saying which.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::path::Path;
 use std::process::Output;

@@ -84,7 +84,7 @@
 //!
 //! # Running it longer
 //!
-//! `cargo test --test lease_model -- --nocapture` prints the state counts. The
+//! `cargo test --test tests lease_model:: -- --nocapture` prints the state counts. The
 //! bounds come from the environment:
 //!
 //! - `IDALLOC_MODEL_IDS`: no ceiling goes above this, so every id is below it
@@ -104,7 +104,7 @@
 //! `IDALLOC_MODEL_IDS=12` 34.7 M states (10.5 min, 3.4 GB), and three daemons
 //! with `IDALLOC_MODEL_DAEMONS=3 IDALLOC_MODEL_LEASE=1 IDALLOC_MODEL_IDS=4`
 //! 25.7 M states (7 min); for example
-//! `IDALLOC_MODEL_IDS=12 cargo test --release --test lease_model -- --nocapture`.
+//! `IDALLOC_MODEL_IDS=12 cargo test --release --test tests lease_model:: -- --nocapture`.
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -1,6 +1,6 @@
 //! `[log] format = "json"` and the systemd notifications around a SIGHUP reload.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};

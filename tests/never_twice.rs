@@ -2,7 +2,7 @@
 //! handed ids out twice or rewound a counter, each named after its bug. The
 //! exploring test (`tests/explore.rs`) searches for more; these pin what was found.
 
-mod common;
+use crate::common;
 
 use common::*;
 use idalloc::engine::{OpenError, StoreHandle};
@@ -18,7 +18,7 @@ async fn put(store: &std::sync::Arc<dyn ObjectStore>, path: &str, body: &'static
         .unwrap();
 }
 
-/// Issue 16.3: two daemons with two data directories on one `file://` root.
+/// Two daemons with two data directories on one `file://` root.
 #[tokio::test]
 async fn two_daemons_on_one_file_root_the_second_is_refused() {
     let env = Env::new();
@@ -59,7 +59,7 @@ async fn two_daemons_on_one_file_root_the_second_is_refused() {
     assert!(r.start >= 3, "{r:?}");
 }
 
-/// Issue 16.4: the embedded default keeps both tiers on one disk; say so.
+/// The embedded default keeps both tiers on one disk; say so.
 #[tokio::test]
 async fn a_mirror_inside_the_data_directory_is_a_warning_in_status() {
     let env = Env::new();
@@ -87,7 +87,7 @@ async fn a_mirror_inside_the_data_directory_is_a_warning_in_status() {
     assert!(e2.status().await.warnings.is_empty());
 }
 
-/// Issue 16, smaller: `hwm` answered from unverified local state after the
+/// `hwm` must not be answered from unverified local state after the
 /// reference allocator took the fork over and handed it back.
 #[tokio::test]
 async fn hwm_after_a_takeover_is_verified_not_local() {
@@ -164,7 +164,7 @@ async fn the_gap_after_a_lost_data_directory_is_at_most_two_leases() {
     }
 }
 
-/// Issue 17.2: a clean stop, then a power cut that brings sled back to the clean
+/// A clean stop, then a power cut that brings sled back to the clean
 /// snapshot while the next life had granted more. Multi-writer: no cross-check
 /// could save it; only the durable unclean-life mark does.
 #[tokio::test]
@@ -216,7 +216,7 @@ async fn a_clean_stop_then_a_power_cut_is_not_trusted() {
     );
 }
 
-/// Issue 17.2, the window after an untrusted start: a crash in this boot right
+/// The window after an untrusted start: a crash in this boot right
 /// after it must not trust the stale counters either (they are marked stale, and
 /// the mark persisted, before the mark file names this boot).
 #[tokio::test]
@@ -244,8 +244,8 @@ async fn a_crash_right_after_an_untrusted_start_keeps_the_namespaces_stale() {
     assert_disjoint(&got, "fork after an untrusted start and a crash");
 }
 
-/// Issue 17.1: one empty fork manifest stopped the whole daemon, and the advice
-/// (remove it) reset the counter.
+/// One empty fork manifest must not stop the whole daemon, and the advice must
+/// not be one whose effect is a reset (removing the file would be).
 #[tokio::test]
 async fn a_broken_fork_manifest_makes_only_that_fork_unavailable_until_repaired() {
     let env = Env::new();
@@ -322,7 +322,7 @@ async fn a_broken_fork_manifest_makes_only_that_fork_unavailable_until_repaired(
     assert!(r2.start >= r.end);
 }
 
-/// Issue 17.1 for the primary: a broken primary manifest stops neither the daemon
+/// The same for the primary: a broken primary manifest stops neither the daemon
 /// nor the forks, and local state that knows more is kept by the repair.
 #[tokio::test]
 async fn a_broken_primary_manifest_is_repaired_above_local_state() {
@@ -348,7 +348,7 @@ async fn a_broken_primary_manifest_is_repaired_above_local_state() {
     assert!(r.start >= granted.end);
 }
 
-/// Issue 16.2, the legacy: one fork with manifests under both spellings. Every
+/// The legacy: one fork with manifests under both spellings. Every
 /// daemon adopts the highest of both and settles on one spelling.
 #[tokio::test]
 async fn a_fork_with_manifests_under_both_spellings_resumes_above_both() {

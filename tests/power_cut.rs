@@ -29,9 +29,9 @@
 //! The file system's binary is found as `tests/powercut_support` says (`.ci/run`
 //! builds it first).
 
-mod daemon_support;
-mod powercut_support;
-mod s3_support;
+use crate::daemon_support;
+use crate::powercut_support;
+use crate::s3_support;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -3,8 +3,8 @@
 //! a daemon killed and its data directory wiped, and one fork bootstrapped through
 //! all three daemons at once with `idallocctl`.
 
-mod daemon_support;
-mod s3_support;
+use crate::daemon_support;
+use crate::s3_support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -261,7 +261,7 @@ async fn concurrent_bootstrap_through_three_daemons_has_one_creator() {
             assert!(r.start >= floor, "{r:?} below the floor {floor}");
             ranges.push(r);
         }
-        daemon_support::assert_disjoint(&mut ranges);
+        crate::common::assert_disjoint(&ranges, "ranges");
         // A second bootstrap later reports the fork as existing, unchanged.
         let again = ctl_bootstrap(&sockets[round as usize % 3], &fork, u64::MAX / 2, 0);
         assert_eq!(again["created"], false);
@@ -414,8 +414,8 @@ async fn tree_mode_three_daemons_one_ledger_across_a_fork_tree() {
     drop(daemons);
 }
 
-/// The repair an operator makes on a shared root, exactly as the error advises
-/// (issue 28): daemon A reserves, daemon B reserves from its own lease, the
+/// The repair an operator makes on a shared root, exactly as the error advises:
+/// daemon A reserves, daemon B reserves from its own lease, the
 /// primary's manifest is truncated, and `idallocctl repair` through A gets floors
 /// one above the highest ids the database holds. B still holds its lease and
 /// never reads the store while it lasts, so the repair must stand above B's lease

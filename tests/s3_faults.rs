@@ -7,8 +7,8 @@
 //!
 //! `IDALLOC_STALL_SECS` sets how long the store hangs (default 4).
 
-mod daemon_support;
-mod s3_support;
+use crate::daemon_support;
+use crate::s3_support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

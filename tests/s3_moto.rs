@@ -3,8 +3,8 @@
 //! conditional write that lost. If it did not, every "several daemons" test would
 //! prove nothing. Then the engine itself on moto: several engines, one prefix.
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::sync::Arc;
 

@@ -9,9 +9,9 @@
 //! passed the check waits for a second one before it writes), so the UNSAFE
 //! verdicts do not depend on a server's timing happening to lose one.
 
-mod common;
-mod daemon_support;
-mod s3_support;
+use crate::common;
+use crate::daemon_support;
+use crate::s3_support;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -321,4 +321,17 @@ fn a_two_step_moto_is_unsafe_and_refused_at_start_up() {
         .find(|l| l.contains("UNSAFE"))
         .unwrap_or_else(|| panic!("no refusal in:\n{err}"));
     assert!(line.contains("idallocd store-check"), "{line}");
+}
+
+/// A store that fails every call (here, every put) is "unchecked", never
+/// "unsafe": an outage is not evidence of two winners.
+#[tokio::test]
+async fn a_store_that_fails_every_call_is_unchecked_not_unsafe() {
+    use crate::faults::{Fault, FaultyStore, Op};
+    let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (down, ctl) = FaultyStore::wrap(mem);
+    ctl.set(Op::Put, Some(Fault::Fail));
+    let r = check(down, &[], "memory://down", small(3, 4)).await;
+    assert_eq!(r.outcome, Outcome::Unchecked, "{r:?}");
+    assert!(r.verdict.contains("could not be checked"), "{}", r.verdict);
 }

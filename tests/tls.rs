@@ -5,7 +5,7 @@
 //! operations; the right ones work; the server certificate reloads on SIGHUP; and
 //! the configurations that would expose plain TCP are refused at start.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,8 +3,6 @@
 //! counter per namespace and kind. Its state outlives a "kill", as the real
 //! daemon's durable state does, so a restart resumes above every id granted.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,5 @@
 //! Shared helpers for the engine tests: temp directories, small leases, short
 //! store time-outs, a boot-id file the test can rewrite to fake a reboot.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,19 +125,56 @@ pub async fn ceilings(store: &Arc<dyn ObjectStore>, path: &str) -> Option<(u64, 
 }
 
 /// Replace `to` with a copy of the tree at `from` (a data directory rolled back
-/// to an older state, as a power cut or a restored snapshot leaves it).
+/// to an older state, as a power cut or a restored snapshot leaves it). A file
+/// that vanishes under a running daemon is skipped: the copy is just older then.
 pub fn copy_dir(from: &Path, to: &Path) {
     if to.exists() {
         std::fs::remove_dir_all(to).unwrap();
     }
     std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let target = to.join(e.file_name());
+        match e.file_type() {
+            Ok(t) if t.is_dir() => copy_dir(&e.path(), &target),
+            Ok(t) if t.is_file() => match std::fs::copy(e.path(), &target) {
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => panic!("copy {}: {err}", e.path().display()),
+            },
+            _ => {}
         }
     }
+}
+
+/// Ranges named by who got them; panics naming the two that overlap.
+pub fn assert_disjoint_named<S: std::fmt::Debug>(got: &[(S, IdRange)], what: &str) {
+    let mut v: Vec<&(S, IdRange)> = got.iter().collect();
+    v.sort_by_key(|(_, r)| (r.start, r.end));
+    for w in v.windows(2) {
+        assert!(
+            w[0].1.end <= w[1].1.start,
+            "{what}: {:?} got {:?} and {:?} got {:?}: one id handed out twice (all: {got:?})",
+            w[0].0,
+            w[0].1,
+            w[1].0,
+            w[1].1
+        );
+    }
+}
+
+/// An in-memory multi-writer store behind a fault-injecting wrapper: the inner
+/// store (to look at or corrupt behind the engine's back), the faults' control,
+/// and the handle an engine opens.
+pub fn faulty() -> (
+    Arc<dyn ObjectStore>,
+    Arc<crate::faults::FaultControl>,
+    StoreHandle,
+) {
+    let (inner, _) = memory_store();
+    let (f, ctl) = crate::faults::FaultyStore::wrap(inner.clone());
+    let h = StoreHandle::custom(f, WriterMode::MultiWriter, "memory://faulty");
+    (inner, ctl, h)
 }

@@ -1,8 +1,6 @@
 //! Shared helpers of the daemon tests: start the real `idallocd` binary in a temp
 //! directory and talk to it with the generated tarpc client.
 
-#![allow(dead_code)] // each test binary uses a different subset
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -34,7 +32,6 @@ pub fn free_port() -> u16 {
 /// A running daemon; killed on drop if the test did not stop it.
 pub struct Daemon {
     pub child: Child,
-    pub dir: PathBuf,
     pub socket: PathBuf,
     pub tcp: String,
     pub stderr_path: PathBuf,
@@ -116,7 +113,6 @@ impl Daemon {
         let child = cmd.spawn().unwrap();
         let mut d = Daemon {
             child,
-            dir: dir.to_path_buf(),
             socket,
             tcp,
             stderr_path,
@@ -252,19 +248,6 @@ pub fn run_to_end(args: &[&str], cwd: &Path) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Assert that no two ranges overlap.
-pub fn assert_disjoint(ranges: &mut [idalloc::IdRange]) {
-    ranges.sort();
-    for w in ranges.windows(2) {
-        assert!(
-            w[0].end <= w[1].start,
-            "overlapping ranges {:?} and {:?}",
-            w[0],
-            w[1]
-        );
-    }
 }
 
 /// GET the Prometheus endpoint at `addr`; the whole response.

@@ -22,8 +22,6 @@
 //! Also included by `tools/powercut-fs/tests/semantics.rs` (with an explicit
 //! binary path), so both packages drive the file system the same way.
 
-#![allow(dead_code)] // each test binary uses a different subset
-
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -277,13 +275,6 @@ impl Mount {
         let r = self.cut();
         self.remount();
         r
-    }
-
-    /// Clean unmount keeping the live data (no cut).
-    pub fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        self.expect_line("STOPPED", Duration::from_secs(20));
-        self.wait_gone();
     }
 }
 

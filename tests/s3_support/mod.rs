@@ -5,8 +5,6 @@
 //! When the emulator cannot start the tests FAIL (panic) — they never skip: a
 //! green run must mean the invariants were attacked against a real S3 API.
 
-#![allow(dead_code)] // each test binary uses a different subset
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idalloc::engine::StoreHandle;
 use idalloc::{IdRange, Kind};
@@ -44,7 +42,6 @@ pub struct Moto {
     child: Child,
     pub port: u16,
     pub bucket: String,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -113,7 +110,6 @@ impl Moto {
             child,
             port,
             bucket,
-            log,
             _dir: dir,
         }
     }
@@ -164,10 +160,6 @@ impl Moto {
             s.push_str(&format!("{k} = {v:?}\n"));
         }
         s
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -460,28 +452,4 @@ impl Ledger {
         );
         v
     }
-}
-
-/// Copy a directory tree (a data directory, possibly while a daemon writes it).
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    let Ok(entries) = std::fs::read_dir(from) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let target = to.join(e.file_name());
-        match e.file_type() {
-            Ok(t) if t.is_dir() => copy_dir(&e.path(), &target),
-            // A file may vanish under a running daemon; the copy is just older then.
-            Ok(t) if t.is_file() => {
-                let _ = std::fs::copy(e.path(), &target);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// A time budget for polling loops.
-pub fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
 }

@@ -429,27 +429,3 @@ async fn head_version(store: &Arc<dyn ObjectStore>, p: &Path) -> Option<UpdateVe
         version: m.version,
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::faults::{Fault, FaultyStore, Op};
-
-    // The two-step store that must be shown unsafe, and InMemory's wording, are
-    // attacked in tests/store_check.rs (the wrapper is test code, not linked here).
-
-    #[tokio::test]
-    async fn a_store_that_fails_every_call_is_unchecked_not_unsafe() {
-        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let (down, ctl) = FaultyStore::wrap(mem);
-        ctl.set(Op::Put, Some(Fault::Fail));
-        let size = ProbeSize {
-            rounds: 3,
-            writers: 4,
-            payload_bytes: 64,
-        };
-        let r = check(down, &[], "memory://down", size).await;
-        assert_eq!(r.outcome, Outcome::Unchecked, "{r:?}");
-        assert!(r.verdict.contains("could not be checked"), "{}", r.verdict);
-    }
-}

@@ -2,7 +2,7 @@
 //! `check-config`, start-up refusals that happen before recovery, `--help`, and the
 //! systemd units.
 
-mod daemon_support;
+use crate::daemon_support;
 
 use daemon_support::*;
 

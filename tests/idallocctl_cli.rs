@@ -2,7 +2,7 @@
 //! from DESIGN.md, the endpoint from `IDALLOC_ENDPOINT`, one-line errors with a
 //! non-zero exit, and `bench` checking disjointness.
 
-mod client_support;
+use crate::client_support;
 
 use std::process::Output;
 use std::sync::Arc;
