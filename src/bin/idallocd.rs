@@ -80,27 +80,7 @@ enum Command {
     /// was seen, 1 when the store was shown unsafe, 2 when store errors left it
     /// unchecked. Reads the same config (and flags) as the daemon; touches nothing
     /// else.
-    StoreCheck {
-        /// The daemon's config file (its [object_store] section is what is probed).
-        #[arg(long, short = 'c', value_name = "FILE", env = "IDALLOCD_CONFIG")]
-        config: Option<PathBuf>,
-        /// Probe this store URL instead of the config's.
-        #[arg(long, value_name = "URL")]
-        object_store: Option<String>,
-        /// Race rounds.
-        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.rounds)]
-        rounds: u32,
-        /// Concurrent writers per round.
-        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.writers)]
-        writers: u32,
-        /// Body size, in bytes, of every other round's writes.
-        #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.payload_bytes)]
-        payload_bytes: usize,
-        /// Print the report as JSON (fields: docs/guarantees.md, "Is the store safe
-        /// for several daemons?").
-        #[arg(long)]
-        json: bool,
-    },
+    StoreCheck(StoreCheckArgs),
     /// Write the man pages idallocd.8 and idallocd-SUBCOMMAND.8 into a directory.
     Man {
         /// Where to write it (for example /usr/local/share/man/man8).
@@ -111,6 +91,30 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `idallocd store-check`'s flags.
+#[derive(Debug, clap::Args)]
+struct StoreCheckArgs {
+    /// The daemon's config file (its [object_store] section is what is probed).
+    #[arg(long, short = 'c', value_name = "FILE", env = "IDALLOCD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Probe this store URL instead of the config's.
+    #[arg(long, value_name = "URL")]
+    object_store: Option<String>,
+    /// Race rounds.
+    #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.rounds)]
+    rounds: u32,
+    /// Concurrent writers per round.
+    #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.writers)]
+    writers: u32,
+    /// Body size, in bytes, of every other round's writes.
+    #[arg(long, default_value_t = idalloc::engine::store::check::ProbeSize::FULL.payload_bytes)]
+    payload_bytes: usize,
+    /// Print the report as JSON (fields: docs/guarantees.md, "Is the store safe
+    /// for several daemons?").
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -130,115 +134,34 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let env = Environment::from_process();
-    if let Some(Command::Man { dir }) = &cli.command {
-        return write_man_pages(dir);
-    }
-    if let Some(Command::Completions { shell }) = &cli.command {
-        use clap::CommandFactory;
-        clap_complete::generate(
-            *shell,
-            &mut Cli::command(),
-            "idallocd",
-            &mut std::io::stdout(),
-        );
-        return Ok(());
-    }
-    if let Some(Command::StoreCheck {
-        config,
-        object_store,
-        rounds,
-        writers,
-        payload_bytes,
-        json,
-    }) = &cli.command
-    {
-        use idalloc::engine::store::check::{self as store_check, Outcome, ProbeSize};
-        let mut c = match config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
-        if let Some(u) = object_store {
-            c.object_store.url = Some(u.clone());
-        }
-        let settings = c.resolve(&env)?;
-        let store =
-            idalloc::engine::StoreHandle::from_url(&settings.store_url, &settings.store_options)?;
-        if store.mode == idalloc::protocol::WriterMode::SingleWriter {
-            anyhow::bail!(
-                "{} is a single-writer store (no conditional update): one daemon per root, nothing to check",
-                store.display_url
+    match &cli.command {
+        None => serve(cli, &env),
+        Some(Command::CheckConfig { file }) => check_config(file, &env),
+        Some(Command::StoreCheck(args)) => store_check(args, &env),
+        Some(Command::Man { dir }) => write_man_pages(dir),
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "idallocd",
+                &mut std::io::stdout(),
             );
-        }
-        let racers =
-            store_check::racing_clients(&settings.store_url, &settings.store_options, *writers)?;
-        let size = ProbeSize {
-            rounds: *rounds,
-            writers: *writers,
-            payload_bytes: *payload_bytes,
-        };
-        let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-        let report = runtime.block_on(store_check::check(
-            store.store.clone(),
-            &racers,
-            &store.display_url,
-            size,
-        ));
-        if *json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            let yes_no = |v: Option<bool>| match v {
-                Some(true) => "ok",
-                Some(false) => "FAILED",
-                None => "unknown (store errors)",
-            };
-            println!("create once:            {}", yes_no(report.create_once));
-            println!(
-                "stale update refused:   {}",
-                yes_no(report.stale_update_refused)
-            );
-            println!(
-                "races:                  {} rounds of {} writers on {} client(s), bodies of a line and {} bytes alternating",
-                report.rounds, report.writers, report.clients, report.payload_bytes
-            );
-            println!(
-                "                        {} with exactly one winner, {} with several, {} with none",
-                report.rounds_with_one_winner,
-                report.rounds_with_several_winners,
-                report.rounds_with_no_winner
-            );
-            for e in &report.errors {
-                println!("error:                  {e}");
-            }
-            println!("{}", report.verdict);
-        }
-        match report.outcome {
-            Outcome::NotShownUnsafe => return Ok(()),
-            Outcome::Unsafe => std::process::exit(1),
-            Outcome::Unchecked => std::process::exit(2),
+            Ok(())
         }
     }
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        let config = Config::load(file)?;
-        // The validation start-up runs, no other: "valid" means "will start".
-        let settings =
-            server::validate(&config, &env).with_context(|| format!("{}", file.display()))?;
-        let effective = config.effective(&env)?;
-        print!("{}", effective.to_toml_redacted());
-        for note in settings.access_notes() {
-            eprintln!("idallocd: {note}");
-        }
-        eprintln!("idallocd: {} is valid", file.display());
-        return Ok(());
-    }
+}
+
+/// The daemon itself, until SIGTERM/SIGINT.
+fn serve(cli: Cli, env: &Environment) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
-    let settings = server::validate(&config, &env)?;
+    let settings = server::validate(&config, env)?;
     let log = init_logging(&settings.log_level, settings.log_format);
 
     // One thread (the default) is tokio's current-thread runtime rather than a
     // work-stealing one with one worker: no request, reply or commit group then
-    // crosses threads or pays for work-stealing's bookkeeping. A/B at 64 clients:
-    // 10.7-11.4 against 11.4-13.5 us of daemon CPU per reservation, and +40-55 %
-    // reservations/s at 256 clients (docs/performance.md).
+    // crosses threads or pays for work-stealing's bookkeeping, which costs CPU per
+    // reservation and throughput at high client counts (docs/performance.md).
     let mut builder = if settings.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -258,6 +181,67 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         server::run(settings, shutdown).await?;
         Ok(())
     })
+}
+
+/// `idallocd check-config FILE`: the validation start-up runs, no other, so that
+/// "valid" means "will start".
+fn check_config(file: &std::path::Path, env: &Environment) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    let settings = server::validate(&config, env).with_context(|| format!("{}", file.display()))?;
+    let effective = config.effective(env)?;
+    print!("{}", effective.to_toml_redacted());
+    for note in settings.access_notes() {
+        eprintln!("idallocd: {note}");
+    }
+    eprintln!("idallocd: {} is valid", file.display());
+    Ok(())
+}
+
+/// `idallocd store-check`: race conditional writes under a scratch prefix and
+/// say what was seen; exits 1 when the store was shown unsafe, 2 when store errors
+/// left it unchecked.
+fn store_check(args: &StoreCheckArgs, env: &Environment) -> anyhow::Result<()> {
+    use idalloc::engine::store::check::{self as store_check, Outcome, ProbeSize};
+    let mut c = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(u) = &args.object_store {
+        c.object_store.url = Some(u.clone());
+    }
+    let settings = c.resolve(env)?;
+    let store =
+        idalloc::engine::StoreHandle::from_url(&settings.store_url, &settings.store_options)?;
+    if store.mode == idalloc::protocol::WriterMode::SingleWriter {
+        anyhow::bail!(
+            "{} is a single-writer store (no conditional update): one daemon per root, nothing to check",
+            store.display_url
+        );
+    }
+    let racers =
+        store_check::racing_clients(&settings.store_url, &settings.store_options, args.writers)?;
+    let size = ProbeSize {
+        rounds: args.rounds,
+        writers: args.writers,
+        payload_bytes: args.payload_bytes,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let report = runtime.block_on(store_check::check(
+        store.store.clone(),
+        &racers,
+        &store.display_url,
+        size,
+    ));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    match report.outcome {
+        Outcome::NotShownUnsafe => Ok(()),
+        Outcome::Unsafe => std::process::exit(1),
+        Outcome::Unchecked => std::process::exit(2),
+    }
 }
 
 /// idallocd.8 and one page per subcommand (idallocd-check-config.8, ...), which

@@ -7,8 +7,8 @@
 //! small pool: refusals never hold a slot a writer could use, and when that
 //! pool is full a refused connection is closed at once rather than queued.
 //! Refusals are logged once per peer per [`REFUSAL_LOG_WINDOW`], with the count
-//! of those not logged: one unprivileged `idallocctl` in a retry loop used to
-//! write thousands of WARN lines a second.
+//! of those not logged, so that one unprivileged client in a retry loop cannot
+//! fill the log (thousands of lines a second otherwise).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -15,8 +15,8 @@
 //!
 //! Decoding is guarded against panics ([`GuardedBincode`]): tarpc turns a request's
 //! deadline (a `Duration` on the wire) into `Instant::now() + deadline`, which
-//! panics on overflow, so a frame carrying a deadline of `u64::MAX` seconds used to
-//! panic the connection's task (found by `tests/fuzz_decoders.rs`). Now such a frame
+//! panics on overflow, so a frame carrying a deadline of `u64::MAX` seconds would
+//! panic the connection's task (`tests/fuzz_decoders.rs` attacks it): such a frame
 //! is a decode error like any other malformed frame.
 
 use std::io;

@@ -429,3 +429,37 @@ async fn head_version(store: &Arc<dyn ObjectStore>, p: &Path) -> Option<UpdateVe
         version: m.version,
     })
 }
+
+/// The report as `idallocd store-check` prints it: what was checked, what was
+/// seen, and the verdict on its own last line.
+impl std::fmt::Display for StoreCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yes_no = |v: Option<bool>| match v {
+            Some(true) => "ok",
+            Some(false) => "FAILED",
+            None => "unknown (store errors)",
+        };
+        writeln!(f, "create once:            {}", yes_no(self.create_once))?;
+        writeln!(
+            f,
+            "stale update refused:   {}",
+            yes_no(self.stale_update_refused)
+        )?;
+        writeln!(
+            f,
+            "races:                  {} rounds of {} writers on {} client(s), bodies of a line and {} bytes alternating",
+            self.rounds, self.writers, self.clients, self.payload_bytes
+        )?;
+        writeln!(
+            f,
+            "                        {} with exactly one winner, {} with several, {} with none",
+            self.rounds_with_one_winner,
+            self.rounds_with_several_winners,
+            self.rounds_with_no_winner
+        )?;
+        for e in &self.errors {
+            writeln!(f, "error:                  {e}")?;
+        }
+        writeln!(f, "{}", self.verdict)
+    }
+}
