@@ -603,28 +603,34 @@ async fn sighup_reloads_role_names_and_the_crl() {
         None
     );
 
+    // First the names alone, then a CRL: each applies on its own SIGHUP.
     let file = s.daemon.dir.join("idallocd.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    let crl = s.ca.crl("hup", &[0x2a]);
-    let edited = text.replace(
+    let edit = |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let edited = text.replace(from, to);
+        assert_ne!(text, edited);
+        std::fs::write(&file, edited).unwrap();
+    };
+    let reloaded = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = s.daemon.stderr();
+            if log.matches("SIGHUP: configuration reloaded").count()
+                + log.matches("SIGHUP: config changes").count()
+                >= n
+            {
+                return log;
+            }
+            assert!(std::time::Instant::now() < deadline, "{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    edit(
         "admin_names = [\"ops-admin\"]\n",
-        &format!(
-            "admin_names = [\"ops-admin-2\"]\ncrl = {:?}\n",
-            crl.display().to_string()
-        ),
+        "admin_names = [\"ops-admin-2\"]\n",
     );
-    assert_ne!(text, edited);
-    std::fs::write(&file, edited).unwrap();
     s.daemon.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !s.daemon.stderr().contains("with the CRL and the role names") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            s.daemon.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    reloaded(1);
     assert_eq!(
         admin_or_refused(&s.endpoint, config(&ca, Some(&new_admin))).await,
         Some(true),
@@ -635,6 +641,21 @@ async fn sighup_reloads_role_names_and_the_crl() {
         None,
         "the old one no longer does"
     );
+    let w = Client::connect_with(&s.endpoint, config(&ca, Some(&writer)))
+        .await
+        .unwrap();
+    w.reserve(None, Kind::Vid, 1).await.unwrap();
+
+    let crl = s.ca.crl("hup", &[0x2a]);
+    edit(
+        "admin_names = [\"ops-admin-2\"]\n",
+        &format!(
+            "admin_names = [\"ops-admin-2\"]\ncrl = {:?}\n",
+            crl.display().to_string()
+        ),
+    );
+    s.daemon.signal(libc::SIGHUP);
+    reloaded(2);
     let r = refusal(&s.endpoint, config(&ca, Some(&writer))).await;
     assert!(r.contains("revoked"), "{r}");
     let log = s.daemon.stderr();
