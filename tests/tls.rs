@@ -470,7 +470,8 @@ async fn only_the_name_field_names_the_holder() {
         ("email-san", SanType::Rfc822Name(ia5("ops-admin"))),
         ("dns-san", SanType::DnsName(ia5("ops-admin"))),
     ] {
-        let cert = s.ca.client(stem, "db1-writer", |p| p.subject_alt_names = vec![san]);
+        let cert =
+            s.ca.client(stem, "db1-writer", |p| p.subject_alt_names = vec![san]);
         assert_eq!(
             admin_or_refused(&s.endpoint, config(&ca, Some(&cert))).await,
             Some(false),

@@ -372,7 +372,9 @@ async fn reload(
                     "SIGHUP: TLS certificate, key and client CA reloaded, with the CRL and the role names (open connections keep theirs)"
                 )
             }
-            Err(e) => tracing::error!(error = %e, "SIGHUP: [tls] not reloaded; keeping the running certificates and role names"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: [tls] not reloaded; keeping the running certificates and role names")
+            }
         }
     }
     if fresh.log.level != running.log.level {

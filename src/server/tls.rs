@@ -446,9 +446,9 @@ pub fn cert_names(der: &[u8], field: NameField) -> Result<Vec<String>, String> {
             Ok(if dn.is_empty() { Vec::new() } else { vec![dn] })
         }
         NameField::DnsSan => {
-            let san = cert
-                .subject_alternative_name()
-                .map_err(|e| format!("its subject-alternative-name extension cannot be read: {e}"))?;
+            let san = cert.subject_alternative_name().map_err(|e| {
+                format!("its subject-alternative-name extension cannot be read: {e}")
+            })?;
             Ok(san
                 .map(|san| {
                     san.value
