@@ -549,6 +549,62 @@ mod tests {
         assert_eq!(role_for(&c, &names(&["OPS"])), None, "exact match only");
     }
 
+    fn cert(shape: impl FnOnce(&mut rcgen::CertificateParams)) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        shape(&mut params);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn only_the_chosen_field_is_read() {
+        use rcgen::{DnType, SanType};
+        let der = cert(|p| {
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CountryName, "FR");
+            p.distinguished_name
+                .push(DnType::OrganizationName, "Ex, Inc.");
+            p.distinguished_name.push(DnType::CommonName, " ops#");
+            p.subject_alt_names = vec![
+                SanType::DnsName("db1.example".try_into().unwrap()),
+                SanType::URI("ops-admin".try_into().unwrap()),
+                SanType::Rfc822Name("ops-admin".try_into().unwrap()),
+            ];
+        });
+        assert_eq!(cert_names(&der, NameField::Cn).unwrap(), [" ops#"]);
+        assert_eq!(
+            cert_names(&der, NameField::Dn).unwrap(),
+            ["CN=\\ ops#,O=Ex\\, Inc.,C=FR"]
+        );
+        assert_eq!(
+            cert_names(&der, NameField::DnsSan).unwrap(),
+            ["db1.example"]
+        );
+        let two = cert(|p| {
+            p.distinguished_name.push(DnType::CommonName, "db1");
+            p.distinguished_name
+                .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "ops");
+        });
+        let e = cert_names(&two, NameField::Cn).unwrap_err();
+        assert!(e.contains("2 common names"), "{e}");
+        assert_eq!(cert_names(&two, NameField::Dn).unwrap(), ["CN=ops,CN=db1"]);
+        let none = cert(|p| p.distinguished_name = rcgen::DistinguishedName::new());
+        assert!(cert_names(&none, NameField::Cn).unwrap().is_empty());
+        assert!(cert_names(&none, NameField::Dn).unwrap().is_empty());
+        assert!(cert_names(&none, NameField::DnsSan).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rfc4514_escapes_what_it_must() {
+        assert_eq!(
+            escape_4514("a,b+c;d<e>f\"g\\h"),
+            "a\\,b\\+c\\;d\\<e\\>f\\\"g\\\\h"
+        );
+        assert_eq!(escape_4514("#x# "), "\\#x#\\ ");
+        assert_eq!(escape_4514(" "), "\\ ");
+        assert_eq!(escape_4514(""), "");
+    }
+
     #[test]
     fn bad_mappings_are_refused_with_the_key_named() {
         let e = TlsServer::load(&config(&[], &[])).unwrap_err();
