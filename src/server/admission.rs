@@ -8,7 +8,9 @@
 //! pool is full a refused connection is closed at once rather than queued.
 //! Refusals are logged once per peer per [`REFUSAL_LOG_WINDOW`], with the count
 //! of those not logged: one unprivileged `idallocctl` in a retry loop used to
-//! write thousands of WARN lines a second.
+//! write thousands of WARN lines a second. TLS handshakes have a pool of
+//! their own (`max_handshakes`) that never makes the accept loop wait: when it
+//! is full, the oldest handshake is closed for the newest connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
