@@ -225,6 +225,7 @@ fn supplementary_groups_count_where_proc_is_hidden() {
         .unwrap();
     let mut d = Daemon {
         child,
+        dir: dir.path().to_path_buf(),
         socket: socket.clone(),
         tcp: String::new(),
         stderr_path,
@@ -460,6 +461,7 @@ fn the_open_file_limit_is_raised_to_fit_max_connections() {
         .unwrap();
     let mut d = Daemon {
         child,
+        dir: dir.path().to_path_buf(),
         socket,
         tcp: String::new(),
         stderr_path,
@@ -551,6 +553,7 @@ fn the_daemons_own_uid_need_not_be_admin_and_uids_may_be_integers() {
         .unwrap();
     let mut d = Daemon {
         child,
+        dir: dir.path().to_path_buf(),
         socket,
         tcp: String::new(),
         stderr_path,

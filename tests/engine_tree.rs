@@ -121,7 +121,13 @@ impl Tree {
     }
 
     async fn start(&mut self, e: usize) {
-        let c = cfg(&self.env, &self.data(e), self.lease, ForkIds::Tree);
+        // Every reservation must succeed here, so the store gets a real time-out
+        // (moto on a loaded machine can take over the tests' usual 500 ms).
+        let c = EngineConfig {
+            store_timeout: std::time::Duration::from_secs(5),
+            store_retries: 3,
+            ..cfg(&self.env, &self.data(e), self.lease, ForkIds::Tree)
+        };
         self.engines[e] = Some(open(c, &self.handle).await.expect("engine opens"));
     }
 

@@ -14,8 +14,9 @@ use daemon_support::*;
 use idalloc::client::{Client, ClientConfig, ClientError};
 use idalloc::{ForkId, Kind, ServiceError, TlsFiles};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, RevocationReason, RevokedCertParams, SanType,
+    SerialNumber,
 };
 
 /// A certificate authority that writes its certificates as PEM files in `dir`.
@@ -55,6 +56,48 @@ impl Ca {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         }
+        self.sign(stem, params)
+    }
+
+    /// A client certificate whose subject CN is `cn`, shaped further by `shape`.
+    fn client(
+        &self,
+        stem: &str,
+        cn: &str,
+        shape: impl FnOnce(&mut CertificateParams),
+    ) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        shape(&mut params);
+        self.sign(stem, params)
+    }
+
+    /// A CRL of this CA revoking the certificates of these serial numbers.
+    fn crl(&self, stem: &str, serials: &[u64]) -> PathBuf {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).unwrap();
+        let path = self.dir.join(format!("{stem}.crl.pem"));
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
+    }
+
+    fn sign(&self, stem: &str, params: CertificateParams) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (c, k) = (
@@ -79,14 +122,26 @@ struct Setup {
 /// A daemon with a unix socket and a `tls:` listener; admins are `ops-admin`,
 /// writers `db1-writer`.
 fn setup() -> Setup {
+    setup_with("", |_| String::new())
+}
+
+/// As [`setup`], with `top` among the top-level keys and what `tls_extra`
+/// makes of the CA in `[tls]`.
+fn setup_with(top: &str, tls_extra: impl FnOnce(&Ca) -> String) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "idalloc-test-ca");
     let other = Ca::new(dir.path(), "another-ca");
     let server = ca.issue("server", &["localhost", "127.0.0.1"], true, false);
     let port = free_port();
     let endpoint = format!("tls:127.0.0.1:{port}");
+    let tls_extra = tls_extra(&ca);
+    let admin = if tls_extra.contains("admin_names") {
+        ""
+    } else {
+        "admin_names = [\"ops-admin\"]\n"
+    };
     let tls = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nadmin_names = [\"ops-admin\"]\nwriter_names = [\"db1-writer\"]\n",
+        "{top}[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n{admin}writer_names = [\"db1-writer\"]\n{tls_extra}",
         server.0.display().to_string(),
         server.1.display().to_string(),
         ca.pem.display().to_string(),
@@ -362,4 +417,301 @@ fn plain_tcp_never_leaves_loopback() {
         !dir.path().join("data").join("db").exists(),
         "refused before recovery"
     );
+}
+
+/// The role a connected certificate has: `None` if it is refused at connect,
+/// else whether `checkpoint` (an admin's operation) is allowed.
+async fn admin_or_refused(endpoint: &str, config: ClientConfig) -> Option<bool> {
+    let c = Client::connect_with(endpoint, config).await.ok()?;
+    match c.checkpoint(None).await {
+        Ok(_) => Some(true),
+        Err(e) => match e.service() {
+            Some(ServiceError::PermissionDenied(_)) => Some(false),
+            _ => match e {
+                ClientError::Tls { .. } => None,
+                other => panic!("checkpoint failed otherwise: {other}"),
+            },
+        },
+    }
+}
+
+/// Only `[tls] name_field` carries the name: an admin's name in a second
+/// subject CN, a URI SAN, an email SAN or (under the default "cn") a DNS SAN
+/// does not make its holder an admin. Each of these was an admin before
+/// name_field existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_name_field_names_the_holder() {
+    let mut s = setup();
+    let ca = s.ca.pem.clone();
+    let ia5 = |n: &str| n.try_into().unwrap();
+
+    let admin = s.ca.client("admin", "ops-admin", |_| {});
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&admin))).await,
+        Some(true)
+    );
+
+    // Two subject CNs (the second as the CN attribute's OID, which rcgen
+    // otherwise merges): ambiguous, refused, not admin.
+    let two_cns = s.ca.client("two-cns", "db1-writer", |p| {
+        p.distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "ops-admin");
+    });
+    let r = refusal(&s.endpoint, config(&ca, Some(&two_cns))).await;
+    assert!(
+        r.contains("maps none of the certificate's names to a role"),
+        "{r}"
+    );
+    let log = s.daemon.stderr();
+    assert!(log.contains("its subject has 2 common names"), "{log}");
+
+    for (stem, san) in [
+        ("uri-san", SanType::URI(ia5("ops-admin"))),
+        ("email-san", SanType::Rfc822Name(ia5("ops-admin"))),
+        ("dns-san", SanType::DnsName(ia5("ops-admin"))),
+    ] {
+        let cert =
+            s.ca.client(stem, "db1-writer", |p| p.subject_alt_names = vec![san]);
+        assert_eq!(
+            admin_or_refused(&s.endpoint, config(&ca, Some(&cert))).await,
+            Some(false),
+            "{stem}: the CN is the writer's; the SAN must not make it an admin"
+        );
+    }
+    s.daemon.stop();
+
+    // name_field = "dns_san": the DNS SAN names the holder; its CN does not.
+    let mut s = setup_with("", |_| "name_field = \"dns_san\"\n".into());
+    let ca = s.ca.pem.clone();
+    let by_dns = s.ca.client("by-dns", "db1-writer", |p| {
+        p.subject_alt_names = vec![SanType::DnsName(ia5("ops-admin"))]
+    });
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&by_dns))).await,
+        Some(true)
+    );
+    let by_cn = s.ca.client("by-cn", "ops-admin", |p| {
+        p.subject_alt_names = vec![SanType::URI(ia5("ops-admin"))]
+    });
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&by_cn))).await,
+        None,
+        "neither the CN nor a URI SAN is a DNS name: no role"
+    );
+    s.daemon.stop();
+
+    // name_field = "dn": the whole subject, RFC 4514, most specific first.
+    let mut s = setup_with("", |_| {
+        "name_field = \"dn\"\nadmin_names = ['CN=ops-admin,O=Example\\, Inc.']\n".into()
+    });
+    let ca = s.ca.pem.clone();
+    let full = s.ca.client("full-dn", "ops-admin", |p| {
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Example, Inc.");
+        p.distinguished_name.push(DnType::CommonName, "ops-admin");
+    });
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&full))).await,
+        Some(true)
+    );
+    let cn_only = s.ca.client("cn-only", "ops-admin", |_| {});
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&cn_only))).await,
+        None,
+        "CN=ops-admin alone is another DN"
+    );
+    s.daemon.stop();
+}
+
+/// `[tls] crl`: a revoked client certificate is refused in the handshake, and
+/// the client says so in one line; one the CRL does not list is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused() {
+    let mut s = setup_with("", |ca| {
+        format!(
+            "crl = {:?}\n",
+            ca.crl("revoked", &[0x1d]).display().to_string()
+        )
+    });
+    let ca = s.ca.pem.clone();
+    let revoked = s.ca.client("revoked-writer", "db1-writer", |p| {
+        p.serial_number = Some(SerialNumber::from(0x1du64))
+    });
+    let r = refusal(&s.endpoint, config(&ca, Some(&revoked))).await;
+    assert!(r.contains("revoked"), "{r}");
+    assert_eq!(r.lines().count(), 1, "{r}");
+    let good = s.ca.client("good-writer", "db1-writer", |p| {
+        p.serial_number = Some(SerialNumber::from(0x1eu64))
+    });
+    let c = Client::connect_with(&s.endpoint, config(&ca, Some(&good)))
+        .await
+        .unwrap();
+    c.reserve(None, Kind::Vid, 1).await.unwrap();
+    let log = s.daemon.stderr();
+    assert!(log.contains("TLS connection refused"), "{log}");
+    assert!(log.to_lowercase().contains("revoked"), "{log}");
+    s.daemon.stop();
+
+    // A CRL of another CA would leave every client's status unknown: refused
+    // at start with the key named, not at every handshake.
+    let dir = tempfile::tempdir().unwrap();
+    let other = Ca::new(dir.path(), "other");
+    let ours = Ca::new(dir.path(), "ours");
+    let (cert, key) = ours.issue("server", &["localhost"], true, false);
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\ncrl = {:?}\n",
+            dir.path().join("data").display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+            ours.pem.display().to_string(),
+            other.crl("foreign", &[1]).display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idallocd"))
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.crl") && err.contains("not a certificate of tls.client_ca"),
+        "{err}"
+    );
+}
+
+/// SIGHUP applies `[tls]` as a whole: new admin names, and a CRL added to the
+/// file, take effect for the next handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_role_names_and_the_crl() {
+    let mut s = setup();
+    let ca = s.ca.pem.clone();
+    let old_admin = s.ca.client("old-admin", "ops-admin", |_| {});
+    let new_admin = s.ca.client("new-admin", "ops-admin-2", |_| {});
+    let writer = s.ca.client("writer", "db1-writer", |p| {
+        p.serial_number = Some(SerialNumber::from(0x2au64))
+    });
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&old_admin))).await,
+        Some(true)
+    );
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&new_admin))).await,
+        None
+    );
+
+    // First the names alone, then a CRL: each applies on its own SIGHUP.
+    let file = s.daemon.dir.join("idallocd.toml");
+    let edit = |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let edited = text.replace(from, to);
+        assert_ne!(text, edited);
+        std::fs::write(&file, edited).unwrap();
+    };
+    let reloaded = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = s.daemon.stderr();
+            if log.matches("SIGHUP: configuration reloaded").count()
+                + log.matches("SIGHUP: config changes").count()
+                >= n
+            {
+                return log;
+            }
+            assert!(std::time::Instant::now() < deadline, "{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    edit(
+        "admin_names = [\"ops-admin\"]\n",
+        "admin_names = [\"ops-admin-2\"]\n",
+    );
+    s.daemon.signal(libc::SIGHUP);
+    reloaded(1);
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&new_admin))).await,
+        Some(true),
+        "the new admin name applies"
+    );
+    assert_eq!(
+        admin_or_refused(&s.endpoint, config(&ca, Some(&old_admin))).await,
+        None,
+        "the old one no longer does"
+    );
+    let w = Client::connect_with(&s.endpoint, config(&ca, Some(&writer)))
+        .await
+        .unwrap();
+    w.reserve(None, Kind::Vid, 1).await.unwrap();
+
+    let crl = s.ca.crl("hup", &[0x2a]);
+    edit(
+        "admin_names = [\"ops-admin-2\"]\n",
+        &format!(
+            "admin_names = [\"ops-admin-2\"]\ncrl = {:?}\n",
+            crl.display().to_string()
+        ),
+    );
+    s.daemon.signal(libc::SIGHUP);
+    reloaded(2);
+    let r = refusal(&s.endpoint, config(&ca, Some(&writer))).await;
+    assert!(r.contains("revoked"), "{r}");
+    let log = s.daemon.stderr();
+    assert!(
+        !log.contains("need a restart"),
+        "a [tls] change is applied, not deferred: {log}"
+    );
+    s.daemon.stop();
+}
+
+/// Peers that open TCP connections to the TLS port and never send a
+/// ClientHello (256 of them, four times `max_handshakes`) neither keep a
+/// client with a certificate from being served promptly nor a unix-socket
+/// writer: handshakes hold slots of their own, and when those are all taken
+/// the oldest handshake gives its slot to the newest connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_connections_do_not_starve_the_authenticated() {
+    let mut s = setup_with("max_handshakes = 64\n", |_| String::new());
+    let ca = s.ca.pem.clone();
+    let writer = s.ca.client("writer", "db1-writer", |_| {});
+    let addr = s.endpoint.trim_start_matches("tls:").to_string();
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        {
+            silent.push(c);
+        }
+    }
+    assert!(silent.len() >= 128, "only {} connected", silent.len());
+
+    let started = std::time::Instant::now();
+    let w = Client::connect_with(&s.endpoint, config(&ca, Some(&writer)))
+        .await
+        .unwrap();
+    w.reserve(None, Kind::Vid, 1).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "a TLS writer waited {waited:?} behind silent connections"
+    );
+
+    let started = std::time::Instant::now();
+    let u = Client::connect(&format!("unix:{}", s.daemon.socket.display()))
+        .await
+        .unwrap();
+    u.reserve(None, Kind::Vid, 1).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "a unix writer waited {waited:?} behind silent TLS connections"
+    );
+    drop(silent);
+    s.daemon.stop();
 }

@@ -287,8 +287,8 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 /// SIGHUP (`systemctl reload`): read the config again; apply what can change
-/// safely while running (the log filter; the TLS certificate, key and client CA
-/// files are re-read), and say which other changes need a restart. A config or
+/// safely while running (the log filter; the whole `[tls]` section: certificate,
+/// key, client CA and CRL files re-read, role names and name field), and say which other changes need a restart. A config or
 /// certificate that does not load is logged and the running one kept. SIGHUP
 /// never stops the daemon.
 fn watch_reload(
@@ -341,10 +341,24 @@ async fn reload(
             return;
         }
     }
-    if let Some(tls) = tls {
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA reloaded (open connections keep theirs)"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running certificates"),
+    // [tls] applies whole or not at all. A section added or removed needs a
+    // restart (listeners are bound at start), and is reported as such below.
+    let mut tls_applied = false;
+    if let (Some(tls), Some(files)) = (tls, &fresh.tls) {
+        match tls.reload(files) {
+            Ok(()) => {
+                tls_applied = true;
+                tracing::info!(
+                    name_field = %files.name_field,
+                    admin_names = ?files.admin_names,
+                    writer_names = ?files.writer_names,
+                    crl = ?files.crl,
+                    "SIGHUP: TLS certificate, key and client CA reloaded, with the CRL and the role names (open connections keep theirs)"
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: [tls] not reloaded; keeping the running certificates and role names")
+            }
         }
     }
     if fresh.log.level != running.log.level {
@@ -355,12 +369,18 @@ async fn reload(
     }
     let mut rest = fresh.clone();
     rest.log.level = running.log.level.clone();
+    if tls_applied {
+        rest.tls = running.tls.clone();
+    }
     if rest != *running {
         tracing::warn!("SIGHUP: config changes other than [log] level need a restart (systemctl restart idallocd); they are not applied");
     } else {
         tracing::info!("SIGHUP: configuration reloaded");
     }
     running.log.level = fresh.log.level;
+    if tls_applied {
+        running.tls = fresh.tls;
+    }
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once, non-zero — an

@@ -8,9 +8,11 @@
 //! pool is full a refused connection is closed at once rather than queued.
 //! Refusals are logged once per peer per [`REFUSAL_LOG_WINDOW`], with the count
 //! of those not logged, so that one unprivileged client in a retry loop cannot
-//! fill the log (thousands of lines a second otherwise).
+//! fill the log (thousands of lines a second otherwise). TLS handshakes have a
+//! pool of their own (`max_handshakes`) that never makes the accept loop wait:
+//! when it is full, the oldest handshake is closed for the newest connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,7 +44,7 @@ pub struct Gate {
     access: Arc<AccessPolicy>,
     tls: Option<Arc<TlsServer>>,
     established: Arc<Semaphore>,
-    handshakes: Arc<Semaphore>,
+    handshakes: Arc<Mutex<Handshakes>>,
     refusing: Arc<Semaphore>,
     refusals: RefusalLog,
     per_identity: Arc<Mutex<HashMap<String, usize>>>,
@@ -56,7 +58,11 @@ impl Gate {
             access: Arc::new(settings.access.clone()),
             tls: settings.tls.clone(),
             established: Arc::new(Semaphore::new(settings.max_connections)),
-            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
+            handshakes: Arc::new(Mutex::new(Handshakes {
+                max: settings.max_handshakes,
+                next: 0,
+                open: VecDeque::new(),
+            })),
             refusing: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
             refusals: RefusalLog::default(),
             per_identity: Arc::default(),
@@ -171,15 +177,15 @@ pub async fn accept_loop(
                     continue;
                 };
                 // A handshake holds a slot of its own pool, not one of
-                // max_connections: peers that never finish it (or never start)
-                // cannot starve those who have a role.
-                let handshake = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    p = gate.handshakes.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                };
+                // max_connections, and the accept loop never waits for one:
+                // with the pool full, the oldest handshake is closed to make
+                // room. A peer that never finishes (or never starts) its
+                // handshake thus cannot starve those who have a certificate;
+                // to push out a real client's handshake, which takes a few
+                // round trips, a flood must open max_handshakes connections
+                // within those round trips.
+                let handshake = gate.start_handshake();
+                let evicted = handshake.evicted.clone();
                 // The handshake runs on the connection's own task, so a slow peer
                 // never stalls accepting.
                 let (serving2, force_close) = (serving.clone(), serving.force_close.clone());
@@ -187,20 +193,22 @@ pub async fn accept_loop(
                 serving.connections.spawn(async move {
                     tokio::select! {
                         _ = force_close.cancelled() => {}
+                        _ = evicted.cancelled() => {}
                         _ = async move {
                             match tls.accept(tcp).await {
                                 Ok((stream, peer)) => {
+                                    // Authenticated: no longer one of the
+                                    // handshakes that may be closed for room.
+                                    drop(handshake);
                                     let counted = match gate.count(&peer) {
                                         Ok(c) => c,
                                         Err(refused) => {
-                                            drop(handshake);
                                             return gate.refuse(stream, "per_identity", refused, &serving2);
                                         }
                                     };
                                     let Some(permit) = gate.slot(&shutdown).await else {
                                         return;
                                     };
-                                    drop(handshake);
                                     serve(stream, peer, (permit, counted), serving2).await
                                 }
                                 Err(why) => {
@@ -216,7 +224,63 @@ pub async fn accept_loop(
     }
 }
 
+/// TLS handshakes in progress, oldest first, at most `max`.
+struct Handshakes {
+    max: usize,
+    next: u64,
+    open: VecDeque<(u64, CancellationToken)>,
+}
+
+/// One handshake's place in [`Handshakes`], until dropped; `evicted` fires when
+/// a newer connection took it.
+struct HandshakeSlot {
+    id: u64,
+    evicted: CancellationToken,
+    all: Arc<Mutex<Handshakes>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut h = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = h.open.iter().position(|(id, _)| *id == self.id) {
+            h.open.remove(i);
+        }
+    }
+}
+
 impl Gate {
+    /// A handshake slot for a new TLS connection, at once: with all taken, the
+    /// oldest handshake is closed for it.
+    fn start_handshake(&self) -> HandshakeSlot {
+        let mut h = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0u64;
+        while h.open.len() >= h.max {
+            let Some((_, oldest)) = h.open.pop_front() else {
+                break;
+            };
+            oldest.cancel();
+            closed += 1;
+        }
+        let id = h.next;
+        h.next += 1;
+        let evicted = CancellationToken::new();
+        h.open.push_back((id, evicted.clone()));
+        drop(h);
+        if closed > 0 {
+            super::metrics::connection_refused("handshake_evicted");
+            self.refusals.note(
+                "tls handshakes",
+                "TLS handshake closed to make room for a newer connection",
+                "max_handshakes handshakes were in progress (peers that connect and do not finish the handshake); the oldest was closed",
+            );
+        }
+        HandshakeSlot {
+            id,
+            evicted,
+            all: self.handshakes.clone(),
+        }
+    }
+
     /// A serving slot, waiting for one to free; `None` at shutdown.
     async fn slot(&self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         tokio::select! {

@@ -995,6 +995,8 @@ mod tests {
         assert_eq!(example.writer_names, ["*"]);
         assert!(example.admin_names.is_empty());
         assert_eq!(example.handshake_timeout, "10s");
+        assert_eq!(example.name_field, super::super::tls::NameField::Cn);
+        assert!(example.crl.is_some(), "the file shows where a CRL goes");
         let mut expected = Config::default().effective(&env()).unwrap();
         // The mirror URL's default is absolute (derived from data_dir), so the file
         // describes it in prose rather than as a setting line.

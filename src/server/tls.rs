@@ -10,9 +10,15 @@
 //! handshake runs on the connection's own task with a time limit, so a slow or
 //! silent peer holds one connection slot, never the accept loop.
 //!
-//! Certificates and keys are re-read on SIGHUP ([`TlsServer::reload`]); a reload
-//! that fails keeps the running ones. Connections already open keep the
-//! certificate they were made with.
+//! Which field of a certificate carries its name is the operator's choice
+//! (`[tls] name_field`, [`NameField`]), and only that field is read: a name the
+//! CA let a requester put in some other field (a second CN, a URI or email
+//! SAN) never reaches the role mapping. A certificate whose chosen field is
+//! ambiguous (two subject CNs) is refused, not resolved by picking one.
+//!
+//! The whole `[tls]` section (files, CRL, names, field) is applied again on
+//! SIGHUP ([`TlsServer::reload`]); a reload that fails keeps the running one.
+//! Connections already open keep the certificate and role they were made with.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -36,8 +42,15 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA certificate(s) (PEM) that client certificates must be signed by.
     pub client_ca: PathBuf,
-    /// Certificate names (subject common name, DNS, URI or email
-    /// subject-alternative names) whose holders are admins.
+    /// Certificate revocation list(s) (PEM, `BEGIN X509 CRL`) of `client_ca`: a
+    /// client certificate they list is refused.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Which field of a client certificate carries the name that
+    /// `admin_names`/`writer_names` match.
+    #[serde(default)]
+    pub name_field: NameField,
+    /// Names (in `name_field`) whose holders are admins.
     #[serde(default)]
     pub admin_names: Vec<String>,
     /// Names whose holders are writers; `"*"` (the default) makes every valid
@@ -49,6 +62,32 @@ pub struct TlsConfig {
     pub handshake_timeout: String,
 }
 
+/// The field of a client certificate that names its holder. Each is one the
+/// CA vouches for as a whole; none lets a name the CA copied into some other
+/// field (a URI or email SAN, a second CN) stand for an admin's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NameField {
+    /// The subject's common name; a certificate with more than one is refused.
+    #[default]
+    Cn,
+    /// The whole subject DN as an RFC 4514 string, most specific RDN first
+    /// (`CN=ops-admin,O=Example`).
+    Dn,
+    /// Any of the certificate's DNS subject-alternative names.
+    DnsSan,
+}
+
+impl std::fmt::Display for NameField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NameField::Cn => "cn",
+            NameField::Dn => "dn",
+            NameField::DnsSan => "dns_san",
+        })
+    }
+}
+
 fn any_name() -> Vec<String> {
     vec!["*".into()]
 }
@@ -57,19 +96,25 @@ fn default_handshake_timeout() -> String {
     "10s".into()
 }
 
-/// The running TLS state: the rustls configuration (replaced on reload) and the
-/// role mapping.
+/// The running TLS state, replaced as a whole on reload: a handshake sees one
+/// consistent set of files, names and field.
 pub struct TlsServer {
+    current: RwLock<Arc<Loaded>>,
+}
+
+/// One load of `[tls]`.
+struct Loaded {
     files: TlsConfig,
-    current: RwLock<Arc<rustls::ServerConfig>>,
+    rustls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = self.now();
         f.debug_struct("TlsServer")
-            .field("cert", &self.files.cert)
-            .field("client_ca", &self.files.client_ca)
+            .field("cert", &now.files.cert)
+            .field("client_ca", &now.files.client_ca)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +122,86 @@ impl std::fmt::Debug for TlsServer {
 impl TlsServer {
     /// Load the files; every problem is one line naming the file or key.
     pub fn load(files: &TlsConfig) -> Result<TlsServer, String> {
+        Ok(TlsServer {
+            current: RwLock::new(Arc::new(Loaded::new(files)?)),
+        })
+    }
+
+    /// Apply `files` (the `[tls]` section of the config just re-read, on
+    /// SIGHUP): certificate, key, client CA and CRL are read again, and the
+    /// names and field take effect for the next handshake. On error the running
+    /// configuration stays.
+    pub fn reload(&self, files: &TlsConfig) -> Result<(), String> {
+        let fresh = Arc::new(Loaded::new(files)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn now(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Run the handshake on `tcp` and find the peer's role. On refusal the reason is
+    /// returned for the log; the peer has been sent the TLS alert.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Peer), String> {
+        let addr = tcp
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let loaded = self.now();
+        let accept = tokio_rustls::TlsAcceptor::from(loaded.rustls.clone())
+            .accept(tcp)
+            .into_fallible();
+        let stream = match tokio::time::timeout(loaded.handshake_timeout, accept).await {
+            Err(_) => {
+                return Err(format!(
+                    "tls {addr}: no TLS handshake within {:?}",
+                    loaded.handshake_timeout
+                ))
+            }
+            Ok(Err((e, tcp))) => {
+                linger(tcp).await;
+                return Err(format!("tls {addr}: handshake refused: {e}"));
+            }
+            Ok(Ok(s)) => s,
+        };
+        // The verifier of this same load has accepted these names; reading them
+        // again here (not from a newer load) keeps the role the one it checked.
+        let names = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|der| cert_names(der, loaded.files.name_field))
+            .unwrap_or_else(|| Ok(Vec::new()))
+            .map_err(|why| format!("tls {addr}: {why}"))?;
+        let shown = names.first().cloned().unwrap_or_else(|| "?".into());
+        match role_for(&loaded.files, &names) {
+            Some(role) => Ok((
+                stream,
+                Peer {
+                    identity: format!("tls {shown}"),
+                    name: format!("tls {addr} ({shown})"),
+                    role,
+                },
+            )),
+            None => Err(format!(
+                "tls {addr}: certificate names {names:?} ([tls] name_field = \"{}\") are in neither [tls] admin_names nor writer_names",
+                loaded.files.name_field
+            )),
+        }
+    }
+
+    /// The role of a certificate with these names, `None` to refuse it.
+    pub fn role(&self, names: &[String]) -> Option<Role> {
+        role_for(&self.now().files, names)
+    }
+}
+
+impl Loaded {
+    fn new(files: &TlsConfig) -> Result<Loaded, String> {
         let handshake_timeout =
             humantime::parse_duration(&files.handshake_timeout).map_err(|e| {
                 format!(
@@ -93,74 +218,11 @@ impl TlsServer {
         if files.admin_names.iter().any(|n| n == "*") {
             return Err("tls.admin_names: \"*\" would make every certificate of client_ca an admin; list the admins' names".into());
         }
-        Ok(TlsServer {
-            current: RwLock::new(server_config(files)?),
+        Ok(Loaded {
+            rustls: server_config(files)?,
             files: files.clone(),
             handshake_timeout,
         })
-    }
-
-    /// Read the certificate, key and client CA again (SIGHUP). On error the running
-    /// configuration stays.
-    pub fn reload(&self) -> Result<(), String> {
-        let fresh = server_config(&self.files)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
-    }
-
-    /// Run the handshake on `tcp` and find the peer's role. On refusal the reason is
-    /// returned for the log; the peer has been sent the TLS alert.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Peer), String> {
-        let addr = tcp
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        let config = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let accept = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .into_fallible();
-        let stream = match tokio::time::timeout(self.handshake_timeout, accept).await {
-            Err(_) => {
-                return Err(format!(
-                    "tls {addr}: no TLS handshake within {:?}",
-                    self.handshake_timeout
-                ))
-            }
-            Ok(Err((e, tcp))) => {
-                linger(tcp).await;
-                return Err(format!("tls {addr}: handshake refused: {e}"));
-            }
-            Ok(Ok(s)) => s,
-        };
-        let names = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|der| cert_names(der))
-            .unwrap_or_default();
-        let shown = names.first().cloned().unwrap_or_else(|| "?".into());
-        match self.role(&names) {
-            Some(role) => Ok((
-                stream,
-                Peer {
-                    identity: format!("tls {shown}"),
-                    name: format!("tls {addr} ({shown})"),
-                    role,
-                },
-            )),
-            None => Err(format!(
-                "tls {addr}: certificate names {names:?} are in neither [tls] admin_names nor writer_names"
-            )),
-        }
-    }
-
-    /// The role of a certificate with these names, `None` to refuse it.
-    pub fn role(&self, names: &[String]) -> Option<Role> {
-        role_for(&self.files, names)
     }
 }
 
@@ -198,10 +260,14 @@ fn server_config(files: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String>
             )
         })?;
     }
-    let chain_verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| format!("tls.client_ca: {}: {e}", files.client_ca.display()))?;
+    let mut builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if let Some(crl) = &files.crl {
+        builder = builder.with_crls(load_crls(crl, &files.client_ca)?);
+    }
+    let chain_verifier = builder
+        .build()
+        .map_err(|e| format!("tls.client_ca/tls.crl: {}: {e}", files.client_ca.display()))?;
     let verifier = Arc::new(RoleVerifier {
         chain: chain_verifier,
         files: files.clone(),
@@ -256,9 +322,16 @@ impl rustls::server::danger::ClientCertVerifier for RoleVerifier {
         let verified = self
             .chain
             .verify_client_cert(end_entity, intermediates, now)?;
-        let names = cert_names(end_entity);
-        if role_for(&self.files, &names).is_none() {
-            tracing::warn!(?names, "TLS client certificate refused: none of its names is in [tls] admin_names or writer_names");
+        let field = self.files.name_field;
+        let refused = match cert_names(end_entity, field) {
+            Err(why) => Some(why),
+            Ok(names) if role_for(&self.files, &names).is_none() => Some(format!(
+                "its names {names:?} ([tls] name_field = \"{field}\") are in neither [tls] admin_names nor writer_names"
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = refused {
+            tracing::warn!(reason = %why, "TLS client certificate refused");
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
@@ -289,29 +362,158 @@ impl rustls::server::danger::ClientCertVerifier for RoleVerifier {
     }
 }
 
-/// The names a role may be mapped from: the subject's common names, then the DNS,
-/// URI and email subject-alternative names.
-pub fn cert_names(der: &[u8]) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+/// The CRLs in a PEM file (at least one), each issued by a certificate of
+/// `client_ca`. A CRL of another issuer would leave every client's revocation
+/// status unknown, which refuses them all: said at load, not at each handshake.
+fn load_crls(
+    path: &std::path::Path,
+    client_ca: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateRevocationListDer;
+    let shown = path.display();
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| match e {
+            rustls::pki_types::pem::Error::Io(io) => format!("tls.crl: {shown}: {io}"),
+            other => format!("tls.crl: {shown}: not valid PEM ({other:?})"),
+        })?;
+    if crls.is_empty() {
+        return Err(format!(
+            "tls.crl: {shown}: no PEM CRL (BEGIN X509 CRL) in it"
+        ));
+    }
+    let cas = load_certs(client_ca).map_err(|e| format!("tls.client_ca: {}", e.0))?;
+    let subjects: Vec<Vec<u8>> = cas
+        .iter()
+        .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
         .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            match n {
-                GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
-                    names.push((*s).to_owned())
-                }
-                _ => {}
+    for der in &crls {
+        let (_, crl) = x509_parser::parse_x509_crl(der)
+            .map_err(|e| format!("tls.crl: {shown}: not an X.509 CRL: {e}"))?;
+        if !subjects.iter().any(|s| s == crl.issuer().as_raw()) {
+            return Err(format!(
+                "tls.crl: {shown}: a CRL issued by {:?}, which is not a certificate of tls.client_ca ({}); with it no client's revocation status would be known, and every client would be refused",
+                crl.issuer().to_string(),
+                client_ca.display()
+            ));
+        }
+        if let Some(next) = crl.next_update() {
+            if next.timestamp() < now_unix() {
+                tracing::warn!(crl = %shown, next_update = %next, "tls.crl: this CRL's next update is past; it is used as it is (certificates revoked since are not refused): fetch a fresh one and reload");
             }
         }
     }
-    names
+    Ok(crls)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The names of a certificate in `field`, for the role mapping; an error (the
+/// reason, one line) when the field is ambiguous or cannot be read, which
+/// refuses the certificate. No name at all is not an error: such a certificate
+/// matches only `"*"` in `writer_names`.
+pub fn cert_names(der: &[u8], field: NameField) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the certificate cannot be parsed: {e}"))?;
+    match field {
+        NameField::Cn => {
+            let cns = cert
+                .subject()
+                .iter_common_name()
+                .map(|cn| {
+                    cn.as_str()
+                        .map(str::to_owned)
+                        .map_err(|e| format!("its subject common name is not a string: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if cns.len() > 1 {
+                return Err(format!(
+                    "its subject has {} common names {cns:?}; with [tls] name_field = \"cn\" a certificate must have one",
+                    cns.len()
+                ));
+            }
+            Ok(cns)
+        }
+        NameField::Dn => {
+            let dn = rfc4514(cert.subject())?;
+            Ok(if dn.is_empty() { Vec::new() } else { vec![dn] })
+        }
+        NameField::DnsSan => {
+            let san = cert.subject_alternative_name().map_err(|e| {
+                format!("its subject-alternative-name extension cannot be read: {e}")
+            })?;
+            Ok(san
+                .map(|san| {
+                    san.value
+                        .general_names
+                        .iter()
+                        .filter_map(|n| match n {
+                            GeneralName::DNSName(s) => Some((*s).to_owned()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default())
+        }
+    }
+}
+
+/// A DN as RFC 4514 prints it: RDNs most specific first, separated by `,`;
+/// the attributes of a multi-valued RDN by `+`; the short names of RFC 4514
+/// (CN, L, ST, O, OU, C, STREET, DC, UID), other types as dotted OIDs. An
+/// attribute whose value is not a string is refused rather than hex-dumped:
+/// nobody would list such a name, and two spellings of one DN must not differ.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> Result<String, String> {
+    let mut rdns = Vec::new();
+    for rdn in name.iter().collect::<Vec<_>>().into_iter().rev() {
+        let mut atvs = Vec::new();
+        for atv in rdn.iter() {
+            let oid = atv.attr_type().to_id_string();
+            let key = match oid.as_str() {
+                "2.5.4.3" => "CN",
+                "2.5.4.7" => "L",
+                "2.5.4.8" => "ST",
+                "2.5.4.10" => "O",
+                "2.5.4.11" => "OU",
+                "2.5.4.6" => "C",
+                "2.5.4.9" => "STREET",
+                "0.9.2342.19200300.100.1.25" => "DC",
+                "0.9.2342.19200300.100.1.1" => "UID",
+                other => other,
+            };
+            let value = atv.as_str().map_err(|_| {
+                format!("its subject attribute {oid} is not a string, so [tls] name_field = \"dn\" cannot name it")
+            })?;
+            atvs.push(format!("{key}={}", escape_4514(value)));
+        }
+        rdns.push(atvs.join("+"));
+    }
+    Ok(rdns.join(","))
+}
+
+fn escape_4514(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -323,6 +525,8 @@ mod tests {
             cert: "c".into(),
             key: "k".into(),
             client_ca: "ca".into(),
+            crl: None,
+            name_field: NameField::Cn,
             admin_names: admin.iter().map(|s| s.to_string()).collect(),
             writer_names: writer.iter().map(|s| s.to_string()).collect(),
             handshake_timeout: "10s".into(),
@@ -343,6 +547,62 @@ mod tests {
         assert_eq!(role_for(&c, &names(&["db2"])), Some(Role::Writer));
         assert_eq!(role_for(&c, &names(&["db3", "ops2"])), None);
         assert_eq!(role_for(&c, &names(&["OPS"])), None, "exact match only");
+    }
+
+    fn cert(shape: impl FnOnce(&mut rcgen::CertificateParams)) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        shape(&mut params);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn only_the_chosen_field_is_read() {
+        use rcgen::{DnType, SanType};
+        let der = cert(|p| {
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CountryName, "FR");
+            p.distinguished_name
+                .push(DnType::OrganizationName, "Ex, Inc.");
+            p.distinguished_name.push(DnType::CommonName, " ops#");
+            p.subject_alt_names = vec![
+                SanType::DnsName("db1.example".try_into().unwrap()),
+                SanType::URI("ops-admin".try_into().unwrap()),
+                SanType::Rfc822Name("ops-admin".try_into().unwrap()),
+            ];
+        });
+        assert_eq!(cert_names(&der, NameField::Cn).unwrap(), [" ops#"]);
+        assert_eq!(
+            cert_names(&der, NameField::Dn).unwrap(),
+            ["CN=\\ ops#,O=Ex\\, Inc.,C=FR"]
+        );
+        assert_eq!(
+            cert_names(&der, NameField::DnsSan).unwrap(),
+            ["db1.example"]
+        );
+        let two = cert(|p| {
+            p.distinguished_name.push(DnType::CommonName, "db1");
+            p.distinguished_name
+                .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "ops");
+        });
+        let e = cert_names(&two, NameField::Cn).unwrap_err();
+        assert!(e.contains("2 common names"), "{e}");
+        assert_eq!(cert_names(&two, NameField::Dn).unwrap(), ["CN=ops,CN=db1"]);
+        let none = cert(|p| p.distinguished_name = rcgen::DistinguishedName::new());
+        assert!(cert_names(&none, NameField::Cn).unwrap().is_empty());
+        assert!(cert_names(&none, NameField::Dn).unwrap().is_empty());
+        assert!(cert_names(&none, NameField::DnsSan).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rfc4514_escapes_what_it_must() {
+        assert_eq!(
+            escape_4514("a,b+c;d<e>f\"g\\h"),
+            "a\\,b\\+c\\;d\\<e\\>f\\\"g\\\\h"
+        );
+        assert_eq!(escape_4514("#x# "), "\\#x#\\ ");
+        assert_eq!(escape_4514(" "), "\\ ");
+        assert_eq!(escape_4514(""), "");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub fn free_port() -> u16 {
 /// A running daemon; killed on drop if the test did not stop it.
 pub struct Daemon {
     pub child: Child,
+    /// The directory the daemon's config, data and socket are in.
+    pub dir: PathBuf,
     pub socket: PathBuf,
     pub tcp: String,
     pub stderr_path: PathBuf,
@@ -113,6 +115,7 @@ impl Daemon {
         let child = cmd.spawn().unwrap();
         let mut d = Daemon {
             child,
+            dir: dir.to_path_buf(),
             socket,
             tcp,
             stderr_path,

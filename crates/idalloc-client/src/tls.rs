@@ -198,8 +198,11 @@ fn describe(e: &rustls::Error) -> String {
         rustls::Error::AlertReceived(A::CertificateExpired) => {
             "the daemon refused this client's certificate: it has expired (or is not valid yet)".into()
         }
+        rustls::Error::AlertReceived(A::CertificateRevoked) => {
+            "the daemon refused this client's certificate: it is revoked (listed in the daemon's [tls] crl)".into()
+        }
         rustls::Error::AlertReceived(A::AccessDenied) => {
-            "the daemon accepted this client's certificate authority but maps none of the certificate's names to a role ([tls] admin_names / writer_names)".into()
+            "the daemon accepted this client's certificate authority but maps none of the certificate's names to a role ([tls] name_field, admin_names / writer_names; the daemon's log says why)".into()
         }
         rustls::Error::AlertReceived(a) => format!("the daemon refused the TLS handshake (alert {a:?})"),
         rustls::Error::InvalidCertificate(c) => {
