@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::*;
 use idalloc::engine::{FloorAuthority, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op};
-use idalloc::protocol::{IdRange, WriterMode};
-use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::{IdRange, WriterMode};
+use idalloc_client::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 

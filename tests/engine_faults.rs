@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use idalloc::engine::{OpenError, StoreHandle};
 use idalloc::faults::{Fault, FaultControl, FaultyStore, Op};
-use idalloc::protocol::{IdRange, WriterMode};
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::{IdRange, WriterMode};
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 use object_store::ObjectStore;
 
 fn faulty() -> (Arc<dyn ObjectStore>, Arc<FaultControl>, StoreHandle) {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use idalloc::engine::manifest::Manifest;
-use idalloc::protocol::{IdAllocRequest, IdAllocResponse};
+use idalloc_client::protocol::{IdAllocRequest, IdAllocResponse};
 use idalloc::server::transport::ServerTransport;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -12,7 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::config::{Config, ConfigError, Environment, Settings};
 use super::listen::{self, ListenError};
-use crate::endpoint::Endpoint;
+use idalloc_client::endpoint::Endpoint;
 use crate::engine::{OpenError, StoreHandle};
 
 /// Why a configuration would not start. One line each, naming the key, URL or

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use idalloc::protocol::IdAllocClient;
+use idalloc_client::protocol::IdAllocClient;
 use tarpc::tokio_serde::formats::Bincode;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
@@ -255,7 +255,7 @@ pub fn run_to_end(args: &[&str], cwd: &Path) -> (bool, String, String) {
 }
 
 /// Assert that no two ranges overlap.
-pub fn assert_disjoint(ranges: &mut [idalloc::IdRange]) {
+pub fn assert_disjoint(ranges: &mut [idalloc_client::IdRange]) {
     ranges.sort();
     for w in ranges.windows(2) {
         assert!(
