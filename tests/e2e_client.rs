@@ -643,3 +643,34 @@ fn quickstart_defaults_match_between_the_two_binaries() {
     let st = guard.0.wait().unwrap();
     assert!(st.success(), "idallocd on defaults exited with {st}");
 }
+
+/// The client crate's `examples/writer.rs`, the program its README points a writer
+/// to, against a real daemon: built by cargo as a writer's project would build it
+/// (the client crate alone, default features), run in a fork it bootstraps, and
+/// it must finish with every id unique. `CARGO` is the cargo running this test, so
+/// the example lands in the same target directory.
+#[test]
+fn the_client_crates_writer_example_runs_against_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let endpoint = format!("unix:{}", daemon.socket.display());
+    let fork = ForkId::generate().to_string();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "-p", "idalloc-client", "--example", "writer", "--"])
+        .args([endpoint.as_str(), "--fork", &fork, "--vertices", "2000", "--tasks", "2"])
+        .env_remove("IDALLOC_ENDPOINT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "writer example failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("fork         {fork} created")), "{stdout}");
+    assert!(stdout.contains("vertices     2000 ids"), "{stdout}");
+    assert!(stdout.contains("all ids unique"), "{stdout}");
+}

@@ -74,6 +74,12 @@ pub mod unix_conn;
 #[cfg(not(feature = "daemon-internals"))]
 mod unix_conn;
 
+// The README's "get ids in your writer" program is compiled as a doc test
+// (`cargo test --doc -p idalloc-client`), so the code a writer copies cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use client::{Allocator, AllocatorConfig, Client, ClientConfig, ClientError};
 pub use endpoint::Endpoint;
 pub use error::ServiceError;
