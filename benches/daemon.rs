@@ -253,7 +253,9 @@ async fn call_row(
     }
     // Warm up: connections established, leases taken, caches hot.
     for c in &conns {
-        c.reserve(idalloc_client::Namespace::Primary, Kind::Vid, 1).await.unwrap();
+        c.reserve(idalloc_client::Namespace::Primary, Kind::Vid, 1)
+            .await
+            .unwrap();
     }
     let before = cost_now(pid);
     let t = Instant::now();
@@ -271,7 +273,10 @@ async fn call_row(
                         lat.push(s.elapsed().as_nanos() as u64);
                     }
                     Call::Reserve => {
-                        let r = c.reserve(idalloc_client::Namespace::Primary, Kind::Vid, RANGE).await.unwrap();
+                        let r = c
+                            .reserve(idalloc_client::Namespace::Primary, Kind::Vid, RANGE)
+                            .await
+                            .unwrap();
                         lat.push(s.elapsed().as_nanos() as u64);
                         // Ordered per daemon: one connection's ranges only go up.
                         assert!(r.start >= last_end, "range went backwards");

@@ -29,4 +29,3 @@ pub mod engine;
 pub mod faults;
 #[cfg(feature = "server")]
 pub mod server;
-

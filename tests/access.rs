@@ -92,7 +92,8 @@ fn client_over(fd: std::os::fd::OwnedFd) -> idalloc_client::protocol::IdAllocCli
         tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
     let transport =
         tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
-    idalloc_client::protocol::IdAllocClient::new(tarpc::client::Config::default(), transport).spawn()
+    idalloc_client::protocol::IdAllocClient::new(tarpc::client::Config::default(), transport)
+        .spawn()
 }
 
 /// Item 3: identity is what the peer was when it connected. A process of writer

@@ -137,7 +137,10 @@ async fn typed_errors_come_through() {
     let daemon = FakeDaemon::start(&dir.path().join("d.sock"), Arc::default()).await;
     let client = Client::connect(daemon.endpoint()).await.unwrap();
 
-    let e = client.reserve(Namespace::Primary, Kind::Vid, 0).await.unwrap_err();
+    let e = client
+        .reserve(Namespace::Primary, Kind::Vid, 0)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, ClientError::Service(ServiceError::InvalidArgument(_))),
         "{e}"
@@ -155,7 +158,10 @@ async fn typed_errors_come_through() {
     );
 
     // A fork: bootstrap above the primary, allocate, drop, then refused as dropped.
-    client.reserve(Namespace::Primary, Kind::Vid, 500).await.unwrap();
+    client
+        .reserve(Namespace::Primary, Kind::Vid, 500)
+        .await
+        .unwrap();
     let fork = ForkId::generate().to_string();
     let info = client
         .bootstrap_fork(BootstrapRequest {
@@ -172,9 +178,15 @@ async fn typed_errors_come_through() {
     let alloc = client.allocator(ForkId::parse(&fork).unwrap());
     assert!(alloc.allocate_vid().await.unwrap() >= 500);
     assert!(alloc.allocate_eids(3).await.unwrap().start >= 7000);
-    let dropped = client.drop_fork(ForkId::parse(&fork).unwrap()).await.unwrap();
+    let dropped = client
+        .drop_fork(ForkId::parse(&fork).unwrap())
+        .await
+        .unwrap();
     assert!(dropped.dropped);
-    let e = client.reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 1).await.unwrap_err();
+    let e = client
+        .reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 1)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, ClientError::Service(ServiceError::DroppedFork(_))),
         "{e}"
@@ -191,12 +203,18 @@ async fn unavailable_is_retried_within_the_deadline() {
         .await
         .unwrap();
     state.unavailable.store(3, Ordering::SeqCst);
-    let r = client.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
+    let r = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap();
     assert_eq!(r.len(), 10);
 
     // Unavailable for longer than the deadline: the caller learns why.
     state.unavailable.store(u64::MAX, Ordering::SeqCst);
-    let e = client.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap_err();
+    let e = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap_err();
     match e {
         ClientError::DeadlineExceeded {
             last_error: Some(last),
@@ -217,7 +235,10 @@ async fn deadline_bounds_a_slow_call() {
         .unwrap();
     state.delay_ms.store(3000, Ordering::SeqCst);
     let started = Instant::now();
-    let e = client.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap_err();
+    let e = client
+        .reserve(Namespace::Primary, Kind::Vid, 1)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ClientError::DeadlineExceeded { .. }), "{e}");
     assert!(
         started.elapsed() < Duration::from_millis(1500),

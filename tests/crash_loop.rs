@@ -149,8 +149,13 @@ fn crash_loop(
                     };
                     let sent = ledger.tick();
                     match client
-                        .reserve(idalloc_client::Namespace::from_wire(ns).unwrap(), kind, count)
-                        .await {
+                        .reserve(
+                            idalloc_client::Namespace::from_wire(ns).unwrap(),
+                            kind,
+                            count,
+                        )
+                        .await
+                    {
                         Ok(r) => {
                             assert_eq!(r.len(), count);
                             ledger.record(d, ns, kind, sent, r)
@@ -295,7 +300,10 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
             let client = Client::connect(endpoint).await.unwrap();
             // The test daemon's `max_count` is 1000; the allocator's batch must
             // stay within it (its default ceiling is the daemon's default, 1e6).
-            let ids = client.allocator_with(idalloc_client::Namespace::Primary, AllocatorConfig::default().with_max_batch(1000));
+            let ids = client.allocator_with(
+                idalloc_client::Namespace::Primary,
+                AllocatorConfig::default().with_max_batch(1000),
+            );
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let sent = ledger.tick();

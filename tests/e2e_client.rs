@@ -48,9 +48,18 @@ async fn library_round_trip(endpoint: &str) {
     let client = Client::connect(endpoint).await.unwrap();
 
     // Ranges: exact length, increasing, per kind.
-    let a = client.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
-    let b = client.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
-    let e = client.reserve(Namespace::Primary, Kind::Eid, 7).await.unwrap();
+    let a = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap();
+    let b = client
+        .reserve(Namespace::Primary, Kind::Vid, 1)
+        .await
+        .unwrap();
+    let e = client
+        .reserve(Namespace::Primary, Kind::Eid, 7)
+        .await
+        .unwrap();
     assert_eq!((a.len(), b.len(), e.len()), (10, 1, 7));
     assert!(b.start >= a.end, "{a:?} then {b:?}");
     let hwm = client.hwm(Namespace::Primary).await.unwrap();
@@ -88,7 +97,10 @@ async fn library_round_trip(endpoint: &str) {
         (info.next_vid, info.next_eid)
     );
     let child = ForkId::generate().to_string();
-    let f = client.reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 5).await.unwrap();
+    let f = client
+        .reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 5)
+        .await
+        .unwrap();
     assert!(f.start >= info.next_vid);
     let child_info = client
         .bootstrap_fork(BootstrapRequest {
@@ -109,7 +121,10 @@ async fn library_round_trip(endpoint: &str) {
     let fork_alloc = client.allocator(ForkId::parse(&fork).unwrap());
     let fe = fork_alloc.allocate_eid().await.unwrap();
     assert!(fe >= 1_000_000);
-    let cp = client.checkpoint(ForkId::parse(&fork).unwrap()).await.unwrap();
+    let cp = client
+        .checkpoint(ForkId::parse(&fork).unwrap())
+        .await
+        .unwrap();
     assert_eq!(cp.fork.as_deref(), Some(fork.as_str()));
     assert!(cp.next_vid >= f.end && cp.next_eid > fe, "{cp:?}");
     let cp_primary = alloc.checkpoint().await.unwrap();
@@ -120,18 +135,21 @@ async fn library_round_trip(endpoint: &str) {
     assert_eq!(st.namespaces_total, 3);
     assert!(st.mirror.healthy, "{:?}", st.mirror);
 
-    let dropped = client.drop_fork(ForkId::parse(&fork).unwrap()).await.unwrap();
+    let dropped = client
+        .drop_fork(ForkId::parse(&fork).unwrap())
+        .await
+        .unwrap();
     assert!(dropped.dropped);
-    match client.reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 1).await {
+    match client
+        .reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 1)
+        .await
+    {
         Err(ClientError::Service(ServiceError::DroppedFork(_))) => {}
         other => panic!("reserve in a dropped fork: {other:?}"),
     }
     let listed = client.list_forks().await.unwrap();
     assert!(listed.iter().any(|i| i.fork == fork && i.dropped));
-    match client
-        .reserve(ForkId::generate(), Kind::Vid, 1)
-        .await
-    {
+    match client.reserve(ForkId::generate(), Kind::Vid, 1).await {
         Err(ClientError::Service(ServiceError::UnknownFork(_))) => {}
         other => panic!("reserve in an unknown fork: {other:?}"),
     }
@@ -354,7 +372,12 @@ async fn busy_polling_on_both_sides_changes_no_range() {
         // More than the engine's streak of lone commits, so the daemon spins.
         let mut lone = Vec::new();
         for _ in 0..300 {
-            lone.push(client.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap());
+            lone.push(
+                client
+                    .reserve(Namespace::Primary, Kind::Vid, 1)
+                    .await
+                    .unwrap(),
+            );
         }
         for w in lone.windows(2) {
             assert_eq!(w[0].end, w[1].start, "a lone writer's ids are dense");
@@ -514,7 +537,12 @@ async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
                 while !stop.load(Ordering::SeqCst) {
                     // A reply lost with the connection is a gap, never a duplicate:
                     // the client redials and retries within its deadline.
-                    ranges.push(client.reserve(Namespace::Primary, Kind::Vid, 7).await.unwrap());
+                    ranges.push(
+                        client
+                            .reserve(Namespace::Primary, Kind::Vid, 7)
+                            .await
+                            .unwrap(),
+                    );
                     done.fetch_add(1, Ordering::SeqCst);
                 }
                 ranges
@@ -658,8 +686,24 @@ fn the_client_crates_writer_example_runs_against_a_daemon() {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "-p", "idalloc-client", "--example", "writer", "--"])
-        .args([endpoint.as_str(), "--fork", &fork, "--vertices", "2000", "--tasks", "2"])
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "idalloc-client",
+            "--example",
+            "writer",
+            "--",
+        ])
+        .args([
+            endpoint.as_str(),
+            "--fork",
+            &fork,
+            "--vertices",
+            "2000",
+            "--tasks",
+            "2",
+        ])
         .env_remove("IDALLOC_ENDPOINT")
         .output()
         .unwrap();
@@ -670,7 +714,10 @@ fn the_client_crates_writer_example_runs_against_a_daemon() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains(&format!("fork         {fork} created")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("fork         {fork} created")),
+        "{stdout}"
+    );
     assert!(stdout.contains("vertices     2000 ids"), "{stdout}");
     assert!(stdout.contains("all ids unique"), "{stdout}");
 }

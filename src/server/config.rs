@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use idalloc_client::endpoint::Endpoint;
 use crate::engine::EngineConfig;
+use idalloc_client::endpoint::Endpoint;
 
 /// Name of the unix socket when `listen` is not given.
 pub const DEFAULT_SOCKET_NAME: &str = "idallocd.sock";

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tarpc::context::Context;
 
 use crate::engine::{Engine, FloorAuthority};
+use crate::server::access::Role;
 use idalloc_client::error::ServiceError;
 use idalloc_client::fork_id::ForkId;
 use idalloc_client::namespace::{Kind, Namespace};
@@ -16,7 +17,6 @@ use idalloc_client::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest,
     RepairReport, RepairRequest, Status,
 };
-use crate::server::access::Role;
 
 /// Largest `list_forks` page served, whatever the client asks: bounds one reply's
 /// size (~150 bytes a fork) well under the reply frame limit.

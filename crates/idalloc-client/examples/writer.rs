@@ -69,7 +69,10 @@ async fn main() -> Result<()> {
     if let Some(fork) = args.fork {
         let info = client.bootstrap_fork(BootstrapRequest::new(fork)).await?;
         let what = if info.created { "created" } else { "exists" };
-        println!("fork         {} {what}, starts at vid {}", info.fork, info.next_vid);
+        println!(
+            "fork         {} {what}, starts at vid {}",
+            info.fork, info.next_vid
+        );
     }
     // The swap a writer makes: `IdAllocator::new(store, ...)` becomes this line;
     // `allocate_vid` / `allocate_eid` keep their names.

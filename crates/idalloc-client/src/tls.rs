@@ -287,4 +287,3 @@ fn describe(e: &rustls::Error) -> String {
         other => other.to_string(),
     }
 }
-

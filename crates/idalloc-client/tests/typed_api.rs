@@ -291,7 +291,10 @@ async fn a_dropped_reservation_is_a_gap_never_a_duplicate() {
     );
     assert_eq!(fake.next.load(Ordering::SeqCst), SLOW_COUNT, "granted");
 
-    let next = client.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
+    let next = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap();
     assert_eq!(
         next,
         IdRange {

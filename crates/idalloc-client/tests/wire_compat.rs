@@ -147,10 +147,7 @@ fn requests_are_frozen() {
         },
         w().variant(RESERVE).some_str(FORK).variant(1).u64(1000),
     );
-    frozen(
-        IdAllocRequest::Hwm { fork: None },
-        w().variant(HWM).none(),
-    );
+    frozen(IdAllocRequest::Hwm { fork: None }, w().variant(HWM).none());
     frozen(
         IdAllocRequest::BootstrapFork {
             req: BootstrapRequest {
@@ -255,7 +252,12 @@ fn replies_are_frozen() {
             next_eid: 5,
             root_wide: true,
         })),
-        w().variant(HWM).variant(OK).some_str(FORK).u64(4).u64(5).bool(true),
+        w().variant(HWM)
+            .variant(OK)
+            .some_str(FORK)
+            .u64(4)
+            .u64(5)
+            .bool(true),
     );
     let (info, info_bytes) = fork_info();
     let mut expected = w().variant(BOOTSTRAP_FORK).variant(OK);

@@ -439,7 +439,9 @@ async fn run(cli: Cli, endpoint: idalloc_client::Endpoint) -> anyhow::Result<()>
             json,
         } => {
             let kind = Kind::from(kind);
-            let r = client.reserve(namespace(fork.as_deref())?, kind, count).await?;
+            let r = client
+                .reserve(namespace(fork.as_deref())?, kind, count)
+                .await?;
             if json {
                 print_json(&Reserved {
                     range: r,

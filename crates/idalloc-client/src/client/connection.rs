@@ -680,7 +680,10 @@ async fn dial(inner: &Inner) -> std::io::Result<Conn> {
             let host = inner.endpoint.host().unwrap_or_default().to_string();
             let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
             stream.set_nodelay(true)?;
-            Wire::over(crate::tls::connect(connector, host, stream).await?, max_frame)
+            Wire::over(
+                crate::tls::connect(connector, host, stream).await?,
+                max_frame,
+            )
         }
     };
     Ok(IdAllocClient::from(wire))
