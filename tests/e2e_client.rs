@@ -577,17 +577,42 @@ async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
     drop(d);
 }
 
+/// The client crate's `examples/writer.rs`, the program its README points a writer
+/// to, built as a writer's project builds it: the client crate alone, default
+/// features. The root package has no examples, so `cargo test` does not build it:
+/// the cargo running this test (`CARGO`) does, once per test process, into the
+/// same target directory and profile.
 fn example_writer() -> PathBuf {
-    // cargo builds examples next to the test binaries' `deps` directory.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let writer = profile_dir.join("examples").join("writer");
-    assert!(
-        writer.exists(),
-        "{} is missing: `cargo test` builds examples; with a target filter, run `cargo build --example writer` first",
-        writer.display()
-    );
-    writer
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "-p",
+                "idalloc-client",
+                "--example",
+                "writer",
+            ]);
+            // The profile this test was built in: target/<profile>/deps/<this test>.
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let out = build.output().unwrap();
+            assert!(
+                out.status.success(),
+                "cargo build -p idalloc-client --example writer: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let writer = profile_dir.join("examples").join("writer");
+            assert!(writer.exists(), "{} is missing", writer.display());
+            writer
+        })
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,38 +697,16 @@ fn quickstart_defaults_match_between_the_two_binaries() {
     assert!(st.success(), "idallocd on defaults exited with {st}");
 }
 
-/// The client crate's `examples/writer.rs`, the program its README points a writer
-/// to, against a real daemon: built by cargo as a writer's project would build it
-/// (the client crate alone, default features), run in a fork it bootstraps, and
-/// it must finish with every id unique. `CARGO` is the cargo running this test, so
-/// the example lands in the same target directory.
+/// The same example in a fork it bootstraps itself, as a fork's writer starts.
 #[test]
-fn the_client_crates_writer_example_runs_against_a_daemon() {
+fn the_writer_example_bootstraps_and_writes_a_fork() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let endpoint = format!("unix:{}", daemon.socket.display());
     let fork = ForkId::generate().to_string();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "idalloc-client",
-            "--example",
-            "writer",
-            "--",
-        ])
-        .args([
-            endpoint.as_str(),
-            "--fork",
-            &fork,
-            "--vertices",
-            "2000",
-            "--tasks",
-            "2",
-        ])
+    let out = Command::new(example_writer())
+        .args([endpoint.as_str(), "--fork", &fork])
+        .args(["--vertices", "2000", "--tasks", "2"])
         .env_remove("IDALLOC_ENDPOINT")
         .output()
         .unwrap();
