@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use divan::counter::ItemsCount;
 use divan::Bencher;
-use idalloc::client::{Allocator, AllocatorConfig, LocalSource};
+use idalloc_client::client::{Allocator, AllocatorConfig, LocalSource};
 
 /// Calls per divan iteration in the one-thread cases.
 const CALLS: u64 = 1_000;

@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idalloc::client::{Client, ClientConfig};
-use idalloc::protocol::BootstrapRequest;
-use idalloc::{ForkId, Kind};
+use idalloc_client::client::{Client, ClientConfig};
+use idalloc_client::protocol::BootstrapRequest;
+use idalloc_client::{ForkId, Kind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
 
@@ -253,7 +253,9 @@ async fn call_row(
     }
     // Warm up: connections established, leases taken, caches hot.
     for c in &conns {
-        c.reserve(None, Kind::Vid, 1).await.unwrap();
+        c.reserve(idalloc_client::Namespace::Primary, Kind::Vid, 1)
+            .await
+            .unwrap();
     }
     let before = cost_now(pid);
     let t = Instant::now();
@@ -267,11 +269,14 @@ async fn call_row(
                 let s = Instant::now();
                 match call {
                     Call::Hwm => {
-                        c.hwm(None).await.unwrap();
+                        c.hwm(idalloc_client::Namespace::Primary).await.unwrap();
                         lat.push(s.elapsed().as_nanos() as u64);
                     }
                     Call::Reserve => {
-                        let r = c.reserve(None, Kind::Vid, RANGE).await.unwrap();
+                        let r = c
+                            .reserve(idalloc_client::Namespace::Primary, Kind::Vid, RANGE)
+                            .await
+                            .unwrap();
                         lat.push(s.elapsed().as_nanos() as u64);
                         // Ordered per daemon: one connection's ranges only go up.
                         assert!(r.start >= last_end, "range went backwards");

@@ -43,8 +43,8 @@ mod disk;
 use divan::counter::ItemsCount;
 use divan::Bencher;
 use idalloc::engine::{Engine, EngineConfig, StoreHandle};
-use idalloc::protocol::{ForkIds, WriterMode};
-use idalloc::{ForkId, Kind, Namespace};
+use idalloc_client::protocol::{ForkIds, WriterMode};
+use idalloc_client::{ForkId, Kind, Namespace};
 
 /// Reservations each caller makes, one after the other, in one divan iteration.
 const PER_CALLER: u64 = 50;
@@ -345,7 +345,7 @@ fn engine_in_fork(bencher: Bencher, mode: ForkIds, lease_size: u64) {
 #[divan::bench_group(sample_count = 20, sample_size = 1)]
 mod fork_ids {
     use divan::Bencher;
-    use idalloc::protocol::ForkIds;
+    use idalloc_client::protocol::ForkIds;
 
     #[divan::bench(args = [10_000, 1 << 40])]
     fn namespace(bencher: Bencher, lease_size: u64) {

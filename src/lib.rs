@@ -8,9 +8,10 @@
 //!
 //! A tour of the modules:
 //!
-//! - [`fork_id`], [`namespace`], [`endpoint`], [`protocol`], [`error`], [`client`]:
-//!   re-exported from `idalloc-client` under the same paths, so the daemon, the
-//!   CLI and the tests name them as `idalloc::protocol::…`, `idalloc::client::…`.
+//! - The wire protocol, the client and the types both sides share (`ForkId`,
+//!   `Kind`, `ServiceError`, ...) are `idalloc-client`'s, and are named by their
+//!   paths there (`idalloc_client::protocol::…`) from the daemon, the CLI and
+//!   the tests alike: one name for one thing.
 //! - `engine` (feature `server`): the allocator itself — sled grants with group
 //!   commit, object-store leases, forks, recovery. It holds the invariants of
 //!   `DESIGN.md`.
@@ -19,16 +20,7 @@
 
 #![warn(missing_docs)]
 
-pub use idalloc_client::{client, endpoint, error, fork_id, namespace, protocol, tls};
-
 #[cfg(feature = "server")]
 pub mod engine;
 #[cfg(feature = "server")]
 pub mod server;
-
-pub use endpoint::Endpoint;
-pub use error::ServiceError;
-pub use fork_id::{ForkId, IdForm};
-pub use namespace::{Kind, Namespace};
-pub use protocol::IdRange;
-pub use tls::TlsFiles;

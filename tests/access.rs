@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use daemon_support::*;
-use idalloc::error::ServiceError;
-use idalloc::Kind;
+use idalloc_client::error::ServiceError;
+use idalloc_client::Kind;
 
 const FORK: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
 
@@ -84,7 +84,7 @@ fn plain_tcp_peers_are_writers_by_default_and_told_so() {
 }
 
 /// A tarpc client over an already connected unix socket.
-fn client_over(fd: std::os::fd::OwnedFd) -> idalloc::protocol::IdAllocClient {
+fn client_over(fd: std::os::fd::OwnedFd) -> idalloc_client::protocol::IdAllocClient {
     let std_stream = std::os::unix::net::UnixStream::from(fd);
     std_stream.set_nonblocking(true).unwrap();
     let stream = tokio::net::UnixStream::from_std(std_stream).unwrap();
@@ -92,7 +92,8 @@ fn client_over(fd: std::os::fd::OwnedFd) -> idalloc::protocol::IdAllocClient {
         tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
     let transport =
         tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Bincode::default());
-    idalloc::protocol::IdAllocClient::new(tarpc::client::Config::default(), transport).spawn()
+    idalloc_client::protocol::IdAllocClient::new(tarpc::client::Config::default(), transport)
+        .spawn()
 }
 
 /// Item 3: identity is what the peer was when it connected. A process of writer

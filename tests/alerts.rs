@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use daemon_support::*;
-use idalloc::Kind;
+use idalloc_client::Kind;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -133,7 +133,7 @@ fn alerting_series_mean_what_the_rules_assume() {
 
     // The primary leases; a fork is created, reserves, and is merged.
     ctl(&d, &["alloc", "vid", "--count", "10"]);
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = idalloc_client::ForkId::generate().to_string();
     ctl(&d, &["fork", "bootstrap", &fork]);
     ctl(&d, &["alloc", "eid", "--fork", &fork]);
     let body = scrape_fresh(&addr);

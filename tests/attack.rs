@@ -10,8 +10,8 @@ use std::time::Duration;
 use crate::faults::{Fault, Op};
 use common::*;
 use idalloc::engine::FloorAuthority;
-use idalloc::protocol::IdRange;
-use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::IdRange;
+use idalloc_client::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 

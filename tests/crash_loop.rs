@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::copy_dir;
 use daemon_support::{Daemon, Opts};
-use idalloc::client::{AllocatorConfig, Client, ClientConfig};
-use idalloc::protocol::BootstrapRequest;
-use idalloc::Kind;
+use idalloc_client::client::{AllocatorConfig, Client, ClientConfig};
+use idalloc_client::protocol::BootstrapRequest;
+use idalloc_client::Kind;
 use rand::Rng;
 use s3_support::{Ledger, Moto};
 
@@ -150,7 +150,14 @@ fn crash_loop(
                         (ns, kind, rng.gen_range(1..=500u64))
                     };
                     let sent = ledger.tick();
-                    match client.reserve(ns, kind, count).await {
+                    match client
+                        .reserve(
+                            idalloc_client::Namespace::from_wire(ns).unwrap(),
+                            kind,
+                            count,
+                        )
+                        .await
+                    {
                         Ok(r) => {
                             assert_eq!(r.len(), count);
                             ledger.record(d, ns, kind, sent, r)
@@ -295,7 +302,10 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
             let client = Client::connect(endpoint).await.unwrap();
             // The test daemon's `max_count` is 1000; the allocator's batch must
             // stay within it (its default ceiling is the daemon's default, 1e6).
-            let ids = client.allocator_with(None, AllocatorConfig::default().with_max_batch(1000));
+            let ids = client.allocator_with(
+                idalloc_client::Namespace::Primary,
+                AllocatorConfig::default().with_max_batch(1000),
+            );
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let sent = ledger.tick();
@@ -313,7 +323,7 @@ fn kill_dash_nine_under_load_from_eight_client_tasks() {
                     None,
                     kind,
                     sent,
-                    idalloc::IdRange {
+                    idalloc_client::IdRange {
                         start: r.start,
                         end: r.end,
                     },

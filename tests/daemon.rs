@@ -9,9 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use daemon_support::*;
-use idalloc::error::ServiceError;
-use idalloc::protocol::{BootstrapRequest, IdAllocClient};
-use idalloc::{IdRange, Kind};
+use idalloc_client::error::ServiceError;
+use idalloc_client::protocol::{BootstrapRequest, IdAllocClient};
+use idalloc_client::{IdRange, Kind};
 
 const FORK: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
 const FORK_ULID: &str = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";

@@ -1,5 +1,5 @@
 //! End to end: the real `idallocd` binary driven through the client library
-//! (`idalloc::client`) and through the `idallocctl` binary, over the unix socket and
+//! (`idalloc_client::client`) and through the `idallocctl` binary, over the unix socket and
 //! TCP. Also the client cache under daemon restarts (SIGTERM and `kill -9`), the
 //! `examples/writer.rs` program, and the README quickstart (no arguments, empty cwd).
 
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon_support::{free_port, scrape, series, Daemon, Opts};
-use idalloc::client::{AllocatorConfig, Client, ClientConfig, ClientError};
-use idalloc::protocol::BootstrapRequest;
-use idalloc::{IdRange, Kind, ServiceError};
+use idalloc_client::client::{AllocatorConfig, Client, ClientConfig, ClientError};
+use idalloc_client::protocol::BootstrapRequest;
+use idalloc_client::{ForkId, IdRange, Kind, Namespace, ServiceError};
 
 const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
 
@@ -48,16 +48,25 @@ async fn library_round_trip(endpoint: &str) {
     let client = Client::connect(endpoint).await.unwrap();
 
     // Ranges: exact length, increasing, per kind.
-    let a = client.reserve(None, Kind::Vid, 10).await.unwrap();
-    let b = client.reserve(None, Kind::Vid, 1).await.unwrap();
-    let e = client.reserve(None, Kind::Eid, 7).await.unwrap();
+    let a = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap();
+    let b = client
+        .reserve(Namespace::Primary, Kind::Vid, 1)
+        .await
+        .unwrap();
+    let e = client
+        .reserve(Namespace::Primary, Kind::Eid, 7)
+        .await
+        .unwrap();
     assert_eq!((a.len(), b.len(), e.len()), (10, 1, 7));
     assert!(b.start >= a.end, "{a:?} then {b:?}");
-    let hwm = client.hwm(None).await.unwrap();
+    let hwm = client.hwm(Namespace::Primary).await.unwrap();
     assert_eq!((hwm.next_vid, hwm.next_eid), (b.end, e.end), "{hwm:?}");
 
     // The cached allocator hands out ids above everything reserved so far.
-    let alloc = client.allocator(None);
+    let alloc = client.allocator(Namespace::Primary);
     let v = alloc.allocate_vid().await.unwrap();
     let vs = alloc.allocate_vids(100).await.unwrap();
     let ed = alloc.allocate_eid().await.unwrap();
@@ -69,7 +78,7 @@ async fn library_round_trip(endpoint: &str) {
 
     // Forks: bootstrap above the primary and the given floor, idempotent, listed,
     // allocated from, checkpointed, dropped; a dropped fork refuses reservations.
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = ForkId::generate().to_string();
     let req = BootstrapRequest {
         fork: fork.clone(),
         parent: None,
@@ -87,8 +96,11 @@ async fn library_round_trip(endpoint: &str) {
         (again.next_vid, again.next_eid),
         (info.next_vid, info.next_eid)
     );
-    let child = idalloc::ForkId::generate().to_string();
-    let f = client.reserve(Some(&fork), Kind::Vid, 5).await.unwrap();
+    let child = ForkId::generate().to_string();
+    let f = client
+        .reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 5)
+        .await
+        .unwrap();
     assert!(f.start >= info.next_vid);
     let child_info = client
         .bootstrap_fork(BootstrapRequest {
@@ -106,10 +118,13 @@ async fn library_round_trip(endpoint: &str) {
     let names: HashSet<_> = listed.iter().map(|i| i.fork.as_str()).collect();
     assert!(names.contains(fork.as_str()) && names.contains(child.as_str()));
 
-    let fork_alloc = client.allocator(Some(&fork));
+    let fork_alloc = client.allocator(ForkId::parse(&fork).unwrap());
     let fe = fork_alloc.allocate_eid().await.unwrap();
     assert!(fe >= 1_000_000);
-    let cp = client.checkpoint(Some(&fork)).await.unwrap();
+    let cp = client
+        .checkpoint(ForkId::parse(&fork).unwrap())
+        .await
+        .unwrap();
     assert_eq!(cp.fork.as_deref(), Some(fork.as_str()));
     assert!(cp.next_vid >= f.end && cp.next_eid > fe, "{cp:?}");
     let cp_primary = alloc.checkpoint().await.unwrap();
@@ -120,18 +135,21 @@ async fn library_round_trip(endpoint: &str) {
     assert_eq!(st.namespaces_total, 3);
     assert!(st.mirror.healthy, "{:?}", st.mirror);
 
-    let dropped = client.drop_fork(&fork).await.unwrap();
+    let dropped = client
+        .drop_fork(ForkId::parse(&fork).unwrap())
+        .await
+        .unwrap();
     assert!(dropped.dropped);
-    match client.reserve(Some(&fork), Kind::Vid, 1).await {
+    match client
+        .reserve(ForkId::parse(&fork).unwrap(), Kind::Vid, 1)
+        .await
+    {
         Err(ClientError::Service(ServiceError::DroppedFork(_))) => {}
         other => panic!("reserve in a dropped fork: {other:?}"),
     }
     let listed = client.list_forks().await.unwrap();
     assert!(listed.iter().any(|i| i.fork == fork && i.dropped));
-    match client
-        .reserve(Some(&idalloc::ForkId::generate().to_string()), Kind::Vid, 1)
-        .await
-    {
+    match client.reserve(ForkId::generate(), Kind::Vid, 1).await {
         Err(ClientError::Service(ServiceError::UnknownFork(_))) => {}
         other => panic!("reserve in an unknown fork: {other:?}"),
     }
@@ -201,7 +219,7 @@ fn ctl_round_trip(endpoint: &str, cwd: &Path) {
     assert_eq!(h["next_vid"].as_u64(), b["end"].as_u64());
     assert_eq!(h["next_eid"].as_u64(), e.parse().ok());
 
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = ForkId::generate().to_string();
     let f = json(&ctl(
         ep,
         &["fork", "bootstrap", &fork, "--eid-hwm", "5000", "--json"],
@@ -252,7 +270,7 @@ fn ctl_round_trip(endpoint: &str, cwd: &Path) {
     // Each failure: non-zero exit, one line naming the problem.
     let err = one_line_error(&ctl(ep, &["alloc", "vid", "--fork", &fork], cwd));
     assert!(err.contains("dropped"), "{err}");
-    let unknown = idalloc::ForkId::generate().to_string();
+    let unknown = ForkId::generate().to_string();
     let err = one_line_error(&ctl(ep, &["hwm", "--fork", &unknown], cwd));
     assert!(err.contains("unknown fork"), "{err}");
     let err = one_line_error(&ctl(ep, &["alloc", "vid", "--count", "0"], cwd));
@@ -354,7 +372,12 @@ async fn busy_polling_on_both_sides_changes_no_range() {
         // More than the engine's streak of lone commits, so the daemon spins.
         let mut lone = Vec::new();
         for _ in 0..300 {
-            lone.push(client.reserve(None, Kind::Vid, 1).await.unwrap());
+            lone.push(
+                client
+                    .reserve(Namespace::Primary, Kind::Vid, 1)
+                    .await
+                    .unwrap(),
+            );
         }
         for w in lone.windows(2) {
             assert_eq!(w[0].end, w[1].start, "a lone writer's ids are dense");
@@ -368,7 +391,7 @@ async fn busy_polling_on_both_sides_changes_no_range() {
                         .unwrap();
                     let mut got = Vec::new();
                     for _ in 0..50 {
-                        got.push(c.reserve(None, Kind::Vid, 3).await.unwrap());
+                        got.push(c.reserve(Namespace::Primary, Kind::Vid, 3).await.unwrap());
                     }
                     got
                 })
@@ -401,7 +424,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
     let mut d = start(dir.path()).await;
     let endpoint = endpoints(&d)[0].clone();
     let client = restart_tolerant_client(&d).await;
-    let alloc = client.allocator_with(None, small_batches());
+    let alloc = client.allocator_with(Namespace::Primary, small_batches());
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..6)
@@ -437,7 +460,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
     let mut granted_by_life = Vec::new();
     progress(&made, 2_000, "in the first life").await;
     let mut check = Client::connect(endpoint.as_str()).await.unwrap();
-    granted_by_life.push(check.hwm(None).await.unwrap());
+    granted_by_life.push(check.hwm(Namespace::Primary).await.unwrap());
 
     // SIGTERM: a clean stop; the writers sit in the reconnect loop meanwhile.
     d = tokio::task::spawn_blocking(move || {
@@ -452,7 +475,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
     assert_eq!(endpoints(&d)[0], endpoint, "same socket across lives");
     progress(&made, 2_000, "after the SIGTERM restart").await;
     check = Client::connect(endpoint.as_str()).await.unwrap();
-    granted_by_life.push(check.hwm(None).await.unwrap());
+    granted_by_life.push(check.hwm(Namespace::Primary).await.unwrap());
 
     // SIGKILL under load: no shutdown path at all.
     d.signal(libc::SIGKILL);
@@ -485,7 +508,7 @@ async fn cached_writers_stay_unique_across_sigterm_and_kill9_restarts() {
     let last = Client::connect(endpoint.as_str())
         .await
         .unwrap()
-        .hwm(None)
+        .hwm(Namespace::Primary)
         .await
         .unwrap();
     assert!(by_kind[0].iter().all(|&v| v < last.next_vid));
@@ -514,7 +537,12 @@ async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
                 while !stop.load(Ordering::SeqCst) {
                     // A reply lost with the connection is a gap, never a duplicate:
                     // the client redials and retries within its deadline.
-                    ranges.push(client.reserve(None, Kind::Vid, 7).await.unwrap());
+                    ranges.push(
+                        client
+                            .reserve(Namespace::Primary, Kind::Vid, 7)
+                            .await
+                            .unwrap(),
+                    );
                     done.fetch_add(1, Ordering::SeqCst);
                 }
                 ranges
@@ -549,17 +577,42 @@ async fn ranges_from_both_lives_of_a_killed_daemon_are_disjoint() {
     drop(d);
 }
 
+/// The client crate's `examples/writer.rs`, the program its README points a writer
+/// to, built as a writer's project builds it: the client crate alone, default
+/// features. The root package has no examples, so `cargo test` does not build it:
+/// the cargo running this test (`CARGO`) does, once per test process, into the
+/// same target directory and profile.
 fn example_writer() -> PathBuf {
-    // cargo builds examples next to the test binaries' `deps` directory.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let writer = profile_dir.join("examples").join("writer");
-    assert!(
-        writer.exists(),
-        "{} is missing: `cargo test` builds examples; with a target filter, run `cargo build --example writer` first",
-        writer.display()
-    );
-    writer
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "-p",
+                "idalloc-client",
+                "--example",
+                "writer",
+            ]);
+            // The profile this test was built in: target/<profile>/deps/<this test>.
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let out = build.output().unwrap();
+            assert!(
+                out.status.success(),
+                "cargo build -p idalloc-client --example writer: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let writer = profile_dir.join("examples").join("writer");
+            assert!(writer.exists(), "{} is missing", writer.display());
+            writer
+        })
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +637,7 @@ async fn example_writer_runs_against_the_daemon() {
     let hwm = Client::connect(endpoint.as_str())
         .await
         .unwrap()
-        .hwm(None)
+        .hwm(Namespace::Primary)
         .await
         .unwrap();
     assert!(hwm.next_vid >= 20_000 && hwm.next_eid >= 20_000 - 4);
@@ -642,4 +695,32 @@ fn quickstart_defaults_match_between_the_two_binaries() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let st = guard.0.wait().unwrap();
     assert!(st.success(), "idallocd on defaults exited with {st}");
+}
+
+/// The same example in a fork it bootstraps itself, as a fork's writer starts.
+#[test]
+fn the_writer_example_bootstraps_and_writes_a_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let endpoint = format!("unix:{}", daemon.socket.display());
+    let fork = ForkId::generate().to_string();
+    let out = Command::new(example_writer())
+        .args([endpoint.as_str(), "--fork", &fork])
+        .args(["--vertices", "2000", "--tasks", "2"])
+        .env_remove("IDALLOC_ENDPOINT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "writer example failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("fork         {fork} created")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vertices     2000 ids"), "{stdout}");
+    assert!(stdout.contains("all ids unique"), "{stdout}");
 }

@@ -5,8 +5,8 @@ use crate::common;
 
 use common::*;
 use idalloc::engine::StoreHandle;
-use idalloc::protocol::WriterMode;
-use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::WriterMode;
+use idalloc_client::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 

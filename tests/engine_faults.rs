@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::faults::{Fault, Op};
 use common::*;
 use idalloc::engine::OpenError;
-use idalloc::protocol::IdRange;
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::IdRange;
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 
 #[tokio::test]
 async fn transient_get_errors_at_open_never_reset_a_counter() {

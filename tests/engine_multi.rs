@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::*;
-use idalloc::protocol::IdRange;
-use idalloc::{ForkId, Kind, Namespace};
+use idalloc_client::protocol::IdRange;
+use idalloc_client::{ForkId, Kind, Namespace};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_engines_reserving_concurrently_get_disjoint_ranges() {
@@ -125,7 +125,7 @@ async fn two_contending_daemons_with_rate_grown_leases_stay_fair_and_bounded() {
 async fn contend(lease_min_life: std::time::Duration, growth: u64) {
     use crate::faults::{Fault, FaultyStore, Op};
     use idalloc::engine::StoreHandle;
-    use idalloc::protocol::WriterMode;
+    use idalloc_client::protocol::WriterMode;
     let env = Arc::new(Env::new());
     let (inner, _) = memory_store();
     let mut engines = Vec::new();

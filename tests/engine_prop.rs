@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 
 use common::*;
 use idalloc::engine::{Engine, StoreHandle};
-use idalloc::protocol::{IdRange, MergeInto};
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::{IdRange, MergeInto};
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 use proptest::prelude::*;
 use std::sync::Arc;
 

@@ -5,8 +5,8 @@ use crate::common;
 
 use common::*;
 use idalloc::engine::StoreHandle;
-use idalloc::protocol::IdRange;
-use idalloc::{Kind, Namespace};
+use idalloc_client::protocol::IdRange;
+use idalloc_client::{Kind, Namespace};
 
 #[tokio::test]
 async fn a_wiped_data_directory_resumes_above_the_ceiling_within_one_lease() {

@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use common::{crash, open, Env};
 use idalloc::engine::{Engine, EngineConfig, OpenError, StoreHandle};
-use idalloc::protocol::{ForkIds, IdRange, MergeInto, WriterMode};
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::{ForkIds, IdRange, MergeInto, WriterMode};
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rand::rngs::StdRng;

@@ -81,8 +81,8 @@ use common::{crash, open, Env};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use idalloc::engine::{Engine, EngineConfig, FloorAuthority, StoreHandle};
-use idalloc::protocol::{ForkIds, ForkInfo, IdRange, MergeInto, WriterMode};
-use idalloc::{ForkId, IdForm, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::{ForkIds, ForkInfo, IdRange, MergeInto, WriterMode};
+use idalloc_client::{ForkId, IdForm, Kind, Namespace, ServiceError};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::{

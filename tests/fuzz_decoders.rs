@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use idalloc::engine::store::manifest::Manifest;
-use idalloc::protocol::{IdAllocRequest, IdAllocResponse};
 use idalloc::server::transport::ServerTransport;
+use idalloc_client::protocol::{IdAllocRequest, IdAllocResponse};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;

@@ -56,7 +56,7 @@ fn a_serving_daemon_is_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start(dir.path());
     let ep = format!("unix:{}", d.socket.display());
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = idalloc_client::ForkId::generate().to_string();
     assert!(ctl(&ep, &["fork", "bootstrap", &fork]).status.success());
     let out = health(&ep, false);
     assert_eq!(out.status.code(), Some(0), "{}", complaint(&out));
@@ -107,7 +107,7 @@ fn a_broken_store_is_unhealthy() {
     let store = dir.path().join("store");
     std::fs::rename(&store, dir.path().join("store.gone")).unwrap();
     std::fs::write(&store, "not a directory").unwrap();
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = idalloc_client::ForkId::generate().to_string();
     assert!(!ctl(&ep, &["fork", "bootstrap", &fork]).status.success());
     let out = health(&ep, false);
     assert_eq!(out.status.code(), Some(1));
@@ -142,7 +142,7 @@ fn a_fork_with_a_corrupt_manifest_is_unhealthy() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start(dir.path());
     let ep = format!("unix:{}", d.socket.display());
-    let fork = idalloc::ForkId::generate().to_string();
+    let fork = idalloc_client::ForkId::generate().to_string();
     assert!(ctl(&ep, &["fork", "bootstrap", &fork]).status.success());
     d.stop();
     let manifest = dir

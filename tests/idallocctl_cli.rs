@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::Arc;
 
 use client_support::FakeDaemon;
-use idalloc::ForkId;
+use idalloc_client::ForkId;
 
 async fn ctl(endpoint: Option<&str>, args: &[&str]) -> Output {
     ctl_in(None, endpoint, args).await

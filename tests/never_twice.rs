@@ -6,8 +6,8 @@ use crate::common;
 
 use common::*;
 use idalloc::engine::{OpenError, StoreHandle};
-use idalloc::protocol::IdRange;
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::protocol::IdRange;
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -355,7 +355,7 @@ async fn a_fork_with_manifests_under_both_spellings_resumes_above_both() {
     let env = Env::new();
     let (store, h) = memory_store();
     let u = ForkId::parse("0190b6f2-7c1e-7a4b-9c3d-5e6f70819203").unwrap();
-    let l = ForkId::parse(&u.with_form(idalloc::fork_id::IdForm::Ulid).text()).unwrap();
+    let l = ForkId::parse(&u.with_form(idalloc_client::fork_id::IdForm::Ulid).text()).unwrap();
     let pu = format!("catalog/forks/{}/id_allocator.json", u.text());
     let pl = format!("catalog/forks/{}/id_allocator.json", l.text());
     put(

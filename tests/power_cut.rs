@@ -41,9 +41,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon_support::{Daemon, Opts};
-use idalloc::client::{Client, ClientConfig};
-use idalloc::protocol::BootstrapRequest;
-use idalloc::Kind;
+use idalloc_client::client::{Client, ClientConfig};
+use idalloc_client::protocol::BootstrapRequest;
+use idalloc_client::Kind;
 use powercut_support::Mount;
 use rand::Rng;
 use s3_support::{Ledger, Moto};
@@ -269,7 +269,10 @@ impl Run {
         }
         for (key, text) in &targets {
             let t = self.ledger.tick();
-            match self.rt.block_on(c.hwm(text.as_deref())) {
+            match self
+                .rt
+                .block_on(c.hwm(idalloc_client::Namespace::from_wire(text.as_deref()).unwrap()))
+            {
                 Ok(h) => {
                     for (kind, next) in [(Kind::Vid, h.next_vid), (Kind::Eid, h.next_eid)] {
                         let need = self.acked_below(key, kind, Some(d), t);
@@ -516,7 +519,14 @@ fn power_cut_loop(label: &'static str, slots: &mut [Slot], mounts: &mut [Mount])
                     (key, text, kind, rng.gen_range(1..=24u64))
                 };
                 let sent = ledger.tick();
-                match client.reserve(text.as_deref(), kind, count).await {
+                match client
+                    .reserve(
+                        idalloc_client::Namespace::from_wire(text.as_deref()).unwrap(),
+                        kind,
+                        count,
+                    )
+                    .await
+                {
                     Ok(r) => {
                         assert_eq!(r.len(), count);
                         ledger.record(d, Some(&key), kind, sent, r);
@@ -610,7 +620,11 @@ fn power_cut_loop(label: &'static str, slots: &mut [Slot], mounts: &mut [Mount])
         for (key, text) in targets {
             for kind in [Kind::Vid, Kind::Eid] {
                 let sent = run.ledger.tick();
-                match run.rt.block_on(c.reserve(text.as_deref(), kind, 3)) {
+                match run.rt.block_on(c.reserve(
+                    idalloc_client::Namespace::from_wire(text.as_deref()).unwrap(),
+                    kind,
+                    3,
+                )) {
                     Ok(r) => run.ledger.record(d, Some(&key), kind, sent, r),
                     Err(e) => run.problem(
                         &run.probe_errors,

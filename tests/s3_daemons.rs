@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use daemon_support::{ctx, unix_client, Daemon, Opts};
-use idalloc::protocol::BootstrapRequest;
-use idalloc::Kind;
+use idalloc_client::protocol::BootstrapRequest;
+use idalloc_client::Kind;
 use object_store::ObjectStoreExt;
 use rand::Rng;
 use s3_support::{Ledger, Moto};
@@ -341,7 +341,7 @@ async fn tree_mode_three_daemons_one_ledger_across_a_fork_tree() {
     // One ledger across every namespace of the tree.
     let mut max_end = 0;
     for kind in [Kind::Vid, Kind::Eid] {
-        let mut all: Vec<(idalloc::IdRange, &str)> = vec![];
+        let mut all: Vec<(idalloc_client::IdRange, &str)> = vec![];
         for ns in spaces {
             for a in ledger.ranges(ns, kind) {
                 all.push((a.range, ns.unwrap_or("primary")));
@@ -429,7 +429,7 @@ fn a_repair_as_the_error_advises_on_a_shared_root_never_hands_out_ids_twice() {
 }
 
 fn repair_on_a_shared_root(mode: &str) {
-    use idalloc::protocol::IdRange;
+    use idalloc_client::protocol::IdRange;
     let moto = Moto::start();
     let prefix = format!("graphs/repair-{mode}");
     let allocation = format!("lease_size = 1000\nlease_min_life = \"0s\"\nfork_ids = \"{mode}\"\n");

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon_support::{ctx, unix_client, Daemon, Opts};
-use idalloc::{Kind, ServiceError};
+use idalloc_client::{Kind, ServiceError};
 use rand::Rng;
 use s3_support::{FaultProxy, Ledger, Moto, ProxyMode};
 

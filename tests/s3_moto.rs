@@ -9,8 +9,8 @@ use crate::s3_support;
 use std::sync::Arc;
 
 use common::{assert_disjoint, open, Env};
-use idalloc::protocol::{IdRange, WriterMode};
-use idalloc::{ForkId, Kind, Namespace};
+use idalloc_client::protocol::{IdRange, WriterMode};
+use idalloc_client::{ForkId, Kind, Namespace};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use s3_support::Moto;

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use idalloc::engine::store::check::{check, Outcome, ProbeSize, StoreCheck};
 use idalloc::engine::{OpenError, StoreHandle};
-use idalloc::protocol::WriterMode;
+use idalloc_client::protocol::WriterMode;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use daemon_support::*;
-use idalloc::client::{Client, ClientConfig, ClientError};
-use idalloc::{ForkId, Kind, ServiceError, TlsFiles};
+use idalloc_client::client::{Client, ClientConfig, ClientError};
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError, TlsFiles};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, RevocationReason, RevokedCertParams, SanType,
@@ -180,7 +180,7 @@ async fn refusal(endpoint: &str, config: ClientConfig) -> String {
     let err = match Client::connect_with(endpoint, config).await {
         Err(e) => e,
         Ok(c) => c
-            .reserve(None, Kind::Vid, 1)
+            .reserve(Namespace::Primary, Kind::Vid, 1)
             .await
             .expect_err("a refused certificate must not reserve"),
     };
@@ -228,12 +228,12 @@ async fn certificates_are_verified_and_mapped_to_roles() {
     let w = Client::connect_with(&s.endpoint, config(&ca, Some(&writer)))
         .await
         .unwrap();
-    let first = w.reserve(None, Kind::Vid, 10).await.unwrap();
+    let first = w.reserve(Namespace::Primary, Kind::Vid, 10).await.unwrap();
     let fork = ForkId::generate();
-    w.bootstrap_fork(idalloc::protocol::BootstrapRequest::new(fork))
+    w.bootstrap_fork(idalloc_client::protocol::BootstrapRequest::new(fork))
         .await
         .unwrap();
-    let e = w.drop_fork_id(fork).await.unwrap_err();
+    let e = w.drop_fork(fork).await.unwrap_err();
     match e.service() {
         Some(ServiceError::PermissionDenied(m)) => {
             assert!(m.contains("fork drop needs the admin role"), "{m}");
@@ -241,7 +241,7 @@ async fn certificates_are_verified_and_mapped_to_roles() {
         }
         other => panic!("expected permission denied, got {other:?} ({e})"),
     }
-    let e = w.checkpoint(None).await.unwrap_err();
+    let e = w.checkpoint(Namespace::Primary).await.unwrap_err();
     assert!(
         matches!(e.service(), Some(ServiceError::PermissionDenied(_))),
         "{e}"
@@ -258,8 +258,8 @@ async fn certificates_are_verified_and_mapped_to_roles() {
     let a = Client::connect_with(&s.endpoint, config(&ca, Some(&admin)))
         .await
         .unwrap();
-    a.drop_fork_id(fork).await.unwrap();
-    let next = a.reserve(None, Kind::Vid, 1).await.unwrap();
+    a.drop_fork(fork).await.unwrap();
+    let next = a.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
     assert!(next.start >= first.end, "{next:?} after {first:?}");
 
     // The log names each refusal; the metrics count them.
@@ -326,7 +326,7 @@ async fn sighup_reloads_the_server_certificate() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match Client::connect_with(&s.endpoint, trusting_other()).await {
-            Ok(c) => match c.reserve(None, Kind::Vid, 1).await {
+            Ok(c) => match c.reserve(Namespace::Primary, Kind::Vid, 1).await {
                 Ok(_) => break,
                 Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
             },
@@ -346,7 +346,7 @@ async fn sighup_reloads_the_server_certificate() {
     let c = Client::connect_with(&s.endpoint, trusting_other())
         .await
         .unwrap();
-    c.reserve(None, Kind::Vid, 1).await.unwrap();
+    c.reserve(Namespace::Primary, Kind::Vid, 1).await.unwrap();
     assert!(s
         .daemon
         .stderr()

@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
 
 use futures::StreamExt;
-use idalloc::protocol::{IdAllocRequest, IdAllocResponse};
+use idalloc_client::protocol::{IdAllocRequest, IdAllocResponse};
 use idalloc::server::transport::ServerTransport;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use idalloc::server::config::LogFormat;
 use idalloc::server::{self, Config, Environment};
-use idalloc::Endpoint;
+use idalloc_client::Endpoint;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -212,7 +212,7 @@ fn store_check(args: &StoreCheckArgs, env: &Environment) -> anyhow::Result<()> {
     let settings = c.resolve(env)?;
     let store =
         idalloc::engine::StoreHandle::from_url(&settings.store_url, &settings.store_options)?;
-    if store.mode == idalloc::protocol::WriterMode::SingleWriter {
+    if store.mode == idalloc_client::protocol::WriterMode::SingleWriter {
         anyhow::bail!(
             "{} is a single-writer store (no conditional update): one daemon per root, nothing to check",
             store.display_url

@@ -43,7 +43,7 @@ pub struct EngineConfig {
     pub store_startup_check: bool,
     /// How the root counts fork ids: per namespace (the reference design) or one
     /// sequence for the whole tree (`[allocation] fork_ids`). Default: namespace.
-    pub fork_ids: crate::protocol::ForkIds,
+    pub fork_ids: idalloc_client::protocol::ForkIds,
 }
 
 impl EngineConfig {
@@ -87,7 +87,7 @@ impl Default for EngineConfig {
             boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
             sled_cache_bytes: 16 << 20,
             store_startup_check: true,
-            fork_ids: crate::protocol::ForkIds::Namespace,
+            fork_ids: idalloc_client::protocol::ForkIds::Namespace,
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::IdRange;
+use idalloc_client::protocol::IdRange;
 
 /// A counter as it is kept in memory and in sled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

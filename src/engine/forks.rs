@@ -19,10 +19,10 @@ use std::sync::Arc;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
-use crate::fork_id::{ForkId, IdForm};
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkIds, ForkInfo, WriterMode};
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::{ForkId, IdForm};
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{ForkIds, ForkInfo, WriterMode};
 
 use super::counter::Counter;
 use super::ns::{NsEntry, NsState};

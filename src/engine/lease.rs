@@ -12,9 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::ServiceError;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkIds, Hwm};
+use idalloc_client::error::ServiceError;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{ForkIds, Hwm};
 
 use super::ns::{CeilingState, NsEntry};
 use super::store::manifest::{ForkMeta, Manifest};

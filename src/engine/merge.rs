@@ -25,10 +25,10 @@
 
 use std::sync::Arc;
 
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkIds, MergeInto, MergeReport, WriterMode};
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{ForkIds, MergeInto, MergeReport, WriterMode};
 
 use super::lease::manifest_to_rewrite;
 use super::ns::NsEntry;

@@ -51,10 +51,10 @@ pub use config::EngineConfig;
 pub use forks::FloorAuthority;
 pub use store::StoreHandle;
 
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkInfo, ForkPage, Hwm, IdRange, Status, WriterMode};
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{ForkInfo, ForkPage, Hwm, IdRange, Status, WriterMode};
 
 use counter::TakeError;
 use local::Local;
@@ -403,7 +403,7 @@ impl Engine {
     }
 
     /// The object store as this daemon last found it.
-    pub fn mirror_health(&self) -> crate::protocol::MirrorHealth {
+    pub fn mirror_health(&self) -> idalloc_client::protocol::MirrorHealth {
         self.store.health()
     }
 
@@ -428,7 +428,7 @@ impl Engine {
             .collect()
     }
 
-    fn status_with(&self, namespaces: Vec<crate::protocol::NamespaceStatus>) -> Status {
+    fn status_with(&self, namespaces: Vec<idalloc_client::protocol::NamespaceStatus>) -> Status {
         let mut warnings = Vec::new();
         if self.shared_disk {
             warnings.push(shared_disk_warning(self.store.display_url()));
@@ -527,7 +527,7 @@ pub struct NsSample {
     /// Checked against the object store since start (else its counters are
     /// sled's, not yet trusted).
     pub verified: bool,
-    /// Per kind ([`crate::namespace::Kind::index`]), the next id to grant.
+    /// Per kind ([`idalloc_client::namespace::Kind::index`]), the next id to grant.
     pub granted: [u64; 2],
     /// Per kind, ids left in this daemon's leases (the current one and a prefetched one).
     pub headroom: [u64; 2],

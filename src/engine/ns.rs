@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{CounterStatus, ForkInfo, Hwm, NamespaceStatus};
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{CounterStatus, ForkInfo, Hwm, NamespaceStatus};
 
 use super::counter::Counter;
 use super::local::{ns_key, NsRecord, Snapshot};
@@ -161,15 +161,15 @@ impl NsEntry {
     }
 
     /// The error a reservation in this retired fork (dropped or merged) answers.
-    pub fn retired_error(&self) -> crate::error::ServiceError {
+    pub fn retired_error(&self) -> idalloc_client::error::ServiceError {
         let fork = self.fork().map(|f| f.text()).unwrap_or_default();
         let st = self.state.lock().unwrap();
         match &st.meta.merged_into {
-            Some(into) => crate::error::ServiceError::MergedFork {
+            Some(into) => idalloc_client::error::ServiceError::MergedFork {
                 fork,
                 into: into.clone(),
             },
-            None => crate::error::ServiceError::DroppedFork(fork),
+            None => idalloc_client::error::ServiceError::DroppedFork(fork),
         }
     }
 

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::Namespace;
-use crate::protocol::WriterMode;
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::Namespace;
+use idalloc_client::protocol::WriterMode;
 
 use super::counter::Counter;
 use super::local::life_mark::{self, Mark};
@@ -148,8 +148,8 @@ pub(super) async fn open(cfg: EngineConfig, store: StoreHandle) -> Result<Arc<En
         Ok(()) => {
             let _ = mode_settled.set(());
             tracing::info!(fork_ids = %cfg.fork_ids, "fork ids are counted {}", match cfg.fork_ids {
-                crate::protocol::ForkIds::Namespace => "per namespace (a fork starts above its parent; both may then hand out the same ids)",
-                crate::protocol::ForkIds::Tree => "in one sequence for the whole tree (ids unique across the primary and every fork)",
+                idalloc_client::protocol::ForkIds::Namespace => "per namespace (a fork starts above its parent; both may then hand out the same ids)",
+                idalloc_client::protocol::ForkIds::Tree => "in one sequence for the whole tree (ids unique across the primary and every fork)",
             });
         }
         Err(OpenError::StoreUnreachable(m)) => {

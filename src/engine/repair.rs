@@ -15,10 +15,10 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::RepairReport;
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::RepairReport;
 
 use super::forks::{claim_path, other_spelling, Claim};
 use super::store::manifest::{path_for, ForkMeta, Manifest};
@@ -133,7 +133,7 @@ impl Engine {
             }
         }
         let tree_primary =
-            self.cfg.fork_ids == crate::protocol::ForkIds::Tree && entry.fork().is_none();
+            self.cfg.fork_ids == idalloc_client::protocol::ForkIds::Tree && entry.fork().is_none();
         // In tree mode every namespace leases from the primary's sequence, so the
         // primary's repair stands above every record of the root.
         let recorded = self

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
-use crate::namespace::Kind;
-use crate::protocol::ForkIds;
+use idalloc_client::error::ServiceError;
+use idalloc_client::namespace::Kind;
+use idalloc_client::protocol::ForkIds;
 
 use super::forks::CLAIMS_DIR;
 use super::lease::manifest_to_rewrite;

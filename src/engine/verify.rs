@@ -19,10 +19,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{ForkIds, WriterMode};
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{ForkIds, WriterMode};
 
 use super::forks::{claim_path, other_spelling, Claim};
 use super::lease::manifest_to_rewrite;

@@ -301,7 +301,7 @@ impl Gate {
                     "{} already holds {n} connections, the most max_connections_per_identity allows",
                     peer.name
                 ),
-                error: crate::error::ServiceError::Unavailable {
+                error: idalloc_client::error::ServiceError::Unavailable {
                     message: format!(
                         "too many connections: {} already holds {n}, the most this daemon allows one identity (max_connections_per_identity); close idle ones",
                         peer.identity

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::Endpoint;
 use crate::engine::EngineConfig;
+use idalloc_client::endpoint::Endpoint;
 
 /// Name of the unix socket when `listen` is not given.
 pub const DEFAULT_SOCKET_NAME: &str = "idallocd.sock";
@@ -207,7 +207,7 @@ pub struct AllocationConfig {
     pub lease_min_life: String,
     /// `"namespace"` (each namespace counts on its own) or `"tree"` (one sequence
     /// for the primary and every fork: ids unique across the fork tree).
-    pub fork_ids: crate::protocol::ForkIds,
+    pub fork_ids: idalloc_client::protocol::ForkIds,
 }
 
 /// `[object_store]`.
@@ -893,12 +893,12 @@ mod tests {
         let c = Config::from_toml("[allocation]\nfork_ids = \"tree\"\n", "x.toml").unwrap();
         assert_eq!(
             c.resolve(&env()).unwrap().engine.fork_ids,
-            crate::protocol::ForkIds::Tree
+            idalloc_client::protocol::ForkIds::Tree
         );
         let c = Config::from_toml("", "x.toml").unwrap();
         assert_eq!(
             c.resolve(&env()).unwrap().engine.fork_ids,
-            crate::protocol::ForkIds::Namespace
+            idalloc_client::protocol::ForkIds::Namespace
         );
         let err = Config::from_toml("[allocation]\nfork_ids = \"forest\"\n", "x.toml").unwrap_err();
         let msg = err.to_string();

@@ -30,9 +30,9 @@ use tarpc::context::Context;
 
 use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
-use crate::error::ServiceError;
-use crate::namespace::Kind;
-use crate::protocol::{
+use idalloc_client::error::ServiceError;
+use idalloc_client::namespace::Kind;
+use idalloc_client::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdAllocRequest, IdAllocResponse, IdRange,
     MergeReport, MergeRequest, RepairReport, RepairRequest, Status,
 };
@@ -236,7 +236,7 @@ impl IdAlloc for Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::*;
+    use idalloc_client::protocol::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use tarpc::tokio_serde::formats::Bincode;
@@ -308,7 +308,7 @@ mod tests {
                 version: "x".repeat(200_000),
                 uptime_secs: 0,
                 mode: WriterMode::SingleWriter,
-                fork_ids: crate::protocol::ForkIds::Namespace,
+                fork_ids: idalloc_client::protocol::ForkIds::Namespace,
                 object_store: "memory://".into(),
                 mirror: MirrorHealth {
                     healthy: true,
@@ -324,15 +324,15 @@ mod tests {
         async fn repair(
             self,
             _: Context,
-            _: crate::protocol::RepairRequest,
-        ) -> Result<crate::protocol::RepairReport, ServiceError> {
+            _: idalloc_client::protocol::RepairRequest,
+        ) -> Result<idalloc_client::protocol::RepairReport, ServiceError> {
             Err(ServiceError::Internal("not in the fake".into()))
         }
         async fn merge_fork(
             self,
             _: Context,
-            _: crate::protocol::MergeRequest,
-        ) -> Result<crate::protocol::MergeReport, ServiceError> {
+            _: idalloc_client::protocol::MergeRequest,
+        ) -> Result<idalloc_client::protocol::MergeReport, ServiceError> {
             Err(ServiceError::Internal("not in the fake".into()))
         }
     }

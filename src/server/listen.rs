@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::endpoint::Endpoint;
+use idalloc_client::endpoint::Endpoint;
 
 /// One accepted connection, before any TLS handshake.
 pub enum Conn {

@@ -332,8 +332,8 @@ pub fn connection_refused(reason: &'static str) {
 }
 
 /// The `outcome` label of a reply.
-pub fn outcome<T>(r: &Result<T, crate::error::ServiceError>) -> &'static str {
-    use crate::error::ServiceError as E;
+pub fn outcome<T>(r: &Result<T, idalloc_client::error::ServiceError>) -> &'static str {
+    use idalloc_client::error::ServiceError as E;
     match r {
         Ok(_) => "ok",
         Err(E::InvalidArgument(_)) => "invalid_argument",
@@ -405,7 +405,7 @@ pub fn spawn_gauges(
                 _ = tick.tick() => {}
             }
             let g = sampler.gauges(&engine.samples(), std::time::Instant::now());
-            for kind in crate::namespace::Kind::ALL {
+            for kind in idalloc_client::namespace::Kind::ALL {
                 let i = kind.index();
                 metrics::gauge!("idalloc_lease_headroom", "namespace" => "primary", "kind" => kind.as_str())
                     .set(g.primary_headroom[i]);

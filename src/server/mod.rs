@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::engine::{Engine, OpenError, StoreHandle};
-use crate::error::ServiceError;
+use idalloc_client::error::ServiceError;
 
 use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
@@ -95,9 +95,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     let mode = engine.mode();
     tracing::info!(%mode, "engine ready ({})", match mode {
-        crate::protocol::WriterMode::SingleWriter =>
+        idalloc_client::protocol::WriterMode::SingleWriter =>
             "single-writer: this daemon must be the only writer of the object-store root",
-        crate::protocol::WriterMode::MultiWriter =>
+        idalloc_client::protocol::WriterMode::MultiWriter =>
             "multi-writer: several daemons may share the object-store root",
     });
 

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use tarpc::context::Context;
 
 use crate::engine::{Engine, FloorAuthority};
-use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
-use crate::protocol::{
+use crate::server::access::Role;
+use idalloc_client::error::ServiceError;
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
+use idalloc_client::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MergeReport, MergeRequest,
     RepairReport, RepairRequest, Status,
 };
-use crate::server::access::Role;
 
 /// Largest `list_forks` page served, whatever the client asks: bounds one reply's
 /// size (~150 bytes a fork) well under the reply frame limit.
@@ -279,9 +279,9 @@ impl IdAlloc for Service {
                 )
                 .await;
             let into = match &req.into {
-                crate::protocol::MergeInto::Parent => "its parent",
-                crate::protocol::MergeInto::Primary => "the primary",
-                crate::protocol::MergeInto::Fork(f) => f.as_str(),
+                idalloc_client::protocol::MergeInto::Parent => "its parent",
+                idalloc_client::protocol::MergeInto::Primary => "the primary",
+                idalloc_client::protocol::MergeInto::Fork(f) => f.as_str(),
             };
             self.audit("fork merge", &format!("{} into {into}", req.fork), &r);
             r
@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn writers_see_no_store_error_detail() {
-        use crate::protocol::*;
+        use idalloc_client::protocol::*;
         let st = Status {
             version: "v".into(),
             uptime_secs: 0,

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::access::{Peer, Role};
-use crate::tls::{load_certs, load_private_key, provider};
+use idalloc_client::tls::{load_certs, load_private_key, provider};
 
 /// `[tls]`: the files of TLS listeners and the certificate-name-to-role mapping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,8 +12,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::config::{Config, ConfigError, Environment, Settings};
 use super::listen::{self, ListenError};
-use crate::endpoint::Endpoint;
 use crate::engine::{OpenError, StoreHandle};
+use idalloc_client::endpoint::Endpoint;
 
 /// Why a configuration would not start. One line each, naming the key, URL or
 /// endpoint at fault.

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use idalloc::protocol::{
+use idalloc_client::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdRange, MirrorHealth, Status, WriterMode,
 };
-use idalloc::{ForkId, Kind, Namespace, ServiceError};
+use idalloc_client::{ForkId, Kind, Namespace, ServiceError};
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
 use tokio_util::codec::LengthDelimitedCodec;
@@ -219,7 +219,7 @@ impl IdAlloc for Service {
             version: "fake".into(),
             uptime_secs: 0,
             mode: WriterMode::SingleWriter,
-            fork_ids: idalloc::protocol::ForkIds::Namespace,
+            fork_ids: idalloc_client::protocol::ForkIds::Namespace,
             object_store: "memory://".into(),
             mirror: MirrorHealth {
                 healthy: true,
@@ -236,8 +236,8 @@ impl IdAlloc for Service {
     async fn repair(
         self,
         _: tarpc::context::Context,
-        _: idalloc::protocol::RepairRequest,
-    ) -> Result<idalloc::protocol::RepairReport, ServiceError> {
+        _: idalloc_client::protocol::RepairRequest,
+    ) -> Result<idalloc_client::protocol::RepairReport, ServiceError> {
         Err(ServiceError::Internal(
             "the fake daemon does not repair".into(),
         ))
@@ -245,8 +245,8 @@ impl IdAlloc for Service {
     async fn merge_fork(
         self,
         _: tarpc::context::Context,
-        _: idalloc::protocol::MergeRequest,
-    ) -> Result<idalloc::protocol::MergeReport, ServiceError> {
+        _: idalloc_client::protocol::MergeRequest,
+    ) -> Result<idalloc_client::protocol::MergeReport, ServiceError> {
         Err(ServiceError::Internal(
             "the fake daemon does not merge".into(),
         ))

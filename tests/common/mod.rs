@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idalloc::engine::{Engine, EngineConfig, OpenError, StoreHandle};
-use idalloc::protocol::{IdRange, WriterMode};
+use idalloc_client::protocol::{IdRange, WriterMode};
 use object_store::memory::InMemory;
 use object_store::ObjectStore;
 
@@ -58,7 +58,7 @@ impl Env {
             // The start-up probe makes store calls of its own, which would eat the
             // faults these tests inject; tests/store_check.rs attacks the probe.
             store_startup_check: false,
-            fork_ids: idalloc::protocol::ForkIds::Namespace,
+            fork_ids: idalloc_client::protocol::ForkIds::Namespace,
         }
     }
 }

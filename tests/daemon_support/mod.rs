@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use idalloc::protocol::IdAllocClient;
+use idalloc_client::protocol::IdAllocClient;
 use tarpc::tokio_serde::formats::Bincode;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idallocd");

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idalloc::engine::StoreHandle;
-use idalloc::{IdRange, Kind};
+use idalloc_client::{IdRange, Kind};
 
 /// The Python interpreter that has `moto[server]` 5.2 installed: `IDALLOC_MOTO_PYTHON`
 /// (set by `.ci/run`), else the virtualenv `.ci/run` creates.

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use idalloc_client::protocol::BootstrapRequest;
-//! use idalloc_client::{Client, ClientConfig, ForkId};
+//! use idalloc_client::{Client, ClientConfig, ForkId, Namespace};
 //! use std::time::Duration;
 //!
 //! # async fn demo() -> Result<(), idalloc_client::ClientError> {
@@ -15,7 +15,7 @@
 //! let client = Client::connect_with("unix:/run/idallocd/idallocd.sock", config).await?;
 //!
 //! // The primary: ids come from a local cache of reserved ranges.
-//! let ids = client.allocator_for(None);
+//! let ids = client.allocator(Namespace::Primary);
 //! let v = ids.allocate_vid().await?;
 //! let vs = ids.allocate_vids(500).await?; // a Range<u64>
 //! let e = ids.allocate_eid().await?;
@@ -25,7 +25,7 @@
 //! let fork = ForkId::generate();
 //! let info = client.bootstrap_fork(BootstrapRequest::new(fork)).await?;
 //! println!("fork {} starts at vid {}", info.fork, info.next_vid);
-//! let in_fork = client.allocator_for(Some(fork));
+//! let in_fork = client.allocator(fork);
 //! let fv = in_fork.allocate_vid().await?;
 //! # let _ = (v, e, es, fv); Ok(()) }
 //! ```
@@ -65,7 +65,20 @@ pub mod fork_id;
 pub mod namespace;
 pub mod protocol;
 pub mod tls;
+// The daemon accepts its unix connections with the same readiness trick the
+// client dials with; it is shared through `daemon-internals`, not offered to
+// writers.
+#[cfg(feature = "daemon-internals")]
+#[doc(hidden)]
 pub mod unix_conn;
+#[cfg(not(feature = "daemon-internals"))]
+mod unix_conn;
+
+// The README's "get ids in your writer" program is compiled as a doc test
+// (`cargo test --doc -p idalloc-client`), so the code a writer copies cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 pub use client::{Allocator, AllocatorConfig, Client, ClientConfig, ClientError};
 pub use endpoint::Endpoint;

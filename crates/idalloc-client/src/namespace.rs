@@ -89,6 +89,21 @@ impl Namespace {
     }
 }
 
+/// A fork id names that fork: `client.allocator(fork)`.
+impl From<ForkId> for Namespace {
+    fn from(fork: ForkId) -> Self {
+        Namespace::Fork(fork)
+    }
+}
+
+/// `None` is the primary, `Some(fork)` that fork: for callers that hold an
+/// optional fork id (a `--fork` flag, a writer configured for either).
+impl From<Option<ForkId>> for Namespace {
+    fn from(fork: Option<ForkId>) -> Self {
+        fork.map_or(Namespace::Primary, Namespace::Fork)
+    }
+}
+
 impl fmt::Display for Namespace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -2,7 +2,11 @@
 //! the types it carries (bincode 1.x frames, through tarpc's serde transport).
 //!
 //! Both the server and the client library import this module, so a change here is
-//! a protocol change. Fork ids travel as text and are parsed by the daemon, so a
+//! a protocol change. bincode is positional, so the rule (README "Compatibility",
+//! checked byte for byte by tests/wire_compat.rs) is: the encoding of an existing
+//! message never changes; new information goes in a new RPC appended at the end
+//! of [`IdAlloc`]; a new variant of a shared enum is appended and sent only by
+//! RPCs newer than it. Fork ids travel as text and are parsed by the daemon, so a
 //! malformed id gets its own `InvalidArgument` error rather than a decode failure.
 
 use serde::{Deserialize, Serialize};

@@ -10,12 +10,16 @@
 //!
 //! The crypto provider is rustls's aws-lc-rs, passed explicitly (never the
 //! process-wide default), so that linking another TLS user cannot change it.
+//!
+//! Everything that needs rustls is behind the default feature `tls`. Built
+//! without it, [`TlsFiles`] still exists (a [`ClientConfig`](crate::ClientConfig)
+//! names it either way) and `tls:` endpoints still parse, but connecting to one
+//! fails with `ClientError::Tls` saying the feature is off: a writer that only
+//! talks to a local socket links no TLS stack.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+#[cfg(feature = "tls")]
 use std::sync::Arc;
-
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Environment variable naming the CA file ([`TlsFiles::ca`]).
 pub const ENV_CA: &str = "IDALLOC_TLS_CA";
@@ -82,6 +86,7 @@ impl TlsFiles {
 
     /// The rustls client configuration these files describe. Every problem is one
     /// line naming the file.
+    #[cfg(feature = "tls")]
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in load_certs(&self.ca)? {
@@ -122,46 +127,113 @@ impl TlsFiles {
     }
 }
 
-/// The crypto provider of every TLS configuration idalloc builds.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
+/// The connector a client dials `tls:` endpoints with, built once at connect.
+#[cfg(feature = "tls")]
+pub(crate) type Connector = tokio_rustls::TlsConnector;
 
-/// Every certificate in a PEM file (at least one).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError(format!("{}: {}", path.display(), pem_error(&e))))?;
-    if certs.is_empty() {
-        return Err(TlsError(format!(
-            "{}: no PEM certificate (BEGIN CERTIFICATE) in it",
-            path.display()
-        )));
+/// Without the `tls` feature there is no connector: [`TlsFiles::connector`]
+/// always fails, so no value of this type exists.
+#[cfg(not(feature = "tls"))]
+pub(crate) enum Connector {}
+
+impl TlsFiles {
+    /// The connector for these files (what [`Client::connect_with`](crate::Client::connect_with) builds).
+    #[cfg(feature = "tls")]
+    pub(crate) fn connector(&self) -> Result<Connector, TlsError> {
+        Ok(tokio_rustls::TlsConnector::from(self.client_config()?))
     }
-    Ok(certs)
-}
 
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError(format!(
-            "{}: no PEM private key (BEGIN PRIVATE KEY) in it",
-            path.display()
-        )),
-        e => TlsError(format!("{}: {}", path.display(), pem_error(&e))),
-    })
-}
-
-fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        other => format!("not valid PEM ({other:?})"),
+    #[cfg(not(feature = "tls"))]
+    pub(crate) fn connector(&self) -> Result<Connector, TlsError> {
+        Err(TlsError(
+            "this build of idalloc-client has no TLS: enable its `tls` feature (on by default) to use tls: endpoints".into(),
+        ))
     }
 }
+
+/// TLS over a connected TCP stream to `host`, verified against the connector's CA.
+#[cfg(feature = "tls")]
+pub(crate) async fn connect(
+    connector: &Connector,
+    host: String,
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static> {
+    let name = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    connector.connect(name, stream).await
+}
+
+#[cfg(not(feature = "tls"))]
+pub(crate) async fn connect(
+    connector: &Connector,
+    _host: String,
+    _stream: tokio::net::TcpStream,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match *connector {}
+}
+
+/// The PEM loading and the crypto provider, which the daemon's TLS listener
+/// shares (src/server/tls.rs). Public only with the feature `daemon-internals`,
+/// which `idallocd` enables: for the daemon, not part of a writer's API and
+/// without a stability promise.
+#[cfg(feature = "tls")]
+mod pem {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::TlsError;
+
+    /// The crypto provider of every TLS configuration idalloc builds.
+    pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// Every certificate in a PEM file (at least one).
+    pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| TlsError(format!("{}: {}", path.display(), pem_error(&e))))?;
+        if certs.is_empty() {
+            return Err(TlsError(format!(
+                "{}: no PEM certificate (BEGIN CERTIFICATE) in it",
+                path.display()
+            )));
+        }
+        Ok(certs)
+    }
+
+    /// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+    pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError(format!(
+                "{}: no PEM private key (BEGIN PRIVATE KEY) in it",
+                path.display()
+            )),
+            e => TlsError(format!("{}: {}", path.display(), pem_error(&e))),
+        })
+    }
+
+    fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+        match e {
+            rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+            other => format!("not valid PEM ({other:?})"),
+        }
+    }
+}
+
+#[cfg(feature = "daemon-internals")]
+#[doc(hidden)]
+pub use pem::{load_certs, load_private_key, provider};
+#[cfg(all(feature = "tls", not(feature = "daemon-internals")))]
+use pem::{load_certs, load_private_key, provider};
 
 /// The TLS failure behind an error, if there is one: a handshake the daemon refused
 /// (its alert, such as `CertificateRequired` or `UnknownCA`) or a daemon
 /// certificate this client does not trust. Such a failure is not worth retrying.
+#[cfg(feature = "tls")]
 pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -186,6 +258,13 @@ pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<Strin
     None
 }
 
+/// Without TLS no error is a TLS failure.
+#[cfg(not(feature = "tls"))]
+pub(crate) fn tls_failure(_: &(dyn std::error::Error + 'static)) -> Option<String> {
+    None
+}
+
+#[cfg(feature = "tls")]
 fn describe(e: &rustls::Error) -> String {
     use rustls::AlertDescription as A;
     match e {

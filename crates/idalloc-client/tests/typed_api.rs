@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use idalloc_client::client::AllocatorConfig;
 use idalloc_client::protocol::*;
-use idalloc_client::{Client, ClientConfig, ForkId, IdForm, Kind, ServiceError};
+use idalloc_client::{Client, ClientConfig, ForkId, IdForm, Kind, Namespace, ServiceError};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
@@ -168,21 +168,21 @@ async fn fork_ids_reach_the_wire_in_the_form_they_were_written_in() {
         .with_initial_batch(10)
         .with_min_batch(10)
         .with_max_batch(10);
-    let in_fork = client.allocator_for_with(Some(ulid), config.clone());
+    let in_fork = client.allocator_with(ulid, config.clone());
     in_fork.allocate_vid().await.unwrap();
-    let primary = client.allocator_for_with(None, config);
+    let primary = client.allocator_with(Namespace::Primary, config);
     primary.allocate_eid().await.unwrap();
     in_fork.current_hwm().await.unwrap();
     in_fork.checkpoint().await.unwrap();
-    client.reserve_for(Some(uuid), Kind::Vid, 3).await.unwrap();
-    client.hwm_for(None).await.unwrap();
-    client.checkpoint_for(Some(uuid)).await.unwrap();
+    client.reserve(uuid, Kind::Vid, 3).await.unwrap();
+    client.hwm(None::<ForkId>).await.unwrap();
+    client.checkpoint(Some(uuid)).await.unwrap();
+    client.merge_fork(ulid, MergeInto::Primary).await.unwrap();
+    // Text parsed into a namespace: the same call on the wire.
     client
-        .merge_fork_id(ulid, MergeInto::Primary)
+        .hwm(Namespace::from_wire(Some(ULID)).unwrap())
         .await
         .unwrap();
-    // The text API, for comparison: the same call on the wire.
-    client.hwm(Some(ULID)).await.unwrap();
 
     let mut calls = fake.calls();
     // Background prefetches may add reservations; keep the first of each.
@@ -282,7 +282,7 @@ async fn a_dropped_reservation_is_a_gap_never_a_duplicate() {
 
     let dropped = tokio::time::timeout(
         Duration::from_millis(300),
-        client.reserve_for(None, Kind::Vid, SLOW_COUNT),
+        client.reserve(Namespace::Primary, Kind::Vid, SLOW_COUNT),
     )
     .await;
     assert!(
@@ -291,7 +291,10 @@ async fn a_dropped_reservation_is_a_gap_never_a_duplicate() {
     );
     assert_eq!(fake.next.load(Ordering::SeqCst), SLOW_COUNT, "granted");
 
-    let next = client.reserve_for(None, Kind::Vid, 10).await.unwrap();
+    let next = client
+        .reserve(Namespace::Primary, Kind::Vid, 10)
+        .await
+        .unwrap();
     assert_eq!(
         next,
         IdRange {

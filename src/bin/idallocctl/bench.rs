@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Args;
 use hdrhistogram::Histogram;
-use idalloc::client::{Client, ClientConfig};
-use idalloc::{Endpoint, IdRange, Kind};
+use idalloc_client::client::{Client, ClientConfig};
+use idalloc_client::{Endpoint, IdRange, Kind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -110,6 +110,8 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
         bail!("--size must be at least 1");
     }
     let kind = Kind::from(args.kind);
+    // Parsed before connecting: a malformed --fork is an error, not a bench of errors.
+    let namespace = idalloc_client::Namespace::from_wire(args.fork.as_deref())?;
     let config = config.with_busy_poll(Duration::from(args.busy_poll));
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
@@ -150,7 +152,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                 budget.clone(),
                 stop.clone(),
                 latencies.clone(),
-                args.fork.clone(),
+                namespace,
             );
             let size = args.size;
             tasks.spawn(async move {
@@ -166,7 +168,7 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                         return Ok::<_, anyhow::Error>(ranges);
                     }
                     let t = Instant::now();
-                    let r = client.reserve(fork.as_deref(), kind, size).await?;
+                    let r = client.reserve(fork, kind, size).await?;
                     let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     latencies
                         .lock()

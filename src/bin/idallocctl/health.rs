@@ -8,8 +8,8 @@
 
 use std::process::ExitCode;
 
-use idalloc::client::{Client, ClientConfig, ClientError};
-use idalloc::protocol::MirrorHealth;
+use idalloc_client::client::{Client, ClientConfig, ClientError};
+use idalloc_client::protocol::MirrorHealth;
 use serde::Serialize;
 
 /// The daemon answered and reported a problem.
@@ -41,7 +41,7 @@ struct Unavailable {
 }
 
 pub async fn run(
-    endpoint: idalloc::Endpoint,
+    endpoint: idalloc_client::Endpoint,
     config: ClientConfig,
     json: bool,
     describe: impl Fn(&anyhow::Error) -> String,
@@ -70,7 +70,7 @@ pub async fn run(
 }
 
 async fn probe(
-    endpoint: &idalloc::Endpoint,
+    endpoint: &idalloc_client::Endpoint,
     config: ClientConfig,
     describe: &impl Fn(&anyhow::Error) -> String,
 ) -> Report {

@@ -32,11 +32,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use idalloc::client::{self, Client, ClientConfig, ClientError};
-use idalloc::protocol::{
+use idalloc_client::client::{self, Client, ClientConfig, ClientError};
+use idalloc_client::protocol::{
     BootstrapRequest, ForkIds, ForkInfo, Hwm, IdRange, MergeInto, NamespaceStatus, Status,
 };
-use idalloc::{Kind, ServiceError};
+use idalloc_client::{Kind, ServiceError};
 use serde::Serialize;
 
 const EXAMPLES: &str = "\
@@ -81,13 +81,13 @@ struct Cli {
     #[arg(long, global = true, env = "IDALLOC_ENDPOINT", value_name = "ADDR")]
     endpoint: Option<String>,
     /// For tls: endpoints, the CA (PEM) that signed the daemon's certificate
-    #[arg(long, global = true, env = idalloc::tls::ENV_CA, value_name = "FILE")]
+    #[arg(long, global = true, env = idalloc_client::tls::ENV_CA, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// For tls: endpoints, this client's certificate (PEM), mapped to a role by the daemon
-    #[arg(long, global = true, env = idalloc::tls::ENV_CERT, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, global = true, env = idalloc_client::tls::ENV_CERT, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
     /// For tls: endpoints, the private key (PEM) of --tls-cert
-    #[arg(long, global = true, env = idalloc::tls::ENV_KEY, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, global = true, env = idalloc_client::tls::ENV_KEY, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
     /// Give up on a call after this long, reconnects and retries included (e.g. 500ms, 30s)
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s")]
@@ -339,7 +339,7 @@ fn main() -> ExitCode {
     }
     // A bad endpoint is a usage error (2), like any other bad argument.
     let endpoint = match &cli.endpoint {
-        Some(text) => match text.parse::<idalloc::Endpoint>() {
+        Some(text) => match text.parse::<idalloc_client::Endpoint>() {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("idallocctl: bad --endpoint / IDALLOC_ENDPOINT {text:?}: {e} (see idallocctl --help)");
@@ -405,7 +405,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn client_config(cli: &Cli) -> ClientConfig {
     let mut config = ClientConfig::default().with_deadline(Duration::from(cli.timeout));
     if let Some(ca) = &cli.tls_ca {
-        let mut files = idalloc::TlsFiles::new(ca);
+        let mut files = idalloc_client::TlsFiles::new(ca);
         if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
             files = files.with_client_cert(cert, key);
         }
@@ -414,7 +414,18 @@ fn client_config(cli: &Cli) -> ClientConfig {
     config
 }
 
-async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
+/// A `--fork` value as the namespace it names (none: the primary). Parsed here,
+/// so a malformed id is one error line before anything is sent.
+fn namespace(fork: Option<&str>) -> anyhow::Result<idalloc_client::Namespace> {
+    Ok(idalloc_client::Namespace::from_wire(fork)?)
+}
+
+/// A fork id argument (`fork drop ID`, `fork merge ID`).
+fn fork_id(text: &str) -> anyhow::Result<idalloc_client::ForkId> {
+    Ok(idalloc_client::ForkId::parse(text)?)
+}
+
+async fn run(cli: Cli, endpoint: idalloc_client::Endpoint) -> anyhow::Result<()> {
     let config = client_config(&cli);
     if let Command::Bench(args) = cli.command {
         return bench::run(endpoint, config, args).await;
@@ -428,7 +439,9 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             json,
         } => {
             let kind = Kind::from(kind);
-            let r = client.reserve(fork.as_deref(), kind, count).await?;
+            let r = client
+                .reserve(namespace(fork.as_deref())?, kind, count)
+                .await?;
             if json {
                 print_json(&Reserved {
                     range: r,
@@ -441,7 +454,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             }
         }
         Command::Hwm { fork, json } => {
-            let h = client.hwm(fork.as_deref()).await?;
+            let h = client.hwm(namespace(fork.as_deref())?).await?;
             print_hwm(&h, json)?;
         }
         Command::Fork(ForkCommand::Bootstrap(a)) => {
@@ -478,7 +491,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
                 Some("primary") => MergeInto::Primary,
                 Some(f) => MergeInto::Fork(f.to_string()),
             };
-            let report = client.merge_fork(&id, into).await?;
+            let report = client.merge_fork(fork_id(&id)?, into).await?;
             if json {
                 print_json(&report)?;
             } else {
@@ -486,7 +499,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             }
         }
         Command::Fork(ForkCommand::Drop { id, json }) => {
-            let info = client.drop_fork(&id).await?;
+            let info = client.drop_fork(fork_id(&id)?).await?;
             if json {
                 print_json(&info)?;
             } else {
@@ -494,7 +507,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             }
         }
         Command::Checkpoint { fork, json } => {
-            let h = client.checkpoint(fork.as_deref()).await?;
+            let h = client.checkpoint(namespace(fork.as_deref())?).await?;
             if json {
                 print_json(&h)?;
             } else {
@@ -513,7 +526,7 @@ async fn run(cli: Cli, endpoint: idalloc::Endpoint) -> anyhow::Result<()> {
             json,
         } => {
             let r = client
-                .repair(idalloc::protocol::RepairRequest {
+                .repair(idalloc_client::protocol::RepairRequest {
                     fork,
                     vid_floor,
                     eid_floor,
@@ -753,7 +766,7 @@ fn namespace_table(namespaces: &[NamespaceStatus]) -> comfy_table::Table {
 
 #[cfg(test)]
 mod tests {
-    use idalloc::protocol::CounterStatus;
+    use idalloc_client::protocol::CounterStatus;
 
     use super::*;
 

@@ -22,8 +22,8 @@
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
-use crate::namespace::{Kind, Namespace};
+use idalloc_client::error::ServiceError;
+use idalloc_client::namespace::{Kind, Namespace};
 
 use crate::engine::{store_err, Engine};
 

@@ -9,8 +9,8 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::fork_id::ForkId;
-use crate::namespace::{Kind, Namespace};
+use idalloc_client::fork_id::ForkId;
+use idalloc_client::namespace::{Kind, Namespace};
 
 /// Path of the primary's manifest, relative to the configured root.
 pub const PRIMARY_PATH: &str = "id_allocator.json";

@@ -20,7 +20,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-use crate::protocol::{MirrorHealth, WriterMode};
+use idalloc_client::protocol::{MirrorHealth, WriterMode};
 
 use super::OpenError;
 use manifest::{Manifest, FORKS_DIR};

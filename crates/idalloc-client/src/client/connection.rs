@@ -30,7 +30,7 @@ use super::wire::Wire;
 use crate::endpoint::Endpoint;
 use crate::error::ServiceError;
 use crate::fork_id::ForkId;
-use crate::namespace::Kind;
+use crate::namespace::{Kind, Namespace};
 use crate::protocol::{
     BootstrapRequest, ForkInfo, Hwm, IdAllocClient, IdRange, MergeInto, MergeReport, MergeRequest,
     Status,
@@ -217,7 +217,7 @@ struct Inner {
     endpoint_text: String,
     config: ClientConfig,
     /// For `tls:` endpoints: the rustls configuration, built once at connect.
-    tls: Option<tokio_rustls::TlsConnector>,
+    tls: Option<crate::tls::Connector>,
     /// The live channel and its generation. A std mutex: held only to clone or
     /// replace the handle, never across an await.
     current: Mutex<Option<(u64, Conn)>>,
@@ -256,12 +256,12 @@ impl Client {
         let endpoint = endpoint.into_endpoint()?;
         let endpoint_text = endpoint.to_string();
         let tls = match (&endpoint, &config.tls) {
-            (Endpoint::Tls(_), Some(files)) => Some(tokio_rustls::TlsConnector::from(
-                files.client_config().map_err(|e| ClientError::Tls {
+            (Endpoint::Tls(_), Some(files)) => {
+                Some(files.connector().map_err(|e| ClientError::Tls {
                     endpoint: endpoint_text.clone(),
                     reason: e.0,
-                })?,
-            )),
+                })?)
+            }
             (Endpoint::Tls(_), None) => {
                 return Err(ClientError::Tls {
                     endpoint: endpoint_text,
@@ -306,15 +306,18 @@ impl Client {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Reserve `count` consecutive ids of `kind` in the primary (`fork = None`) or a
-    /// fork. The range is durable on the daemon before it is returned.
+    /// Reserve `count` consecutive ids of `kind` in a namespace:
+    /// [`Namespace::Primary`], or a fork (a [`ForkId`] converts; so does an
+    /// `Option<ForkId>`, `None` being the primary). The fork is named on the wire
+    /// in the text form its id was written in. The range is durable on the daemon
+    /// before it is returned.
     pub async fn reserve(
         &self,
-        fork: Option<&str>,
+        namespace: impl Into<Namespace>,
         kind: Kind,
         count: u64,
     ) -> Result<IdRange, ClientError> {
-        let fork = fork.map(str::to_owned);
+        let fork = wire_fork(namespace.into());
         self.call(|c, ctx| {
             let fork = fork.clone();
             async move { c.reserve(ctx, fork, kind, count).await }
@@ -322,35 +325,9 @@ impl Client {
         .await
     }
 
-    /// [`Client::reserve`] with the fork named by a [`ForkId`] (`None`: the primary).
-    pub async fn reserve_for(
-        &self,
-        fork: Option<ForkId>,
-        kind: Kind,
-        count: u64,
-    ) -> Result<IdRange, ClientError> {
-        self.reserve(fork.map(|f| f.text()).as_deref(), kind, count)
-            .await
-    }
-
-    /// [`Client::hwm`] with the fork named by a [`ForkId`] (`None`: the primary).
-    pub async fn hwm_for(&self, fork: Option<ForkId>) -> Result<Hwm, ClientError> {
-        self.hwm(fork.map(|f| f.text()).as_deref()).await
-    }
-
-    /// [`Client::checkpoint`] with the fork named by a [`ForkId`] (`None`: the primary).
-    pub async fn checkpoint_for(&self, fork: Option<ForkId>) -> Result<Hwm, ClientError> {
-        self.checkpoint(fork.map(|f| f.text()).as_deref()).await
-    }
-
-    /// [`Client::drop_fork`] with the fork named by a [`ForkId`].
-    pub async fn drop_fork_id(&self, fork: ForkId) -> Result<ForkInfo, ClientError> {
-        self.drop_fork(&fork.text()).await
-    }
-
-    /// The next ids the daemon would grant in a namespace.
-    pub async fn hwm(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
-        let fork = fork.map(str::to_owned);
+    /// The next ids the daemon would grant in a namespace (as for [`Client::reserve`]).
+    pub async fn hwm(&self, namespace: impl Into<Namespace>) -> Result<Hwm, ClientError> {
+        let fork = wire_fork(namespace.into());
         self.call(|c, ctx| {
             let fork = fork.clone();
             async move { c.hwm(ctx, fork).await }
@@ -408,9 +385,9 @@ impl Client {
     /// If a first attempt was lost in transit and the retry finds the fork already
     /// dropped, the drop did happen (ours): the fork's record is looked up and
     /// returned rather than reporting `DroppedFork`.
-    pub async fn drop_fork(&self, fork: &str) -> Result<ForkInfo, ClientError> {
+    pub async fn drop_fork(&self, fork: ForkId) -> Result<ForkInfo, ClientError> {
         let ambiguous = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let fork_owned = fork.to_owned();
+        let fork_owned = fork.text();
         let attempts = Arc::new(AtomicU64::new(0));
         let result = {
             let attempts = attempts.clone();
@@ -446,11 +423,11 @@ impl Client {
     /// `merged_now: true` on every attempt, and any other call `false`.
     pub async fn merge_fork(
         &self,
-        fork: &str,
+        fork: ForkId,
         into: MergeInto,
     ) -> Result<MergeReport, ClientError> {
         let req = MergeRequest {
-            fork: fork.to_owned(),
+            fork: fork.text(),
             into,
             request_id: Some(rand::random::<u128>()),
         };
@@ -461,19 +438,8 @@ impl Client {
         .await
     }
 
-    /// [`Client::merge_fork`] with the fork named by a [`ForkId`].
-    pub async fn merge_fork_id(
-        &self,
-        fork: ForkId,
-        into: MergeInto,
-    ) -> Result<MergeReport, ClientError> {
-        self.merge_fork(&fork.text(), into).await
-    }
-
     /// Look one fork up by id: the page that starts just below its value.
-    async fn find_fork(&self, fork: &str) -> Result<Option<ForkInfo>, ClientError> {
-        let id = ForkId::parse(fork)
-            .map_err(|e| ClientError::Service(ServiceError::InvalidArgument(e.to_string())))?;
+    async fn find_fork(&self, id: ForkId) -> Result<Option<ForkInfo>, ClientError> {
         let after = id
             .value()
             .checked_sub(1)
@@ -488,8 +454,8 @@ impl Client {
 
     /// Give back the unused part of the daemon's own leases for a namespace (only
     /// never-granted ids of its own; admin role). Ranges handed out stay valid.
-    pub async fn checkpoint(&self, fork: Option<&str>) -> Result<Hwm, ClientError> {
-        let fork = fork.map(str::to_owned);
+    pub async fn checkpoint(&self, namespace: impl Into<Namespace>) -> Result<Hwm, ClientError> {
+        let fork = wire_fork(namespace.into());
         self.call(|c, ctx| {
             let fork = fork.clone();
             async move { c.checkpoint(ctx, fork).await }
@@ -670,6 +636,13 @@ impl Client {
     }
 }
 
+/// How a namespace is named in a request: no fork for the primary, else the
+/// fork id's text in the form it was written in (the daemon keeps the form a
+/// fork was created with for its object-store path).
+fn wire_fork(namespace: Namespace) -> Option<String> {
+    namespace.fork().map(|f| f.text())
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -705,12 +678,12 @@ async fn dial(inner: &Inner) -> std::io::Result<Conn> {
                 .as_ref()
                 .ok_or_else(|| std::io::Error::other("tls: endpoint without TLS configuration"))?;
             let host = inner.endpoint.host().unwrap_or_default().to_string();
-            let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
-            })?;
             let stream = tokio::net::TcpStream::connect(host_port.as_str()).await?;
             stream.set_nodelay(true)?;
-            Wire::over(connector.connect(name, stream).await?, max_frame)
+            Wire::over(
+                crate::tls::connect(connector, host, stream).await?,
+                max_frame,
+            )
         }
     };
     Ok(IdAllocClient::from(wire))

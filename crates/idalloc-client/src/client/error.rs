@@ -74,11 +74,81 @@ fn last_error_suffix(last: &Option<String>) -> String {
 }
 
 impl ClientError {
+    /// Whether the same call, made again later, may succeed: the daemon or its
+    /// store was unavailable or stopping, the connection could not be made or
+    /// broke, the deadline ran out, or the daemon shed the request. Repeating
+    /// any call of this crate is safe (a lost reservation is a gap, never a
+    /// duplicate; `bootstrap_fork` and `merge_fork` are idempotent; a repeated
+    /// `drop_fork` looks the fork up). Not retryable: what the daemon refused on
+    /// its merits (an invalid request, an unknown, dropped or merged fork, a
+    /// broken manifest, a permission), a TLS refusal and a malformed endpoint,
+    /// which fail the same way every time.
+    ///
+    /// The client has already retried retryable failures within the call's
+    /// deadline; this is for a caller that decides whether to try once more
+    /// (with a new deadline) or to give up.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Service(e) => e.is_retryable(),
+            ClientError::Connect { .. }
+            | ClientError::Disconnected { .. }
+            | ClientError::DeadlineExceeded { .. }
+            | ClientError::Aborted(_) => true,
+            ClientError::Tls { .. } | ClientError::Endpoint(_) => false,
+        }
+    }
+
     /// The daemon's typed error, if this is one.
     pub fn service(&self) -> Option<&ServiceError> {
         match self {
             ClientError::Service(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_is_what_may_succeed_later() {
+        let ep = || "unix:/run/x.sock".to_string();
+        let retry = [
+            ClientError::Service(ServiceError::unavailable("store down", 100)),
+            ClientError::Service(ServiceError::ShuttingDown),
+            ClientError::Connect {
+                endpoint: ep(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            },
+            ClientError::Disconnected {
+                endpoint: ep(),
+                operation: "drop_fork",
+            },
+            ClientError::DeadlineExceeded {
+                endpoint: ep(),
+                deadline: Duration::from_secs(1),
+                last_error: None,
+            },
+            ClientError::Aborted("in-flight limit".into()),
+        ];
+        for e in retry {
+            assert!(e.is_retryable(), "{e}");
+        }
+        let give_up = [
+            ClientError::Service(ServiceError::InvalidArgument("count 0".into())),
+            ClientError::Service(ServiceError::UnknownFork("f".into())),
+            ClientError::Service(ServiceError::DroppedFork("f".into())),
+            ClientError::Service(ServiceError::PermissionDenied("admin".into())),
+            ClientError::Service(ServiceError::BrokenManifest("m".into())),
+            ClientError::Tls {
+                endpoint: ep(),
+                reason: "unknown CA".into(),
+            },
+            ClientError::Endpoint("http://x".parse::<crate::Endpoint>().unwrap_err()),
+        ];
+        for e in give_up {
+            assert!(!e.is_retryable(), "{e}");
         }
     }
 }

@@ -13,15 +13,18 @@
 //! - [`ClientError`] (`error`): the daemon's typed [`ServiceError`](crate::ServiceError)
 //!   or the client's own failure.
 //!
-//! Forks are named by a [`ForkId`] (`allocator_for`, `reserve_for`, `hwm_for`,
-//! `checkpoint_for`) or by its text (`allocator`, `reserve`, `hwm`, `checkpoint`,
-//! which the daemon parses); `None` is the primary in both.
+//! One method per operation. A namespace is anything that converts into a
+//! [`Namespace`](crate::Namespace): `Namespace::Primary`, a [`ForkId`](crate::ForkId)
+//! or an `Option<ForkId>` (`None` is the primary); fork ids given as text are
+//! parsed first (`ForkId::parse`, or `str::parse`), so a malformed one fails in
+//! the caller, before any call.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), idalloc_client::client::ClientError> {
 //! use idalloc_client::client::Client;
+//! use idalloc_client::Namespace;
 //! let client = Client::connect("unix:/run/idallocd/idallocd.sock").await?;
-//! let ids = client.allocator_for(None);
+//! let ids = client.allocator(Namespace::Primary);
 //! let v = ids.allocate_vid().await?;
 //! let edges = ids.allocate_eids(100).await?;
 //! # let _ = (v, edges); Ok(()) }
@@ -45,7 +48,7 @@ pub use error::ClientError;
 pub use source::{ClientSource, LocalSource, RangeSource};
 
 use crate::endpoint::Endpoint;
-use crate::fork_id::ForkId;
+use crate::namespace::Namespace;
 
 /// File name of the daemon's unix socket inside its runtime (or data) directory.
 pub const SOCKET_FILE_NAME: &str = "idallocd.sock";
@@ -54,28 +57,20 @@ pub const SOCKET_FILE_NAME: &str = "idallocd.sock";
 pub const DEFAULT_DATA_DIR: &str = "./idallocd-data";
 
 impl Client {
-    /// An [`Allocator`] for the primary (`fork = None`) or one fork, with the default
-    /// [`AllocatorConfig`]. Call inside a Tokio runtime.
-    pub fn allocator(&self, fork: Option<&str>) -> Allocator {
-        self.allocator_with(fork, AllocatorConfig::default())
+    /// An [`Allocator`] for a namespace ([`Namespace::Primary`], a [`ForkId`](crate::ForkId), or an
+    /// `Option<ForkId>`), with the default [`AllocatorConfig`]. A fork is named on
+    /// the wire in the text form its id was written in. Call inside a Tokio runtime.
+    pub fn allocator(&self, namespace: impl Into<Namespace>) -> Allocator {
+        self.allocator_with(namespace, AllocatorConfig::default())
     }
 
     /// [`Client::allocator`] with explicit batch sizing.
-    pub fn allocator_with(&self, fork: Option<&str>, config: AllocatorConfig) -> Allocator {
-        let source = ClientSource::new(self.clone(), fork.map(str::to_owned));
-        Allocator::new(Arc::new(source), config)
-    }
-
-    /// An [`Allocator`] for the primary (`None`) or the fork `Some(id)`, with the
-    /// default [`AllocatorConfig`]. The fork is named on the wire in the text form
-    /// `id` was written in. Call inside a Tokio runtime.
-    pub fn allocator_for(&self, fork: Option<ForkId>) -> Allocator {
-        self.allocator_for_with(fork, AllocatorConfig::default())
-    }
-
-    /// [`Client::allocator_for`] with explicit batch sizing.
-    pub fn allocator_for_with(&self, fork: Option<ForkId>, config: AllocatorConfig) -> Allocator {
-        let source = ClientSource::for_fork(self.clone(), fork);
+    pub fn allocator_with(
+        &self,
+        namespace: impl Into<Namespace>,
+        config: AllocatorConfig,
+    ) -> Allocator {
+        let source = ClientSource::new(self.clone(), namespace);
         Allocator::new(Arc::new(source), config)
     }
 }

@@ -14,8 +14,7 @@ use futures::FutureExt;
 use super::connection::Client;
 use super::error::ClientError;
 use crate::error::ServiceError;
-use crate::fork_id::ForkId;
-use crate::namespace::Kind;
+use crate::namespace::{Kind, Namespace};
 use crate::protocol::{Hwm, IdRange};
 
 /// A supplier of disjoint id ranges for one namespace.
@@ -35,32 +34,28 @@ pub trait RangeSource: Send + Sync + 'static {
 /// The daemon, for one namespace.
 pub struct ClientSource {
     client: Client,
-    fork: Option<String>,
+    namespace: Namespace,
 }
 
 impl ClientSource {
-    /// Ranges of the primary (`fork = None`) or of one fork, from `client`.
-    pub fn new(client: Client, fork: Option<String>) -> Self {
-        ClientSource { client, fork }
-    }
-
-    /// Ranges of the primary (`None`) or of the fork `Some(id)`, from `client`.
-    pub fn for_fork(client: Client, fork: Option<ForkId>) -> Self {
-        ClientSource::new(client, fork.map(|f| f.text()))
+    /// Ranges of one namespace (the primary, or a fork), from `client`.
+    pub fn new(client: Client, namespace: impl Into<Namespace>) -> Self {
+        ClientSource {
+            client,
+            namespace: namespace.into(),
+        }
     }
 }
 
 impl RangeSource for ClientSource {
     fn reserve(&self, kind: Kind, count: u64) -> BoxFuture<'_, Result<IdRange, ClientError>> {
-        self.client
-            .reserve(self.fork.as_deref(), kind, count)
-            .boxed()
+        self.client.reserve(self.namespace, kind, count).boxed()
     }
     fn hwm(&self) -> BoxFuture<'_, Result<Hwm, ClientError>> {
-        self.client.hwm(self.fork.as_deref()).boxed()
+        self.client.hwm(self.namespace).boxed()
     }
     fn checkpoint(&self) -> BoxFuture<'_, Result<Hwm, ClientError>> {
-        self.client.checkpoint(self.fork.as_deref()).boxed()
+        self.client.checkpoint(self.namespace).boxed()
     }
 }
 
