@@ -18,9 +18,7 @@ const FORK: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
 /// Run `idallocctl` against `endpoint`, as `uid` (and gid) when given:
 /// (success, stdout, stderr, how long it took).
 fn ctl_as(uid: Option<u32>, endpoint: &str, args: &[&str]) -> (bool, String, String, Duration) {
-    let mut cmd = Command::new(bin_for_any_uid(std::path::Path::new(env!(
-        "CARGO_BIN_EXE_idallocctl"
-    ))));
+    let mut cmd = Command::new(bin_for_any_uid(crate::daemon_support::ctl_bin()));
     cmd.args(["--endpoint", endpoint, "--timeout", "5s"])
         .args(args);
     let started = Instant::now();
@@ -232,9 +230,7 @@ fn supplementary_groups_count_where_proc_is_hidden() {
         stderr_path,
     };
     d.wait_serving();
-    let mut cmd = Command::new(bin_for_any_uid(std::path::Path::new(env!(
-        "CARGO_BIN_EXE_idallocctl"
-    ))));
+    let mut cmd = Command::new(bin_for_any_uid(crate::daemon_support::ctl_bin()));
     cmd.args(["--endpoint", &format!("unix:{}", socket.display())])
         .args(["--timeout", "5s", "checkpoint"]);
     // SAFETY: only setgroups/setgid/setuid between fork and exec. std's own

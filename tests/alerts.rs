@@ -73,7 +73,7 @@ fn scrape_fresh(addr: &str) -> String {
 }
 
 fn ctl(d: &Daemon, args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_idallocctl"))
+    let out = Command::new(crate::daemon_support::ctl_bin())
         .arg("--endpoint")
         .arg(format!("unix:{}", d.socket.display()))
         .args(args)

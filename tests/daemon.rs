@@ -736,11 +736,7 @@ fn sighup_reloads_the_log_filter_and_never_stops_the_daemon() {
 fn unix_peers_get_the_role_their_uid_maps_to() {
     // The socket and the idallocctl these uids run must both be within their reach.
     let dir = tempdir_for_uids(&[1001, 1002]);
-    let ctl_bin = copy_for_uids(
-        std::path::Path::new(env!("CARGO_BIN_EXE_idallocctl")),
-        dir.path(),
-        &[1001, 1002],
-    );
+    let ctl_bin = copy_for_uids(crate::daemon_support::ctl_bin(), dir.path(), &[1001, 1002]);
     let mut d = Daemon::start_with(
         dir.path(),
         Opts {
@@ -910,7 +906,7 @@ fn fork_merge_through_idallocctl_raises_the_primary_above_the_fork() {
     let mut d = Daemon::start(dir.path());
     let endpoint = format!("unix:{}", d.socket.display());
     let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"))
+        let out = std::process::Command::new(crate::daemon_support::ctl_bin())
             .arg("--endpoint")
             .arg(&endpoint)
             .args(args)
@@ -983,11 +979,7 @@ fn fork_merge_through_idallocctl_raises_the_primary_above_the_fork() {
 #[test]
 fn a_writers_bootstrap_floor_cannot_exhaust_the_tree() {
     let dir = tempdir_for_uids(&[1001]);
-    let ctl_bin = copy_for_uids(
-        std::path::Path::new(env!("CARGO_BIN_EXE_idallocctl")),
-        dir.path(),
-        &[1001],
-    );
+    let ctl_bin = copy_for_uids(crate::daemon_support::ctl_bin(), dir.path(), &[1001]);
     let mut d = Daemon::start_with(
         dir.path(),
         Opts {

@@ -17,7 +17,9 @@ use idalloc_client::client::{AllocatorConfig, Client, ClientConfig, ClientError}
 use idalloc_client::protocol::BootstrapRequest;
 use idalloc_client::{ForkId, IdRange, Kind, Namespace, ServiceError};
 
-const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
+fn ctl_path() -> &'static std::path::Path {
+    crate::daemon_support::ctl_bin()
+}
 
 /// Start the daemon off the async worker threads: starting blocks until it serves.
 async fn start(dir: &Path) -> Daemon {
@@ -165,7 +167,7 @@ async fn client_library_over_unix_and_tcp() {
 }
 
 fn ctl(endpoint: Option<&str>, args: &[&str], cwd: &Path) -> Output {
-    let mut cmd = Command::new(CTL);
+    let mut cmd = Command::new(ctl_path());
     cmd.args(args)
         .current_dir(cwd)
         .env_remove("IDALLOC_ENDPOINT")
@@ -586,31 +588,10 @@ fn example_writer() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut build = Command::new(cargo);
-            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-                "build",
-                "--quiet",
-                "-p",
-                "idalloc-client",
-                "--example",
-                "writer",
-            ]);
-            // The profile this test was built in: target/<profile>/deps/<this test>.
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                build.arg("--release");
-            }
-            let out = build.output().unwrap();
-            assert!(
-                out.status.success(),
-                "cargo build -p idalloc-client --example writer: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let writer = profile_dir.join("examples").join("writer");
-            assert!(writer.exists(), "{} is missing", writer.display());
-            writer
+            daemon_support::cargo_built(
+                &["-p", "idalloc-client", "--example", "writer"],
+                "examples/writer",
+            )
         })
         .clone()
 }

@@ -10,7 +10,7 @@ use std::process::Output;
 use daemon_support::*;
 
 fn health(endpoint: &str, json: bool) -> Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    let mut cmd = std::process::Command::new(crate::daemon_support::ctl_bin());
     cmd.args(["--endpoint", endpoint, "--timeout", "5s", "health"]);
     if json {
         cmd.arg("--json");
@@ -19,7 +19,7 @@ fn health(endpoint: &str, json: bool) -> Output {
 }
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"))
+    std::process::Command::new(crate::daemon_support::ctl_bin())
         .args(["--endpoint", endpoint, "--timeout", "5s"])
         .args(args)
         .env_remove("IDALLOC_ENDPOINT")

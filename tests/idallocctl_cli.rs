@@ -16,7 +16,7 @@ async fn ctl(endpoint: Option<&str>, args: &[&str]) -> Output {
 
 /// [`ctl`] run in the directory `cwd` (else the test's own).
 async fn ctl_in(cwd: Option<&std::path::Path>, endpoint: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    let mut cmd = tokio::process::Command::new(crate::daemon_support::ctl_bin());
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
@@ -126,7 +126,7 @@ async fn default_endpoint_is_the_local_socket_then_the_system_one() {
     assert_eq!(h["next_vid"].as_u64(), Some(0), "{h}");
     // Inside a unit, its own runtime directory comes first.
     let other = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idallocctl"));
+    let mut cmd = tokio::process::Command::new(crate::daemon_support::ctl_bin());
     let out = cmd
         .current_dir(dir.path())
         .args(["hwm"])
@@ -273,7 +273,7 @@ async fn a_closed_stdout_ends_the_program_quietly() {
         .arg("-c")
         .arg(format!(
             "{} fork list; echo \"exit=$?\" >&2",
-            env!("CARGO_BIN_EXE_idallocctl")
+            crate::daemon_support::ctl_bin().display()
         ))
         .env("IDALLOC_ENDPOINT", &endpoint)
         .stdout(std::process::Stdio::piped())

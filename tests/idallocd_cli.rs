@@ -184,7 +184,7 @@ fn man_pages_and_completions_are_generated() {
         out.contains("idallocd") && out.contains("check-config"),
         "{out}"
     );
-    let ctl = env!("CARGO_BIN_EXE_idallocctl");
+    let ctl = crate::daemon_support::ctl_bin();
     let st = std::process::Command::new(ctl)
         .args(["man", dir.path().to_str().unwrap()])
         .status()

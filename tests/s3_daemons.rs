@@ -18,7 +18,9 @@ use s3_support::{Ledger, Moto};
 
 const FORK_A: &str = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
 const FORK_B: &str = "01J2VF4Z0Y8Q3R5S7T9V1W3X5Z";
-const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
+fn ctl_path() -> &'static std::path::Path {
+    crate::daemon_support::ctl_bin()
+}
 
 /// Start daemon `i` of the group in `dir`, on `prefix` of moto's bucket.
 fn start(moto: &Moto, dir: &Path, prefix: &str) -> Daemon {
@@ -181,7 +183,7 @@ async fn three_daemons_one_bucket_disjoint_through_a_lost_disk() {
 
 /// Run `idallocctl fork bootstrap` through `socket`; its JSON reply.
 fn ctl_bootstrap(socket: &Path, fork: &str, vid_hwm: u64, eid_hwm: u64) -> serde_json::Value {
-    let out = std::process::Command::new(CTL)
+    let out = std::process::Command::new(ctl_path())
         .arg("--endpoint")
         .arg(format!("unix:{}", socket.display()))
         .args(["fork", "bootstrap", fork, "--json"])
@@ -272,7 +274,7 @@ async fn concurrent_bootstrap_through_three_daemons_has_one_creator() {
 
 /// Run idallocctl through `socket` with `args`; its output.
 fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(CTL)
+    std::process::Command::new(ctl_path())
         .arg("--endpoint")
         .arg(format!("unix:{}", socket.display()))
         .args(args)

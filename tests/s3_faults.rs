@@ -19,7 +19,9 @@ use idalloc_client::{Kind, ServiceError};
 use rand::Rng;
 use s3_support::{FaultProxy, Ledger, Moto, ProxyMode};
 
-const CTL: &str = env!("CARGO_BIN_EXE_idallocctl");
+fn ctl_path() -> &'static std::path::Path {
+    crate::daemon_support::ctl_bin()
+}
 
 /// What the clients saw, with times.
 #[derive(Default)]
@@ -29,7 +31,7 @@ struct Seen {
 }
 
 fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new(CTL)
+    let out = std::process::Command::new(ctl_path())
         .arg("--endpoint")
         .arg(format!("unix:{}", socket.display()))
         .args(["status", "--json"])

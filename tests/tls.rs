@@ -269,7 +269,7 @@ async fn certificates_are_verified_and_mapped_to_roles() {
     assert!(log.contains("permission denied"), "{log}");
 
     // idallocctl takes the same files from flags or the environment.
-    let ctl = env!("CARGO_BIN_EXE_idallocctl");
+    let ctl = crate::daemon_support::ctl_bin();
     let out = std::process::Command::new(ctl)
         .args([
             "--endpoint",

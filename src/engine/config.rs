@@ -75,7 +75,7 @@ impl EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            data_dir: PathBuf::from("./idallocd-data"),
+            data_dir: PathBuf::from(idalloc_client::client::DEFAULT_DATA_DIR),
             lease_size: 1_000_000,
             max_count: 1_000_000,
             prefetch_at: 0.5,

@@ -18,10 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::EngineConfig;
 use idalloc_client::endpoint::Endpoint;
 
-/// Name of the unix socket when `listen` is not given.
-pub const DEFAULT_SOCKET_NAME: &str = "idallocd.sock";
-/// Data directory when neither the config nor `$STATE_DIRECTORY` names one.
-pub const DEFAULT_DATA_DIR: &str = "./idallocd-data";
+// One definition each, shared with idallocctl's and the client library's default
+// endpoint: the socket a writer looks for is the one the daemon makes.
+use idalloc_client::client::{DEFAULT_DATA_DIR, SOCKET_FILE_NAME as DEFAULT_SOCKET_NAME};
 /// Upper bound of `max_frame_bytes`: larger request frames are never needed (a
 /// request is a few fork ids) and would only let a client make the daemon buffer more.
 pub const MAX_REQUEST_FRAME_LIMIT: usize = 16 << 20;

@@ -20,6 +20,42 @@ pub fn daemon_bin() -> PathBuf {
     }
 }
 
+/// A binary of another package of the workspace, built by the cargo running the
+/// tests (`CARGO`) into the same target directory and profile, once per test
+/// process: `idallocctl` is its own package, so it has no `CARGO_BIN_EXE_` here,
+/// and `cargo test` at the root does not build it. `what` is the build's
+/// selection, e.g. `["-p", "idallocctl", "--bin", "idallocctl"]`; `rel` the
+/// binary's path under the profile's directory.
+pub fn cargo_built(what: &[&str], rel: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet"])
+        .args(what);
+    // The profile this test was built in: target/<profile>/deps/<this test>.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "cargo build {what:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = profile_dir.join(rel);
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+/// The `idallocctl` binary (see [`cargo_built`]).
+pub fn ctl_bin() -> &'static Path {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| cargo_built(&["-p", "idallocctl", "--bin", "idallocctl"], "idallocctl"))
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
