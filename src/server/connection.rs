@@ -15,8 +15,6 @@
 //! reply is dropped by the client; every engine call is bounded (store time-outs),
 //! and a reservation nobody receives is a gap, never a duplicate.
 
-use std::sync::Arc;
-
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tarpc::server::Serve;
@@ -24,7 +22,6 @@ use tarpc::{ClientMessage, Response, ServerError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
 use crate::protocol::{IdAlloc, IdAllocRequest, IdAllocResponse};
 
@@ -39,12 +36,10 @@ pub struct ConnLimits {
 
 /// Serve `svc` on `io` until the connection ends. All of this connection's requests
 /// run inside this one future, so awaiting it means "every reply is written".
-/// Each request's start and end touch `busy`.
 pub async fn serve_connection<S, Svc>(
     io: S,
     svc: Svc,
     limits: ConnLimits,
-    busy: Arc<BusyPoll>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -59,13 +54,11 @@ pub async fn serve_connection<S, Svc>(
         tokio::select! {
             biased;
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                busy.touch();
                 if transport.feed(reply).await.is_err() {
                     return;
                 }
                 // Every other reply ready by now shares this write.
                 while let Some(Some(reply)) = in_flight.next().now_or_never() {
-                    busy.touch();
                     if transport.feed(reply).await.is_err() {
                         return;
                     }
@@ -83,7 +76,6 @@ pub async fn serve_connection<S, Svc>(
                     return;
                 }
                 Some(Ok(ClientMessage::Request(req))) => {
-                    busy.touch();
                     if req.context.deadline <= std::time::Instant::now() {
                         continue;
                     }
@@ -233,20 +225,10 @@ mod tests {
         let path = dir.join("t.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let fake = Fake::default();
-        // Busy polling on throughout, so that every case here also runs with the
-        // runtime spinning between requests.
-        let busy = BusyPoll::new(Duration::from_micros(200), Box::new(|| true));
-        tokio::spawn(busy.clone().run(CancellationToken::new()));
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(serve_connection(
-                    s,
-                    fake.clone(),
-                    LIMITS,
-                    busy.clone(),
-                    shutdown.clone(),
-                ));
+                tokio::spawn(serve_connection(s, fake.clone(), LIMITS, shutdown.clone()));
             }
         });
         path

@@ -13,7 +13,6 @@
 //!    `Engine::shutdown` (checkpoint, lower manifests, mark clean), STOPPING=1.
 
 pub mod access;
-pub mod busy_poll;
 pub mod config;
 pub mod connection;
 pub mod listen;
@@ -35,7 +34,6 @@ use tokio_util::task::TaskTracker;
 use crate::engine::{Engine, OpenError, StoreHandle};
 use crate::error::ServiceError;
 
-use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
 use connection::{serve_connection, ConnLimits};
 use listen::{BindOptions, Conn, ListenError, Listener};
@@ -99,13 +97,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         max_in_flight: settings.max_in_flight_per_connection,
     };
     let service = Service::new(engine.clone());
-    let gate_engine = engine.clone();
-    let busy = BusyPoll::new(
-        settings.busy_poll,
-        Box::new(move || gate_engine.lone_writer()),
-    );
-    let busy_stop = CancellationToken::new();
-    tokio::spawn(busy.clone().run(busy_stop.clone()));
     let conn_limit = Arc::new(Semaphore::new(settings.max_connections));
     let stop_accepting = CancellationToken::new();
     let close_reads = CancellationToken::new();
@@ -117,9 +108,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     for listener in listeners {
         let access = access.clone();
         let tls = settings.tls.clone();
-        let (service, busy, close_reads, force_close, connections) = (
+        let (service, close_reads, force_close, connections) = (
             service.clone(),
-            busy.clone(),
             close_reads.clone(),
             force_close.clone(),
             connections.clone(),
@@ -129,10 +119,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             conn_limit.clone(),
             stop_accepting.clone(),
             move |conn, permit| {
-                let (access, service, busy, close_reads, force_close, tls) = (
+                let (access, service, close_reads, force_close, tls) = (
                     access.clone(),
                     service.clone(),
-                    busy.clone(),
                     close_reads.clone(),
                     force_close.clone(),
                     tls.clone(),
@@ -149,7 +138,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                                 // time the client reads a reply.
                                 Ok(peer) => match UnixConn::from_tokio(unix) {
                                     Ok(unix) => {
-                                        serve_peer(unix, peer, service, limits, busy, close_reads)
+                                        serve_peer(unix, peer, service, limits, close_reads)
                                             .await
                                     }
                                     Err(e) => {
@@ -168,7 +157,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                                         .map_or_else(|_| "tcp".to_string(), |a| format!("tcp {a}")),
                                     role: access.tcp_role,
                                 };
-                                serve_peer(tcp, peer, service, limits, busy, close_reads).await
+                                serve_peer(tcp, peer, service, limits, close_reads).await
                             }
                             Conn::Tls(tcp) => {
                                 let Some(tls) = tls else {
@@ -176,7 +165,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                                 };
                                 match tls.accept(tcp).await {
                                     Ok((stream, peer)) => {
-                                        serve_peer(stream, peer, service, limits, busy, close_reads)
+                                        serve_peer(stream, peer, service, limits, close_reads)
                                             .await
                                     }
                                     Err(why) => {
@@ -237,7 +226,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let result = engine.shutdown().await;
     watchdog_stop.cancel();
     gauges_stop.cancel();
-    busy_stop.cancel();
     match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");
@@ -253,13 +241,12 @@ async fn serve_peer<S>(
     peer: access::Peer,
     service: Service,
     limits: ConnLimits,
-    busy: Arc<BusyPoll>,
     close_reads: CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let _counted = metrics::ConnectionGuard::open();
-    serve_connection(io, service.with_peer(peer), limits, busy, close_reads).await
+    serve_connection(io, service.with_peer(peer), limits, close_reads).await
 }
 
 async fn bind_all(settings: &Settings) -> Result<Vec<Listener>, ListenError> {
