@@ -376,7 +376,18 @@ impl Pair<'_> {
     }
 }
 
+/// The 1-, 5- and 15-minute load averages, to say how busy the machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 async fn bench(dur: Duration, forks: usize) {
+    println!("load average at start: {}", loadavg());
     let dir = tempfile::tempdir_in(".").unwrap();
     let mut rows = vec![fsync_row(FSYNC, dir.path(), dur)];
     let (d, _) = start(dir.path()).await;
@@ -454,6 +465,7 @@ async fn bench(dur: Duration, forks: usize) {
     let hwm_rss = d.rss_kib("VmHWM:");
     d.stop();
     rows.push(fsync_row(FSYNC_AFTER, dir.path(), dur));
+    println!("load average after the rows: {}", loadavg());
 
     println!(
         "{:<32} {:>7} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}",
@@ -633,7 +645,7 @@ fn beside_redis(pairs: &[Pair]) {
     println!();
     println!(
         "{:<6} {:>7} {:>9} {:>11} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8}",
-        "host",
+        "hogs",
         "clients",
         "redis /s",
         "idallocd /s",
@@ -653,7 +665,7 @@ fn beside_redis(pairs: &[Pair]) {
         let (ours_total, redis_total) = p.totals();
         println!(
             "{:<6} {:>7} {:>9.0} {:>11.0} {:>6.2} {:>7.0}us {:>7.0}us {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>8.2} {:>8.2}",
-            if p.busy { "busy" } else { "quiet" },
+            if p.busy { "2" } else { "0" },
             r.clients,
             r.rate,
             o.rate(),
@@ -669,7 +681,7 @@ fn beside_redis(pairs: &[Pair]) {
             o.cs_per_op(o.daemon),
         );
     }
-    println!("(us = CPU per operation: redis-server, idallocd, redis-benchmark, idallocctl bench; cpu o/r = (idallocd + idallocctl) / (redis-server + redis-benchmark); cs = the server's context switches per operation)");
+    println!("(hogs = CPU-bound processes beside both servers; us = CPU per operation: redis-server, idallocd, redis-benchmark, idallocctl bench; cpu o/r = (idallocd + idallocctl) / (redis-server + redis-benchmark); cs = the server's context switches per operation)");
     for p in pairs {
         let (c, busy) = (p.redis.clients, p.busy);
         let (ours_total, redis_total) = p.totals();
