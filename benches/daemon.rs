@@ -1,36 +1,31 @@
-//! The real daemon, measured end to end in one run: durable reservations through the
-//! client library over the unix socket and loopback TCP at 1 and 16 clients, beside
-//! a bare `write` + `fdatasync` per call on the same disk (before the daemon rows
-//! and after them; the one-client verdict divides by the faster of the two), and
-//! one client's `hwm` calls (answered from memory: the round trip without the
-//! write); one client again with the client library's busy polling turned off
-//! (`ClientConfig::busy_poll`, 200 µs by default, as the daemon's `busy_poll` is on
-//! by default), to show what it buys; the daemon's RSS under the 16-client load;
-//! start-up to ready with 10,000 forks. Every client runs on `ClientConfig`'s
-//! defaults otherwise.
+//! The real daemon end to end, measured as an outsider sees it, in one run.
 //!
-//! Every reservation is of [`RANGE`] ids, as Redis's `INCRBY ctr 1000` beside it,
-//! so that the daemon takes its object-store leases at the rate a writer
-//! reserving ranges makes it (a lease of a million ids per thousand reservations
-//! at first, growing while leases run out within `lease_min_life`).
+//! Reservations of [`RANGE`] ids are driven by `idallocctl bench --concurrency 1`,
+//! a separate process as `redis-benchmark` is for Redis beside it, over the unix
+//! socket (and loopback TCP at 1 and 16 clients). For every row the daemon's CPU
+//! is its whole process's utime + stime from `/proc/<pid>/stat` over the row, and
+//! its context switches from `/proc/<pid>/task/*/status`; the load generator's
+//! are its own rusage (`wait4` on that one child): the client library's cost is
+//! what a writer's process pays. Also: a bare `write` + `fdatasync` per call on the
+//! same disk (before the daemon rows and after them), one client's `hwm` calls
+//! (answered from memory: the round trip without the write), 64 clients driven
+//! from inside this process (the way this bench measured before, to compare the
+//! two load generators), the daemon's RSS, and start-up with 10,000 forks.
 //!
 //! Beside Redis (when `redis-server` and `redis-benchmark` are on PATH; Debian's
-//! `redis-server` and `redis-tools`): Redis with `appendonly yes`, `appendfsync
-//! always` on the same disk, `INCRBY ctr 1000` at 1, 16, 64 and 256 clients
-//! (`redis-benchmark -P 1`), beside idallocd's durable reservations over the unix
-//! socket at the same client counts, with the ratio, p99, and each server's and
-//! each load generator's CPU per operation ([`support/redis_beside.rs`]). Each
-//! Redis row runs right after ours at the same client count.
-//! Without Redis one line says so and the rest runs.
+//! `redis-server` and `redis-tools`): Redis on its unix socket with `appendonly
+//! yes`, `appendfsync always` on the same disk, `INCRBY ctr 1000` (`redis-benchmark
+//! -P 1`), each Redis row right after ours at the same client count
+//! ([`support/redis_beside.rs`]): at 1, 16, 64 and 256 clients, then on a busy
+//! host — two CPU-bound `sh` loops at our priority, started and stopped by this
+//! bench — at 1 and 16 clients. Without Redis one line says so and the rest runs.
 //!
-//! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of each
-//! row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each target
-//! of issue 6 is printed as met or NOT met. The daemon is the release binary cargo
-//! built for this bench, started in a temp directory under the current directory
-//! (so on the same disk as the fsync baseline). Each reservation row also shows what
-//! a reservation cost: the daemon's CPU, this (load-generating) process's CPU and the
-//! daemon's context switches, all per reservation — on two shared cores those bound
-//! the throughput, so they show where a change helps before the noisy rate does.
+//! Run: `cargo bench --bench daemon` (`IDALLOC_BENCH_SECS` sets the duration of
+//! each row, default 3; `IDALLOC_BENCH_FORKS` the fork count, default 10000). Each
+//! target of issues 6, 21 and 32 is printed as met or NOT met. The daemon is the
+//! release binary cargo built for this bench, on its defaults apart from paths and
+//! `[log] level = "warn"`, started in a temp directory under the current directory
+//! (so on the same disk as the fsync baseline and Redis's AOF).
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -40,14 +35,44 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idalloc_client::client::{Client, ClientConfig};
+use idalloc_client::client::Client;
 use idalloc_client::protocol::BootstrapRequest;
 use idalloc_client::{ForkId, Kind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_idallocd");
+/// `idallocctl` (its own package, so no `CARGO_BIN_EXE_` here): built by the
+/// cargo running the bench, once, next to the daemon in the same profile.
+fn ctl() -> &'static std::path::Path {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "idallocctl",
+                "--bin",
+                "idallocctl",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success(),
+            "cargo build --release -p idallocctl failed"
+        );
+        std::path::Path::new(BIN).with_file_name("idallocctl")
+    })
+}
 
+#[path = "support/outside.rs"]
+mod outside;
 #[path = "support/redis_beside.rs"]
 mod redis_beside;
+
+use outside::{Hogs, ProcSample};
 
 /// Ids per reservation, as `INCRBY ctr 1000` beside it and as
 /// `idallocctl bench --size 1000`.
@@ -150,79 +175,85 @@ async fn start(dir: &Path) -> (Daemon, Duration) {
     }
 }
 
+/// One row: a load generator's calls against the daemon (or the disk).
 struct Row {
     name: String,
     clients: usize,
     ops: u64,
     secs: f64,
-    lat: Vec<u64>,
-    /// Daemon and bench-process CPU, and daemon context switches, over the row.
-    cost: Option<Cost>,
-}
-
-/// What the daemon and the load generator spent while a row ran: both share the
-/// machine's two cores, so CPU per reservation is what bounds throughput.
-#[derive(Clone, Copy)]
-struct Cost {
-    daemon_cpu_s: f64,
-    bench_cpu_s: f64,
-    daemon_switches: u64,
-}
-
-/// utime + stime of a process, in seconds (`/proc/<pid>/stat`, fields 14 and 15).
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name (field 2) may hold spaces; count fields after its ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    f.get(11)
-        .zip(f.get(12))
-        .map_or(0.0, |(u, s)| (u + s) as f64 / hz)
-}
-
-/// Voluntary + involuntary context switches of every thread of `pid`.
-fn context_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-        .flat_map(|st| {
-            st.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
-
-fn cost_now(pid: u32) -> Cost {
-    Cost {
-        daemon_cpu_s: cpu_seconds(&pid.to_string()),
-        bench_cpu_s: cpu_seconds("self"),
-        daemon_switches: context_switches(pid),
-    }
+    /// p50, p99, p999 in microseconds.
+    pct: [f64; 3],
+    /// The daemon's whole-process CPU and context switches over the row.
+    daemon: Option<ProcSample>,
+    /// The load generator's own.
+    load: Option<ProcSample>,
 }
 
 impl Row {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.secs
     }
-    fn pct_us(&self, p: f64) -> f64 {
-        if self.lat.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.lat.len() as f64 * p).ceil() as usize).clamp(1, self.lat.len()) - 1;
-        self.lat[i] as f64 / 1e3
+    /// Microseconds of CPU per call.
+    fn per_op_us(&self, s: Option<ProcSample>) -> f64 {
+        s.map_or(f64::NAN, |s| s.cpu_s * 1e6 / self.ops.max(1) as f64)
+    }
+    fn cs_per_op(&self, s: Option<ProcSample>) -> f64 {
+        s.map_or(f64::NAN, |s| {
+            (s.vcs + s.ivcs) as f64 / self.ops.max(1) as f64
+        })
     }
 }
 
-/// What each client of a row calls, one call in flight per client.
+fn percentiles(lat: &mut [u64]) -> [f64; 3] {
+    lat.sort_unstable();
+    [0.5, 0.99, 0.999].map(|p| {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i] as f64 / 1e3
+    })
+}
+
+/// `idallocctl bench --clients C --concurrency 1 --size 1000` against `endpoint`
+/// for `dur`: a separate process, as `redis-benchmark` is.
+fn ctl_row(name: &str, endpoint: &str, pid: u32, clients: usize, dur: Duration) -> Row {
+    let before = ProcSample::of(pid);
+    let run = outside::run_measured(
+        Command::new(ctl())
+            .args([
+                "--endpoint",
+                endpoint,
+                "bench",
+                "--concurrency",
+                "1",
+                "--json",
+            ])
+            .args(["--clients", &clients.to_string()])
+            .args(["--size", &RANGE.to_string()])
+            .args(["--duration", &format!("{}ms", dur.as_millis())]),
+    );
+    let daemon = before.until(ProcSample::of(pid));
+    assert!(run.success, "idallocctl bench failed: {}", run.stdout);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim())
+        .unwrap_or_else(|e| panic!("idallocctl bench --json printed {:?}: {e}", run.stdout));
+    assert_eq!(
+        v["disjoint"], true,
+        "idallocctl bench saw overlapping ranges"
+    );
+    let lat = |k: &str| v["latency_us"][k].as_f64().unwrap_or(f64::NAN);
+    Row {
+        name: name.into(),
+        clients,
+        ops: v["reservations"].as_u64().unwrap_or(0),
+        secs: v["duration_secs"].as_f64().unwrap_or(f64::NAN),
+        pct: [lat("p50"), lat("p99"), lat("p999")],
+        daemon: Some(daemon),
+        load: Some(run.cost),
+    }
+}
+
+/// What each client of an in-process row calls, one call in flight per client.
 #[derive(Clone, Copy)]
 enum Call {
     /// A durable reservation of [`RANGE`] ids.
@@ -232,24 +263,25 @@ enum Call {
     Hwm,
 }
 
-/// `clients` connections, each with one `call` in flight; each client busy-polls
-/// for its replies for up to `busy_poll` (zero: it does not).
+/// This process's own CPU and context switches (the in-process load generator:
+/// one thread drives every connection, nothing else runs meanwhile but the RSS
+/// sampler, which wakes every 50 ms).
+fn self_sample() -> ProcSample {
+    ProcSample::of(std::process::id())
+}
+
+/// `clients` connections from this process, each with one `call` in flight.
 async fn call_row(
     name: &str,
     call: Call,
     endpoint: &str,
     pid: u32,
-    (clients, busy_poll): (usize, Duration),
+    clients: usize,
     dur: Duration,
 ) -> Row {
-    let config = ClientConfig::default().with_busy_poll(busy_poll);
     let mut conns = Vec::new();
     for _ in 0..clients {
-        conns.push(
-            Client::connect_with(endpoint, config.clone())
-                .await
-                .unwrap(),
-        );
+        conns.push(Client::connect(endpoint).await.unwrap());
     }
     // Warm up: connections established, leases taken, caches hot.
     for c in &conns {
@@ -257,7 +289,7 @@ async fn call_row(
             .await
             .unwrap();
     }
-    let before = cost_now(pid);
+    let (before, load_before) = (ProcSample::of(pid), self_sample());
     let t = Instant::now();
     let deadline = t + dur;
     let mut tasks = Vec::new();
@@ -292,25 +324,24 @@ async fn call_row(
         lat.extend(t.await.unwrap());
     }
     let secs = t.elapsed().as_secs_f64();
-    let after = cost_now(pid);
-    lat.sort_unstable();
+    let (daemon, load) = (
+        before.until(ProcSample::of(pid)),
+        load_before.until(self_sample()),
+    );
     Row {
         name: name.into(),
         clients,
         ops: lat.len() as u64,
         secs,
-        lat,
-        cost: Some(Cost {
-            daemon_cpu_s: after.daemon_cpu_s - before.daemon_cpu_s,
-            bench_cpu_s: after.bench_cpu_s - before.bench_cpu_s,
-            daemon_switches: after.daemon_switches - before.daemon_switches,
-        }),
+        pct: percentiles(&mut lat),
+        daemon: Some(daemon),
+        load: Some(load),
     }
 }
 
 /// The disk's limit: overwrite 64 bytes and `fdatasync`, one caller, on the same
 /// file system as the daemon's data.
-fn fsync_row(dir: &Path, dur: Duration) -> Row {
+fn fsync_row(name: &str, dir: &Path, dur: Duration) -> Row {
     let f = std::fs::File::create(dir.join("fsync-probe")).unwrap();
     (&f).write_all(&[0u8; 4096]).unwrap();
     f.sync_all().unwrap();
@@ -325,25 +356,24 @@ fn fsync_row(dir: &Path, dur: Duration) -> Row {
         i += 1;
     }
     let secs = t.elapsed().as_secs_f64();
-    lat.sort_unstable();
     Row {
-        name: FSYNC.into(),
+        name: name.into(),
         clients: 1,
         ops: lat.len() as u64,
         secs,
-        lat,
-        cost: None,
+        pct: percentiles(&mut lat),
+        daemon: None,
+        load: None,
     }
 }
 
 const FSYNC: &str = "write + fdatasync (disk limit)";
 const FSYNC_AFTER: &str = "write + fdatasync, again after";
-const HWM: &str = "unix socket, hwm (no write)";
-const HWM_OFF: &str = "unix, hwm, client polling off";
+const HWM: &str = "unix, hwm (no write), in-process";
 const UNIX: &str = "unix socket";
-const UNIX_OFF: &str = "unix, client polling off";
 const TCP: &str = "tcp loopback";
-const TCP_OFF: &str = "tcp, client polling off";
+const INPROC: &str = "unix, in-process generator";
+const BUSY: &str = "unix, busy host";
 
 fn verdict(ok: bool) -> &'static str {
     if ok {
@@ -353,12 +383,46 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+/// Our row and the Redis row run right after it, on one host condition.
+struct Pair<'a> {
+    busy: bool,
+    ours: &'a Row,
+    redis: &'a redis_beside::RedisRow,
+}
+
+impl Pair<'_> {
+    fn ratio(&self) -> f64 {
+        self.ours.rate() / self.redis.rate
+    }
+    fn redis_us(&self, s: ProcSample) -> f64 {
+        s.cpu_s * 1e6 / self.redis.ops.max(1) as f64
+    }
+    /// Server + load generator CPU per operation: ours, Redis's.
+    fn totals(&self) -> (f64, f64) {
+        (
+            self.ours.per_op_us(self.ours.daemon) + self.ours.per_op_us(self.ours.load),
+            self.redis_us(self.redis.server) + self.redis_us(self.redis.load),
+        )
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages, to say how busy the machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 async fn bench(dur: Duration, forks: usize) {
+    println!("load average at start: {}", loadavg());
     let dir = tempfile::tempdir_in(".").unwrap();
-    let mut rows = vec![fsync_row(dir.path(), dur)];
+    let mut rows = vec![fsync_row(FSYNC, dir.path(), dur)];
     let (d, _) = start(dir.path()).await;
 
-    // Sample the daemon's RSS while the 16-client rows run.
+    // Sample the daemon's RSS while the rows run.
     let peak_rss = Arc::new(AtomicU64::new(0));
     let sampling = Arc::new(AtomicBool::new(true));
     let pid = d.child.id();
@@ -382,84 +446,101 @@ async fn bench(dur: Duration, forks: usize) {
     // Redis idles beside the daemon, and each of its rows runs right after ours
     // at the same client count, so that the two rows of a ratio are measured a
     // few seconds apart, not half a minute (this VM's speed drifts).
-    let redis_server = match redis_beside::Redis::start(&dir.path().join("redis"), free_port()) {
+    let redis = match redis_beside::Redis::start(&dir.path().join("redis")) {
         Ok(r) => Some(r),
         Err(why) => {
             println!("Redis rows skipped: {why}");
             None
         }
     };
+    // Leases taken and grown, sled warm, before the first measured row.
+    ctl_row("warm-up", &d.unix, pid, 64, Duration::from_millis(500));
+    let mut pairs: Vec<(bool, usize, usize)> = Vec::new(); // (busy, our row, redis row)
     let mut redis_rows = Vec::new();
-    let default_poll = ClientConfig::default().busy_poll;
-    let (alone, alone_off) = ((1, default_poll), (1, Duration::ZERO));
-    let plan = [
-        (HWM, Call::Hwm, &d.unix, alone),
-        (HWM_OFF, Call::Hwm, &d.unix, alone_off),
-        (UNIX, Call::Reserve, &d.unix, alone),
-        (UNIX_OFF, Call::Reserve, &d.unix, alone_off),
-        (TCP, Call::Reserve, &d.tcp, alone),
-        (TCP_OFF, Call::Reserve, &d.tcp, alone_off),
-        (UNIX, Call::Reserve, &d.unix, (16, default_poll)),
-        (TCP, Call::Reserve, &d.tcp, (16, default_poll)),
-        (UNIX, Call::Reserve, &d.unix, (64, default_poll)),
-        (UNIX, Call::Reserve, &d.unix, (256, default_poll)),
-    ];
-    for (name, call, endpoint, clients) in plan {
-        rows.push(call_row(name, call, endpoint, pid, clients, dur).await);
-        if let (Some(r), UNIX, (c, poll)) = (&redis_server, name, clients) {
-            if poll == default_poll {
-                redis_rows.push(r.row(c, dur));
-            }
+    let mut hogs_cpu = (0.0, 0.0);
+    rows.push(call_row(HWM, Call::Hwm, &d.unix, pid, 1, dur).await);
+    for (busy, name, endpoint, clients, beside) in [
+        (false, UNIX, &d.unix, 1, true),
+        (false, TCP, &d.tcp, 1, false),
+        (false, UNIX, &d.unix, 16, true),
+        (false, TCP, &d.tcp, 16, false),
+        (false, UNIX, &d.unix, 64, true),
+        (false, INPROC, &d.unix, 64, false),
+        (false, UNIX, &d.unix, 256, true),
+        (true, BUSY, &d.unix, 1, true),
+        (true, BUSY, &d.unix, 16, true),
+    ] {
+        // Two CPU-bound processes beside both servers for the busy rows (ours
+        // and Redis's), started afresh for each pair.
+        let hogs = busy.then(|| Hogs::start(2));
+        let t = Instant::now();
+        let row = if name == INPROC {
+            call_row(name, Call::Reserve, endpoint, pid, clients, dur).await
+        } else {
+            ctl_row(name, endpoint, pid, clients, dur)
+        };
+        rows.push(row);
+        if let (Some(r), true) = (&redis, beside) {
+            redis_rows.push(r.row(clients, dur));
+            pairs.push((busy, rows.len() - 1, redis_rows.len() - 1));
+        }
+        if let Some(h) = hogs {
+            hogs_cpu.0 += h.cpu_seconds();
+            hogs_cpu.1 += t.elapsed().as_secs_f64();
         }
     }
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
-    drop(redis_server);
-    let redis = (!redis_rows.is_empty()).then_some(redis_rows);
+    drop(redis);
     let hwm_rss = d.rss_kib("VmHWM:");
     d.stop();
-    let mut after = fsync_row(dir.path(), dur);
-    after.name = FSYNC_AFTER.into();
-    rows.push(after);
+    rows.push(fsync_row(FSYNC_AFTER, dir.path(), dur));
+    println!("load average after the rows: {}", loadavg());
 
     println!(
-        "{:<32} {:>7} {:>12} {:>9} {:>9} {:>9} {:>14} {:>13} {:>12}",
+        "{:<32} {:>7} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}",
         "calls (reservations of 1000 ids)",
         "clients",
         "per second",
         "p50 us",
         "p99 us",
         "p999 us",
-        "daemon cpu us",
-        "bench cpu us",
-        "daemon cs"
+        "daemon cpu",
+        "load cpu",
+        "daemon cs",
+        "load cs"
     );
     for r in &rows {
-        // Costs are per call.
-        let (dc, bc, cs) = r
-            .cost
-            .map_or((String::new(), String::new(), String::new()), |c| {
-                let n = r.ops.max(1) as f64;
-                (
-                    format!("{:.1}", c.daemon_cpu_s * 1e6 / n),
-                    format!("{:.1}", c.bench_cpu_s * 1e6 / n),
-                    format!("{:.2}", c.daemon_switches as f64 / n),
-                )
-            });
+        let opt = |v: f64, prec: usize| {
+            if v.is_nan() {
+                String::new()
+            } else {
+                format!("{v:.prec$}")
+            }
+        };
         println!(
-            "{:<32} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>14} {:>13} {:>12}",
+            "{:<32} {:>7} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10} {:>10} {:>10}",
             r.name,
             r.clients,
             r.rate(),
-            r.pct_us(0.5),
-            r.pct_us(0.99),
-            r.pct_us(0.999),
-            dc,
-            bc,
-            cs
+            r.pct[0],
+            r.pct[1],
+            r.pct[2],
+            opt(r.per_op_us(r.daemon), 1),
+            opt(r.per_op_us(r.load), 1),
+            opt(r.cs_per_op(r.daemon), 2),
+            opt(r.cs_per_op(r.load), 2),
         );
     }
-    println!("(cpu us and context switches are per call; cpu in clock ticks, so coarse)");
+    println!(
+        "(per call: cpu in us, cs = voluntary + involuntary context switches; the load generator is idallocctl bench except where it says in-process)"
+    );
+    if hogs_cpu.1 > 0.0 {
+        println!(
+            "busy host: the two hogs ran {:.2} CPUs' worth during the busy pairs",
+            hogs_cpu.0 / hogs_cpu.1
+        );
+    }
     let find = |name: &str, c: usize| {
         rows.iter()
             .find(|r| r.name == name && r.clients == c)
@@ -470,12 +551,12 @@ async fn bench(dur: Duration, forks: usize) {
         .into_iter()
         .max_by(|a, b| a.rate().total_cmp(&b.rate()))
         .unwrap();
-    let (floor, floor_off, u1, u1_off, u16, t1, t16) = (
+    let (floor, u1, u16, u64_, inproc, t1, t16) = (
         find(HWM, 1),
-        find(HWM_OFF, 1),
         find(UNIX, 1),
-        find(UNIX_OFF, 1),
         find(UNIX, 16),
+        find(UNIX, 64),
+        find(INPROC, 64),
         find(TCP, 1),
         find(TCP, 16),
     );
@@ -483,8 +564,8 @@ async fn bench(dur: Duration, forks: usize) {
     println!(
         "unix, 16 clients: {:.0}/s, p99 {:.0} us (target >= 60000/s, p99 < 1000 us): {}",
         u16.rate(),
-        u16.pct_us(0.99),
-        verdict(u16.rate() >= 60_000.0 && u16.pct_us(0.99) < 1000.0)
+        u16.pct[1],
+        verdict(u16.rate() >= 60_000.0 && u16.pct[1] < 1000.0)
     );
     println!(
         "unix, 1 client: {:.2} reservations per fdatasync (the faster fdatasync row, {:.0}/s) (target >= 1): {}",
@@ -493,15 +574,10 @@ async fn bench(dur: Duration, forks: usize) {
         verdict(u1.rate() >= fs.rate())
     );
     println!(
-        "  with the client's busy polling off (not the default): {:.2} reservations per fdatasync",
-        u1_off.rate() / fs.rate(),
-    );
-    println!(
-        "  the round trip of an RPC that writes nothing is {:.0} us p50 ({:.0} us with the client's polling off), {:.2} of an fdatasync's {:.0} us",
-        floor.pct_us(0.5),
-        floor_off.pct_us(0.5),
-        floor.pct_us(0.5) / fs.pct_us(0.5),
-        fs.pct_us(0.5)
+        "  the round trip of an RPC that writes nothing is {:.0} us p50, {:.2} of an fdatasync's {:.0} us",
+        floor.pct[0],
+        floor.pct[0] / fs.pct[0],
+        fs.pct[0]
     );
     let worst = (u1.rate() / t1.rate()).max(u16.rate() / t16.rate());
     println!(
@@ -510,8 +586,29 @@ async fn bench(dur: Duration, forks: usize) {
         u16.rate() / t16.rate(),
         verdict(worst <= 1.5)
     );
-    if let Some(redis) = &redis {
-        beside_redis(redis, &|c| find(UNIX, c));
+    println!(
+        "64 clients: daemon cpu {:.1} us per reservation under idallocctl bench, {:.1} under the in-process generator (target <= 8): {}",
+        u64_.per_op_us(u64_.daemon),
+        inproc.per_op_us(inproc.daemon),
+        verdict(u64_.per_op_us(u64_.daemon) <= 8.0)
+    );
+    let u256 = find(UNIX, 256);
+    println!(
+        "256 clients: {:.0}/s against {:.0}/s at 64 (target: not below): {}",
+        u256.rate(),
+        u64_.rate(),
+        verdict(u256.rate() >= u64_.rate())
+    );
+    let pairs: Vec<Pair> = pairs
+        .iter()
+        .map(|&(busy, o, r)| Pair {
+            busy,
+            ours: &rows[o],
+            redis: &redis_rows[r],
+        })
+        .collect();
+    if !pairs.is_empty() {
+        beside_redis(&pairs);
     }
     let peak = peak_rss.load(Ordering::Relaxed);
     println!(
@@ -570,72 +667,66 @@ async fn bench(dur: Duration, forks: usize) {
     let _ = std::io::stdout().flush();
 }
 
-/// The table of issue 21: idallocd's durable reservations over the unix socket
-/// against Redis AOF-always `INCRBY`, same client counts, one run, and its targets.
-fn beside_redis<'a>(redis: &[redis_beside::RedisRow], ours: &dyn Fn(usize) -> &'a Row) {
+/// The table of issue 32: idallocd's durable reservations against Redis
+/// AOF-always `INCRBY`, both on unix sockets, same client counts, one run, each
+/// server's and each load generator's CPU and context switches per operation,
+/// and its targets.
+fn beside_redis(pairs: &[Pair]) {
     println!();
     println!(
-        "{:>7} {:>13} {:>13} {:>7} {:>11} {:>11} {:>11} {:>12} {:>12} {:>12} {:>12}",
+        "{:<6} {:>7} {:>9} {:>11} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8}",
+        "hogs",
         "clients",
         "redis /s",
         "idallocd /s",
         "ratio",
-        "redis p50",
         "redis p99",
         "ours p99",
-        "redis cpu us",
-        "ours cpu us",
-        "r-bench us",
-        "our bench us"
+        "redis us",
+        "ours us",
+        "r-bench",
+        "ctl us",
+        "cpu o/r",
+        "redis cs",
+        "ours cs"
     );
-    let mut met = Vec::new();
-    for r in redis {
-        let o = ours(r.clients);
-        let ratio = o.rate() / r.rate;
-        let per_op = |s: f64| s * 1e6 / o.ops.max(1) as f64;
-        let cpu = o.cost.map_or(f64::NAN, |c| per_op(c.daemon_cpu_s));
-        let load_cpu = o.cost.map_or(f64::NAN, |c| per_op(c.bench_cpu_s));
+    for p in pairs {
+        let (o, r) = (p.ours, p.redis);
+        let (ours_total, redis_total) = p.totals();
         println!(
-            "{:>7} {:>13.0} {:>13.0} {:>7.2} {:>9.0}us {:>9.0}us {:>9.0}us {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+            "{:<6} {:>7} {:>9.0} {:>11.0} {:>6.2} {:>7.0}us {:>7.0}us {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>8.2} {:>8.2}",
+            if p.busy { "2" } else { "0" },
             r.clients,
             r.rate,
             o.rate(),
-            ratio,
-            r.p50_us,
+            p.ratio(),
             r.p99_us,
-            o.pct_us(0.99),
-            r.cpu_us,
-            cpu,
-            r.load_cpu_us,
-            load_cpu
-        );
-        met.push((r.clients, ratio, o.pct_us(0.99) <= r.p99_us, cpu, o.rate()));
-    }
-    let at = |c: usize| met.iter().find(|m| m.0 == c).copied();
-    if let Some((_, ratio, _, _, _)) = at(1) {
-        println!(
-            "1 client: {ratio:.2}x Redis (target >= 2): {}",
-            verdict(ratio >= 2.0)
+            o.pct[1],
+            p.redis_us(r.server),
+            o.per_op_us(o.daemon),
+            p.redis_us(r.load),
+            o.per_op_us(o.load),
+            ours_total / redis_total,
+            (r.server.vcs + r.server.ivcs) as f64 / r.ops.max(1) as f64,
+            o.cs_per_op(o.daemon),
         );
     }
-    for c in [16, 64] {
-        if let Some((_, ratio, _, _, _)) = at(c) {
+    println!("(hogs = CPU-bound processes beside both servers; us = CPU per operation: redis-server, idallocd, redis-benchmark, idallocctl bench; cpu o/r = (idallocd + idallocctl) / (redis-server + redis-benchmark); cs = the server's context switches per operation)");
+    for p in pairs {
+        let (c, busy) = (p.redis.clients, p.busy);
+        let (ours_total, redis_total) = p.totals();
+        if busy {
             println!(
-                "{c} clients: {ratio:.2}x Redis (target >= 1.5): {}",
-                verdict(ratio >= 1.5)
+                "busy host, {c} clients: {:.2}x Redis (target >= 1.5): {}",
+                p.ratio(),
+                verdict(p.ratio() >= 1.5)
             );
-        }
-    }
-    if let Some((_, _, p99_ok, cpu, rate64)) = at(64) {
-        println!("64 clients: p99 no worse than Redis's: {}", verdict(p99_ok));
-        println!(
-            "64 clients: daemon cpu {cpu:.1} us per reservation (target <= 8): {}",
-            verdict(cpu <= 8.0)
-        );
-        if let Some((_, _, _, _, rate256)) = at(256) {
+        } else {
             println!(
-                "256 clients: {rate256:.0}/s against {rate64:.0}/s at 64 (target: not below): {}",
-                verdict(rate256 >= rate64)
+                "{c} clients: {:.2}x Redis (target >= 2): {}; CPU per durable op {ours_total:.1} us against Redis's {redis_total:.1} (target: not above): {}",
+                p.ratio(),
+                verdict(p.ratio() >= 2.0),
+                verdict(ours_total <= redis_total)
             );
         }
     }
@@ -650,9 +741,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    // One thread drives every client connection, as `idallocctl bench` does by
-    // default: the load generator then takes as little of the two cores as it can
-    // from the daemon it measures.
+    // One thread drives every in-process client connection, as `idallocctl bench`
+    // does by default: the load generator then takes as little of the two cores
+    // as it can from the daemon it measures.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -271,10 +271,8 @@ fn crash_loop_single_daemon_on_file_store() {
     file_store_crash_loop(4, "file");
 }
 
-/// One writer alone: every group holds one commit, and after a streak of them the
-/// daemon busy-polls between requests (src/engine/local/mod.rs, src/server/busy_poll.rs).
-/// Killed mid-flush on that path, nothing acknowledged may be lost or handed out
-/// again.
+/// One writer alone: every group holds one commit (src/engine/local/mod.rs). Killed
+/// mid-flush on that path, nothing acknowledged may be lost or handed out again.
 #[test]
 fn crash_loop_lone_writer_on_file_store() {
     file_store_crash_loop(1, "lone-writer");

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use daemon_support::{free_port, scrape, series, Daemon, Opts};
+use daemon_support::{Daemon, Opts};
 use idalloc_client::client::{AllocatorConfig, Client, ClientConfig, ClientError};
 use idalloc_client::protocol::BootstrapRequest;
 use idalloc_client::{ForkId, IdRange, Kind, Namespace, ServiceError};
@@ -325,8 +325,7 @@ fn assert_unique(ids: &[u64], what: &str) {
 }
 
 /// A client on the daemon's unix socket that rides out restarts: a long deadline and
-/// a short reconnect backoff. It busy-polls for its replies (the client's default),
-/// so the restart tests also cover a polling call whose connection breaks under it.
+/// a short reconnect backoff.
 async fn restart_tolerant_client(d: &Daemon) -> Client {
     Client::connect_with(
         endpoints(d)[0].as_str(),
@@ -336,85 +335,6 @@ async fn restart_tolerant_client(d: &Daemon) -> Client {
     )
     .await
     .unwrap()
-}
-
-/// Busy polling on both sides (the daemon's and the client's defaults) changes no
-/// range: a lone writer's reservations stay dense and increasing, a burst of 16
-/// concurrent writers stays disjoint from them, and the daemon did spin for the
-/// lone writer (its metric counts the time).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn busy_polling_on_both_sides_changes_no_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let toml = format!("[metrics]\nlisten = {metrics:?}\n");
-    let d = {
-        let dir = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            Daemon::start_with(
-                &dir,
-                Opts {
-                    extra_toml: &toml,
-                    ..Opts::default()
-                },
-            )
-        })
-        .await
-        .unwrap()
-    };
-    let config = ClientConfig::default();
-    assert!(
-        !config.busy_poll.is_zero(),
-        "the client busy-polls by default"
-    );
-    let mut all = Vec::new();
-    for endpoint in endpoints(&d) {
-        let client = Client::connect_with(endpoint.as_str(), config.clone())
-            .await
-            .unwrap();
-        // More than the engine's streak of lone commits, so the daemon spins.
-        let mut lone = Vec::new();
-        for _ in 0..300 {
-            lone.push(
-                client
-                    .reserve(Namespace::Primary, Kind::Vid, 1)
-                    .await
-                    .unwrap(),
-            );
-        }
-        for w in lone.windows(2) {
-            assert_eq!(w[0].end, w[1].start, "a lone writer's ids are dense");
-        }
-        let tasks: Vec<_> = (0..16)
-            .map(|_| {
-                let (endpoint, config) = (endpoint.clone(), config.clone());
-                tokio::spawn(async move {
-                    let c = Client::connect_with(endpoint.as_str(), config)
-                        .await
-                        .unwrap();
-                    let mut got = Vec::new();
-                    for _ in 0..50 {
-                        got.push(c.reserve(Namespace::Primary, Kind::Vid, 3).await.unwrap());
-                    }
-                    got
-                })
-            })
-            .collect();
-        all.extend(lone);
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-    }
-    assert_eq!(all.len(), 2 * (300 + 16 * 50));
-    crate::common::assert_disjoint(&all, "ranges");
-    let metrics = metrics.clone();
-    let body = tokio::task::spawn_blocking(move || scrape(&metrics))
-        .await
-        .unwrap();
-    let spun = series(&body, "idalloc_busy_poll_seconds_sum", &[]).unwrap_or(0.0);
-    assert!(
-        spun > 0.0,
-        "the daemon never busy-polled for a lone writer: {body}"
-    );
 }
 
 /// Writers allocating single ids from several tasks keep going while the daemon is

@@ -1,46 +1,41 @@
-//! Redis beside idallocd, for `benches/daemon.rs`: `redis-server` started on
-//! 127.0.0.1 in the bench's temp directory (so on the same disk) with
-//! `appendonly yes` and `appendfsync always` — every `INCRBY` durable before its
-//! reply, as every idallocd reservation is — driven by `redis-benchmark -P 1`
-//! (no pipelining), one `INCRBY ctr 1000` in flight per client. Its CPU per
-//! operation is read from `/proc` around each run, as the daemon's is, and
-//! redis-benchmark's from this process's reaped children's CPU (`getrusage`), to
-//! set beside the load our own bench puts on the same two cores.
+//! Redis beside idallocd, for `benches/daemon.rs`: `redis-server` started in the
+//! bench's temp directory (so on the same disk) on a **unix socket only**, as
+//! idallocd is, with `appendonly yes` and `appendfsync always` — every `INCRBY`
+//! durable before its reply, as every idallocd reservation is — driven by
+//! `redis-benchmark -s SOCKET -P 1` (no pipelining), one `INCRBY ctr 1000` in
+//! flight per client. Measured from outside as the daemon is
+//! ([`support/outside.rs`]): redis-server's whole-process CPU and context switches
+//! from `/proc` around each run, redis-benchmark's from its own rusage.
 //!
 //! Needs `redis-server` and `redis-benchmark` on PATH (Debian: `redis-server` and
 //! `redis-tools`); without them [`Redis::start`] says why and the bench goes on
 //! without the Redis rows.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::outside::{run_measured, ProcSample};
 
 /// A running `redis-server`, killed on drop.
 pub struct Redis {
     child: Child,
-    port: u16,
+    socket: PathBuf,
 }
 
 /// One `redis-benchmark` run.
 pub struct RedisRow {
     pub clients: usize,
     pub rate: f64,
-    pub p50_us: f64,
     pub p99_us: f64,
-    /// redis-server's CPU per operation, in microseconds.
-    pub cpu_us: f64,
-    /// redis-benchmark's (the load generator's) CPU per operation, in microseconds.
-    pub load_cpu_us: f64,
-}
-
-/// CPU seconds of this process's children that have been waited for.
-fn reaped_children_cpu() -> f64 {
-    // SAFETY: getrusage(2) fills the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(u.ru_utime) + secs(u.ru_stime)
+    /// Operations in the measured run.
+    pub ops: u64,
+    /// redis-server's CPU and context switches over the run.
+    pub server: ProcSample,
+    /// redis-benchmark's (the load generator's).
+    pub load: ProcSample,
 }
 
 impl Drop for Redis {
@@ -61,7 +56,7 @@ fn on_path(bin: &str) -> bool {
 
 impl Redis {
     /// Start Redis with AOF `always` in `dir`, or say why not.
-    pub fn start(dir: &Path, port: u16) -> Result<Redis, String> {
+    pub fn start(dir: &Path) -> Result<Redis, String> {
         for bin in ["redis-server", "redis-benchmark"] {
             if !on_path(bin) {
                 return Err(format!(
@@ -70,9 +65,11 @@ impl Redis {
             }
         }
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let socket = dir.join("redis.sock");
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--dir")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--unixsocketperm", "700", "--dir"])
             .arg(dir)
             .args([
                 "--appendonly",
@@ -90,7 +87,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start redis-server: {e}"))?;
-        let redis = Redis { child, port };
+        let redis = Redis { child, socket };
         let t = Instant::now();
         while !redis.ping() {
             if t.elapsed() > Duration::from_secs(10) {
@@ -102,7 +99,7 @@ impl Redis {
     }
 
     fn ping(&self) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = UnixStream::connect(&self.socket) else {
             return false;
         };
         let mut buf = [0u8; 16];
@@ -120,19 +117,18 @@ impl Redis {
     }
 
     fn run(&self, clients: usize, n: usize) -> RedisRow {
-        let pid = self.child.id().to_string();
-        let before = super::cpu_seconds(&pid);
-        // redis-benchmark is reaped by `output()`: the children's CPU grows by its own.
-        let load_before = reaped_children_cpu();
-        let out = Command::new("redis-benchmark")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-c", &clients.to_string(), "-n", &n.to_string(), "-P", "1"])
-            .args(["--csv", "INCRBY", "ctr", "1000"])
-            .output()
-            .expect("redis-benchmark runs");
-        let cpu = super::cpu_seconds(&pid) - before;
-        let load_cpu = reaped_children_cpu() - load_before;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let pid = self.child.id();
+        let before = ProcSample::of(pid);
+        let out = run_measured(
+            Command::new("redis-benchmark")
+                .arg("-s")
+                .arg(&self.socket)
+                .args(["-c", &clients.to_string(), "-n", &n.to_string(), "-P", "1"])
+                .args(["--csv", "INCRBY", "ctr", "1000"]),
+        );
+        let server = before.until(ProcSample::of(pid));
+        assert!(out.success, "redis-benchmark failed: {}", out.stdout);
+        let text = &out.stdout;
         // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
         // "p95_latency_ms","p99_latency_ms","max_latency_ms"
         let line = text
@@ -147,10 +143,10 @@ impl Redis {
         RedisRow {
             clients,
             rate: f[0],
-            p50_us: f[3] * 1e3,
             p99_us: f[5] * 1e3,
-            cpu_us: cpu * 1e6 / n as f64,
-            load_cpu_us: load_cpu * 1e6 / n as f64,
+            ops: n as u64,
+            server,
+            load: out.cost,
         }
     }
 }

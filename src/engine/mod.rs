@@ -451,13 +451,6 @@ impl Engine {
         self.local.flushes()
     }
 
-    /// Whether reservations come from one writer at a time (see
-    /// `Local::lone_writer`): then latency is all that counts, and the server
-    /// busy-polls for the next request.
-    pub fn lone_writer(&self) -> bool {
-        self.local.lone_writer()
-    }
-
     /// Single- or multi-writer.
     pub fn mode(&self) -> WriterMode {
         self.store.mode()

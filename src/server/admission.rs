@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::access::{AccessPolicy, Peer, Refused};
-use super::busy_poll::BusyPoll;
 use super::connection::{refuse_connection, serve_connection, ConnLimits};
 use super::listen::{Conn, Listener};
 use super::service::Service;
@@ -78,8 +77,6 @@ pub struct Serving {
     pub service: Service,
     /// Per-connection limits.
     pub limits: ConnLimits,
-    /// Busy polling between requests.
-    pub busy: Arc<BusyPoll>,
     /// Closes every connection's read half (graceful shutdown).
     pub close_reads: CancellationToken,
     /// Ends every connection at once (shutdown timeout passed).
@@ -440,7 +437,6 @@ where
         io,
         serving.service.with_peer(peer),
         serving.limits,
-        serving.busy,
         serving.close_reads,
     )
     .await

@@ -25,9 +25,13 @@ use idalloc_client::client::{DEFAULT_DATA_DIR, SOCKET_FILE_NAME as DEFAULT_SOCKE
 /// request is a few fork ids) and would only let a client make the daemon buffer more.
 pub const MAX_REQUEST_FRAME_LIMIT: usize = 16 << 20;
 
-/// Longest `busy_poll` accepted: a lone writer's next request comes within a round
-/// trip (about a hundred microseconds), so a longer spin would only burn CPU.
-const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+/// Keys that earlier versions accepted and this one refuses, each with what to do.
+/// Refused like any unknown key (a daemon never ignores a line of its config), but
+/// with a message that says why the key went.
+const REMOVED_KEYS: &[(&str, &str)] = &[(
+    "busy_poll",
+    "was removed: the daemon no longer busy-polls (it cost a busy host more than it gained, docs/performance.md); delete the line",
+)];
 
 /// The configuration file as written. `deny_unknown_fields` everywhere: a misspelt
 /// key is an error that names it, not a silently ignored setting.
@@ -65,12 +69,6 @@ pub struct Config {
     /// group of reservations is flushed on that thread, and every extra worker adds
     /// cross-thread wake-ups per request (docs/performance.md).
     pub worker_threads: usize,
-    /// While one writer at a time is reserving, keep the runtime's thread awake this
-    /// long after each request (yielding to other threads meanwhile), so that the
-    /// writer's next request is read without a wake-up. Default `"100us"`; `"0s"`
-    /// turns it off; at most `"10ms"`. Costs CPU only while a lone writer is active
-    /// (`idalloc_busy_poll_seconds_sum`); docs/performance.md has the numbers.
-    pub busy_poll: String,
     /// Most requests one connection may have in flight; more get an error reply.
     pub max_in_flight_per_connection: usize,
     /// Largest request frame accepted, in bytes; a larger one closes the connection.
@@ -308,7 +306,6 @@ impl Default for Config {
             max_handshakes: 64,
             idle_timeout: "5m".into(),
             worker_threads: 1,
-            busy_poll: "100us".into(),
             max_in_flight_per_connection: 128,
             max_frame_bytes: 65536,
             shutdown_timeout: "10s".into(),
@@ -455,8 +452,6 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// Async runtime threads.
     pub worker_threads: usize,
-    /// Spin budget after each request while a lone writer is active; zero = off.
-    pub busy_poll: Duration,
     /// Per-connection in-flight limit.
     pub max_in_flight_per_connection: usize,
     /// Request frame limit.
@@ -504,7 +499,12 @@ impl Config {
             let path = e.path().to_string();
             let e = e.into_inner();
             // One line: toml's syntax errors come as "what\nexpected what".
-            let message = e.message().trim().replace('\n', ": ");
+            let mut message = e.message().trim().replace('\n', ": ");
+            if let Some((_, why)) = REMOVED_KEYS.iter().find(|(k, _)| *k == path) {
+                if message.starts_with("unknown field") {
+                    message = (*why).to_string();
+                }
+            }
             let key = (path != ".").then_some(path);
             let line = e.span().map_or(0, |s| {
                 text[..s.start.min(text.len())].matches('\n').count() + 1
@@ -599,16 +599,6 @@ impl Config {
             ));
         }
         let shutdown_timeout = duration("shutdown_timeout", &self.shutdown_timeout)?;
-        let busy_poll = duration("busy_poll", &self.busy_poll)?;
-        if busy_poll > MAX_BUSY_POLL {
-            return Err(invalid(
-                "busy_poll",
-                format!(
-                    "{:?} is longer than 10ms: a longer spin only burns CPU (use \"0s\" to turn it off)",
-                    self.busy_poll
-                ),
-            ));
-        }
         let a = &self.allocation;
         let o = &self.object_store;
         let store_url = match &o.url {
@@ -692,7 +682,6 @@ impl Config {
             idle_timeout: Some(duration("idle_timeout", &self.idle_timeout)?)
                 .filter(|d| !d.is_zero()),
             worker_threads: self.worker_threads,
-            busy_poll,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             shutdown_timeout,
@@ -828,16 +817,20 @@ mod tests {
         assert_eq!(s.store_url, "file:///var/lib/idallocd/mirror");
     }
 
+    /// A key this version removed is refused as any unknown key is, with the
+    /// reason and what to do instead of the list of expected keys.
     #[test]
-    fn busy_poll_defaults_on_and_turns_off() {
-        let s = Config::default().resolve(&env()).unwrap();
-        assert_eq!(s.busy_poll, Duration::from_micros(100));
-        let c = Config::from_toml("busy_poll = \"0s\"\n", "x.toml").unwrap();
-        assert_eq!(c.resolve(&env()).unwrap().busy_poll, Duration::ZERO);
-        let c = Config::from_toml("busy_poll = \"10ms\"\n", "x.toml").unwrap();
-        assert_eq!(
-            c.resolve(&env()).unwrap().busy_poll,
-            Duration::from_millis(10)
+    fn a_removed_key_is_refused_with_its_reason() {
+        let err =
+            Config::from_toml("worker_threads = 1\nbusy_poll = \"0s\"\n", "x.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`busy_poll`")
+                && msg.contains("removed")
+                && msg.contains("delete the line")
+                && msg.contains("line 2")
+                && !msg.contains('\n'),
+            "{msg}"
         );
     }
 
@@ -917,8 +910,6 @@ mod tests {
             ("max_connections = 0", "max_connections"),
             ("worker_threads = 0", "worker_threads"),
             ("shutdown_timeout = \"soon\"", "shutdown_timeout"),
-            ("busy_poll = \"fast\"", "busy_poll"),
-            ("busy_poll = \"1s\"", "busy_poll"),
             ("[allocation]\nprefetch_at = 1.5", "allocation.prefetch_at"),
             // The engine refused 1.0 after check-config accepted it: one range now.
             ("[allocation]\nprefetch_at = 1.0", "allocation.prefetch_at"),

@@ -15,8 +15,6 @@
 //! reply is dropped by the client; every engine call is bounded (store time-outs),
 //! and a reservation nobody receives is a gap, never a duplicate.
 
-use std::sync::Arc;
-
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tarpc::server::Serve;
@@ -26,9 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use std::time::Duration;
 
-use tarpc::context::Context;
-
-use super::busy_poll::BusyPoll;
 use super::transport::ServerTransport;
 use idalloc_client::error::ServiceError;
 use idalloc_client::namespace::Kind;
@@ -36,6 +31,7 @@ use idalloc_client::protocol::{
     BootstrapRequest, ForkInfo, ForkPage, Hwm, IdAlloc, IdAllocRequest, IdAllocResponse, IdRange,
     MergeReport, MergeRequest, RepairReport, RepairRequest, Status,
 };
+use tarpc::context::Context;
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +46,10 @@ pub struct ConnLimits {
 
 /// Serve `svc` on `io` until the connection ends. All of this connection's requests
 /// run inside this one future, so awaiting it means "every reply is written".
-/// Each request's start and end touch `busy`.
 pub async fn serve_connection<S, Svc>(
     io: S,
     svc: Svc,
     limits: ConnLimits,
-    busy: Arc<BusyPoll>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -82,13 +76,11 @@ pub async fn serve_connection<S, Svc>(
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
-                busy.touch();
                 if transport.feed(reply).await.is_err() {
                     return;
                 }
                 // Every other reply ready by now shares this write.
                 while let Some(Some(reply)) = in_flight.next().now_or_never() {
-                    busy.touch();
                     if transport.feed(reply).await.is_err() {
                         return;
                     }
@@ -106,7 +98,6 @@ pub async fn serve_connection<S, Svc>(
                     return;
                 }
                 Some(Ok(ClientMessage::Request(req))) => {
-                    busy.touch();
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                     if req.context.deadline <= std::time::Instant::now() {
                         continue;
@@ -347,20 +338,10 @@ mod tests {
         let path = dir.join("t.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let fake = Fake::default();
-        // Busy polling on throughout, so that every case here also runs with the
-        // runtime spinning between requests.
-        let busy = BusyPoll::new(Duration::from_micros(200), Box::new(|| true));
-        tokio::spawn(busy.clone().run(CancellationToken::new()));
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(serve_connection(
-                    s,
-                    fake.clone(),
-                    LIMITS,
-                    busy.clone(),
-                    shutdown.clone(),
-                ));
+                tokio::spawn(serve_connection(s, fake.clone(), LIMITS, shutdown.clone()));
             }
         });
         path

@@ -301,11 +301,6 @@ fn describe() {
         Unit::Seconds,
         "Object-store call latency, by operation."
     );
-    describe_histogram!(
-        "idalloc_busy_poll_seconds",
-        Unit::Seconds,
-        "Busy-polling spells for a lone writer's next request instead of sleeping (the sum is the time spent)."
-    );
 }
 
 /// Counts one connection from accept until drop.

@@ -14,7 +14,6 @@
 
 pub mod access;
 pub mod admission;
-pub mod busy_poll;
 pub mod config;
 pub mod connection;
 pub mod listen;
@@ -34,7 +33,6 @@ use tokio_util::task::TaskTracker;
 use crate::engine::{Engine, OpenError, StoreHandle};
 use idalloc_client::error::ServiceError;
 
-use busy_poll::BusyPoll;
 pub use config::{Config, ConfigError, Environment, Settings};
 use connection::ConnLimits;
 use listen::{BindOptions, ListenError, Listener};
@@ -108,13 +106,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     admission::raise_open_file_limit(&settings);
     let service = Service::new(engine.clone());
-    let gate_engine = engine.clone();
-    let busy = BusyPoll::new(
-        settings.busy_poll,
-        Box::new(move || gate_engine.lone_writer()),
-    );
-    let busy_stop = CancellationToken::new();
-    tokio::spawn(busy.clone().run(busy_stop.clone()));
     let stop_accepting = CancellationToken::new();
     let close_reads = CancellationToken::new();
     let force_close = CancellationToken::new();
@@ -125,7 +116,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let serving = admission::Serving {
         service: service.clone(),
         limits,
-        busy: busy.clone(),
         close_reads: close_reads.clone(),
         force_close: force_close.clone(),
         connections: connections.clone(),
@@ -180,7 +170,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let result = engine.shutdown().await;
     watchdog_stop.cancel();
     gauges_stop.cancel();
-    busy_stop.cancel();
     match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");

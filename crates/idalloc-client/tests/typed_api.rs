@@ -246,14 +246,12 @@ async fn config_setters_take_effect() {
         .with_backoff_initial(Duration::from_millis(1))
         .with_backoff_max(Duration::from_millis(50))
         .with_max_frame_length(1 << 20)
-        .with_list_page_size(7)
-        .with_busy_poll(Duration::ZERO);
+        .with_list_page_size(7);
     assert_eq!(config.deadline, Duration::from_millis(1500));
     assert_eq!(config.backoff_initial, Duration::from_millis(1));
     assert_eq!(config.backoff_max, Duration::from_millis(50));
     assert_eq!(config.max_frame_length, 1 << 20);
     assert_eq!(config.list_page_size, 7);
-    assert_eq!(config.busy_poll, Duration::ZERO);
 
     let a = AllocatorConfig::default()
         .with_initial_batch(64)

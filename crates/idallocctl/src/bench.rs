@@ -55,11 +55,6 @@ pub struct BenchArgs {
     /// most CPU to a daemon on the same machine)
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
-    /// Keep a lone call's thread awake this long waiting for its reply (the client
-    /// library's `ClientConfig::busy_poll`, whose default this is). It matters with
-    /// --clients 1 --concurrency 1 and costs CPU on this side; 0s turns it off
-    #[arg(long, default_value = "200us", value_name = "DURATION")]
-    busy_poll: humantime::Duration,
 }
 
 impl BenchArgs {
@@ -112,7 +107,6 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
     let kind = Kind::from(args.kind);
     // Parsed before connecting: a malformed --fork is an error, not a bench of errors.
     let namespace = idalloc_client::Namespace::from_wire(args.fork.as_deref())?;
-    let config = config.with_busy_poll(Duration::from(args.busy_poll));
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         clients.push(Client::connect_with(&endpoint, config.clone()).await?);
@@ -251,7 +245,6 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
                 "clients": args.clients,
                 "concurrency": args.concurrency,
                 "threads": args.threads,
-                "busy_poll_us": Duration::from(args.busy_poll).as_micros() as u64,
                 "size": args.size,
                 "kind": kind.as_str(),
                 "fork": args.fork,
@@ -276,11 +269,6 @@ pub async fn run(endpoint: Endpoint, config: ClientConfig, args: BenchArgs) -> a
             "in flight        {} clients x {} tasks = {in_flight}, on {} thread(s)",
             args.clients, args.concurrency, args.threads
         );
-        if Duration::from(args.busy_poll).is_zero() {
-            println!("busy poll        off");
-        } else {
-            println!("busy poll        {} per lone call", args.busy_poll);
-        }
         println!(
             "reservation      {} {}(s) in {namespace}",
             args.size,

@@ -98,8 +98,6 @@ pub struct Local {
 struct Shared {
     writer: Writer,
     queue: Mutex<Queue>,
-    /// Groups in a row that held a single commit.
-    solo_streak: AtomicU64,
 }
 
 #[derive(Default)]
@@ -109,12 +107,6 @@ struct Queue {
     /// pushed meanwhile is its to write.
     scheduled: bool,
 }
-
-/// Groups of one in a row before [`Local::lone_writer`] reports a lone writer: a
-/// writer reserving one at a time qualifies after a few dozen requests, while
-/// under concurrent load (where a group now and then still holds one commit) the
-/// streak keeps breaking.
-const SOLO_STREAK: u64 = 64;
 
 /// The one writer of sled records at a time.
 struct Writer {
@@ -208,7 +200,6 @@ impl Local {
                 flushes: AtomicU64::new(0),
             },
             queue: Mutex::new(Queue::default()),
-            solo_streak: AtomicU64::new(0),
         });
         Ok((Local { db, shared }, loaded))
     }
@@ -250,13 +241,6 @@ impl Local {
         let bytes = serde_json::to_vec(meta).expect("meta serialises");
         self.commit(META_KEY.to_vec(), Arc::new(move || bytes.clone()))
             .await
-    }
-
-    /// Whether commits have been coming one at a time, each alone in its group,
-    /// for a streak of groups: one writer waiting on each flush, whose latency is
-    /// all that matters. Any group of two or more ends it.
-    pub fn lone_writer(&self) -> bool {
-        self.shared.solo_streak.load(Ordering::Relaxed) >= SOLO_STREAK
     }
 
     /// sled flushes since open (one per group of commits).
@@ -360,11 +344,6 @@ async fn run_groups(mut guard: GroupGuard) {
             }
             std::mem::take(&mut q.jobs)
         };
-        if batch.len() == 1 {
-            shared.solo_streak.fetch_add(1, Ordering::Relaxed);
-        } else {
-            shared.solo_streak.store(0, Ordering::Relaxed);
-        }
         // The latest state of each key covers every job queued for it: states only
         // move forward, so writing it once is enough for all of them.
         let result = if batch.len() == 1 {
@@ -403,8 +382,7 @@ mod tests {
     }
 
     /// A lone caller gets one flush per commit, written on the runtime's own
-    /// thread (there is no other), and is reported as a lone writer once its
-    /// streak is long enough.
+    /// thread (there is no other).
     #[test]
     fn a_lone_caller_is_flushed_once_per_commit_on_the_runtime_thread() {
         let dir = tempfile::tempdir().unwrap();
@@ -426,7 +404,6 @@ mod tests {
                 value.store(i, Ordering::SeqCst);
                 local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
                 assert_eq!(stored(&local, b"k"), i, "durable before return");
-                assert_eq!(local.lone_writer(), i >= SOLO_STREAK, "after {i}");
             }
         });
         let threads = threads.lock().unwrap().clone();
@@ -435,8 +412,7 @@ mod tests {
         assert_eq!(local.flushes(), 200);
     }
 
-    /// Commits queued while the runtime is busy share a flush; once any group
-    /// holds more than one commit, no lone writer is reported.
+    /// Commits queued while the runtime is busy share a flush.
     #[test]
     fn commits_ready_together_share_one_flush() {
         let dir = tempfile::tempdir().unwrap();
@@ -450,10 +426,6 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            for _ in 0..SOLO_STREAK {
-                local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
-            }
-            assert!(local.lone_writer());
             let before = local.flushes();
             let all: Vec<_> = (0..32)
                 .map(|_| local.commit(b"k".to_vec(), snapshot.clone()))
@@ -466,7 +438,6 @@ mod tests {
                 1,
                 "32 commits ready at once, one flush"
             );
-            assert!(!local.lone_writer());
         });
     }
 
@@ -504,6 +475,7 @@ mod tests {
 
     #[test]
     fn overlapping_commits_never_leave_an_older_state_on_disk() {
+        const LONE: u64 = 74;
         let dir = tempfile::tempdir().unwrap();
         let (local, _) = Local::open(dir.path(), 1 << 20).unwrap();
         let local = Arc::new(local);
@@ -511,9 +483,8 @@ mod tests {
         let c = counter.clone();
         let snapshot: Snapshot = Arc::new(move || c.load(Ordering::SeqCst).to_be_bytes().to_vec());
         runtime().block_on(async {
-            // A lone caller first, long enough to count as a lone writer; then 16
-            // callers at once.
-            for _ in 0..(SOLO_STREAK + 10) {
+            // A lone caller first, one commit per group; then 16 callers at once.
+            for _ in 0..LONE {
                 counter.fetch_add(1, Ordering::SeqCst);
                 local.commit(b"k".to_vec(), snapshot.clone()).await.unwrap();
             }
@@ -534,7 +505,7 @@ mod tests {
                 t.await.unwrap();
             }
         });
-        assert_eq!(stored(&local, b"k"), SOLO_STREAK + 10 + 16 * 50);
-        assert!(local.flushes() <= SOLO_STREAK + 10 + 16 * 50);
+        assert_eq!(stored(&local, b"k"), LONE + 16 * 50);
+        assert!(local.flushes() <= LONE + 16 * 50);
     }
 }

@@ -404,9 +404,7 @@ impl KindCache {
             loop {
                 wake.notified().await;
                 let Some(cache) = weak.upgrade() else { return };
-                // Nobody waits for a prefetch: spinning for its reply would only
-                // take CPU from the writers it runs beside.
-                super::busy_poll::quiet(cache.prefetch_once()).await;
+                cache.prefetch_once().await;
             }
         })
         .abort_handle()
@@ -612,18 +610,6 @@ mod tests {
         assert_eq!(alloc.stats(Kind::Eid).ranges, 0);
     }
 
-    /// The background prefetch reserves with busy polling off (nobody waits for
-    /// it); a writer's own reservation, which it waits for, does not.
-    #[tokio::test]
-    async fn only_the_prefetch_reserves_quietly() {
-        let source = Arc::new(FakeDaemon::new(u64::MAX));
-        let alloc = Allocator::new(source.clone(), fixed(100));
-        take_past_the_prefetch_point(&alloc).await;
-        assert_eq!(alloc.stats(Kind::Vid).prefetched, 1);
-        // The first fill (the writer waits for it), then the prefetch.
-        assert_eq!(*source.quiet.lock().unwrap(), [false, true]);
-    }
-
     /// A fast writer grows the batch up to `max_batch` and no further.
     #[tokio::test]
     async fn batch_grows_to_its_bound_under_a_fast_writer() {
@@ -644,13 +630,11 @@ mod tests {
     }
 
     /// A daemon in front of a local counter: it refuses counts above `max_count`
-    /// (the daemon's check), and records for each reservation whether it was made
-    /// inside `busy_poll::quiet` (where a client's call would not spin).
+    /// (the daemon's check).
     struct FakeDaemon {
         inner: Arc<LocalSource>,
         max_count: u64,
         refused: AtomicU64,
-        quiet: std::sync::Mutex<Vec<bool>>,
     }
 
     impl FakeDaemon {
@@ -659,7 +643,6 @@ mod tests {
                 inner: LocalSource::new(),
                 max_count,
                 refused: AtomicU64::new(0),
-                quiet: std::sync::Mutex::new(Vec::new()),
             }
         }
     }
@@ -670,10 +653,6 @@ mod tests {
             kind: Kind,
             count: u64,
         ) -> futures::future::BoxFuture<'_, Result<IdRange, ClientError>> {
-            self.quiet
-                .lock()
-                .unwrap()
-                .push(crate::client::busy_poll::is_quiet());
             if count > self.max_count {
                 self.refused.fetch_add(1, Relaxed);
                 let e = ServiceError::InvalidArgument(format!(

@@ -24,7 +24,6 @@ use tarpc::client::RpcError;
 use tarpc::context;
 use tokio::time::Instant;
 
-use super::busy_poll;
 use super::error::ClientError;
 use super::wire::Wire;
 use crate::endpoint::Endpoint;
@@ -82,8 +81,7 @@ impl IntoEndpoint for &String {
 /// # use idalloc_client::ClientConfig;
 /// # use std::time::Duration;
 /// let config = ClientConfig::default()
-///     .with_deadline(Duration::from_secs(2))
-///     .with_busy_poll(Duration::ZERO);
+///     .with_deadline(Duration::from_secs(2));
 /// assert_eq!(config.deadline, Duration::from_secs(2));
 /// ```
 #[derive(Debug, Clone)]
@@ -102,15 +100,6 @@ pub struct ClientConfig {
     pub max_frame_length: usize,
     /// Page size used by [`Client::list_forks`]. Default 1000.
     pub list_page_size: u32,
-    /// How long a call that is the only busy-polling call in flight in this process
-    /// keeps its thread awake waiting for the reply (yielding to the runtime and the
-    /// kernel meanwhile) before it sleeps. Default 200 µs; zero turns it off. It cuts a
-    /// lone writer's round trip where waking a sleeping thread is expensive, as on VMs
-    /// that halt idle vCPUs, for the CPU time spent spinning: at most this much per
-    /// call, only while no other polling call is in flight, and only while replies
-    /// have been coming well within the budget (not under a busy daemon). The
-    /// allocator's background prefetch never spins. docs/performance.md has the numbers.
-    pub busy_poll: Duration,
     /// The CA and client certificate for `tls:HOST:PORT` endpoints (required for
     /// them, unused otherwise). Default: none; [`TlsFiles::from_env`] reads
     /// `IDALLOC_TLS_CA`, `IDALLOC_TLS_CERT` and `IDALLOC_TLS_KEY`.
@@ -125,7 +114,6 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_secs(1),
             max_frame_length: 16 * 1024 * 1024,
             list_page_size: 1000,
-            busy_poll: Duration::from_micros(200),
             tls: None,
         }
     }
@@ -172,12 +160,6 @@ impl ClientConfig {
             list_page_size,
             ..self
         }
-    }
-
-    /// This configuration with [`busy_poll`](Self::busy_poll) set.
-    #[must_use]
-    pub fn with_busy_poll(self, busy_poll: Duration) -> Self {
-        ClientConfig { busy_poll, ..self }
     }
 
     /// The pauses between attempts: from `backoff_initial`, doubling up to
@@ -521,8 +503,7 @@ impl Client {
             };
             let mut ctx = context::current();
             ctx.deadline = deadline.into_std();
-            let reply = busy_poll::wait(op(conn, ctx), self.inner.config.busy_poll);
-            let attempt = match tokio::time::timeout_at(deadline, reply).await {
+            let attempt = match tokio::time::timeout_at(deadline, op(conn, ctx)).await {
                 Err(_) => return Err(self.deadline_error(last_error)),
                 Ok(Ok(Ok(v))) => Attempt::Done(v),
                 Ok(Ok(Err(e))) if e.is_retryable() => {
@@ -710,9 +691,7 @@ mod tests {
                 drop(s);
             }
         });
-        let config = ClientConfig::default()
-            .with_deadline(Duration::from_secs(1))
-            .with_busy_poll(Duration::ZERO);
+        let config = ClientConfig::default().with_deadline(Duration::from_secs(1));
         let client = Client::connect_with(format!("unix:{}", path.display()), config)
             .await
             .unwrap();

@@ -31,7 +31,6 @@
 //! ```
 
 mod allocator;
-mod busy_poll;
 mod cache;
 mod connection;
 mod error;
