@@ -188,7 +188,11 @@ fn man_pages_and_completions_are_generated() {
         .expect("idallocd.8 refers to idallocd.toml(5), not written");
     assert!(conf.contains(".TH idallocd.toml 5"), "{conf}");
     let example = include_str!("../config/idallocd.toml");
-    for key in ["# lease_size = 1000000", "# [access]", "# writer_groups = []"] {
+    for key in [
+        "# lease_size = 1000000",
+        "# [access]",
+        "# writer_groups = []",
+    ] {
         assert!(example.contains(key) && conf.contains(key), "{key}");
     }
     let (ok, out, err) = run_to_end(&["completions", "bash"], dir.path());

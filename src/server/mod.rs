@@ -17,6 +17,7 @@ pub mod admission;
 pub mod busy_poll;
 pub mod config;
 pub mod connection;
+pub mod credentials;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
