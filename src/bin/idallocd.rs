@@ -313,6 +313,7 @@ with its default:\n.PP\n.nf\n",
 /// pages, as `--help` is documented in each.
 fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let top = Cli::command().disable_help_subcommand(true);
     let mut pages = vec![("idallocd".to_string(), top.clone())];
     for sub in top.get_subcommands() {
