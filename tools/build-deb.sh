@@ -3,8 +3,11 @@
 # cargo-deb (metadata: [package.metadata.deb] in the root Cargo.toml). Prints the
 # path of the package on its last line. Needs cargo-deb (.ci/deb installs the
 # pinned version).
-#   tools/build-deb.sh            # target/debian/idallocd_<version>-1_<arch>.deb
-#   tools/build-deb.sh OUT.deb    # or there
+#   tools/build-deb.sh                   # target/debian/idallocd_<version>-1_<arch>.deb
+#   tools/build-deb.sh --output OUT.deb  # arguments go to cargo deb
+# By default the binaries are stripped (--strip: the release profile has debug
+# info, which would make the package 190 MB); `tools/build-deb.sh --dbgsym` keeps
+# it in a separate idallocd-dbgsym .ddeb instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -28,4 +31,7 @@ for bin in idallocd idallocctl; do
   "$target/release/$bin" completions fish >"$assets/fish/$bin.fish"
 done
 
-cargo deb -p idalloc --no-build ${1:+--output "$1"}
+if [ "$#" -eq 0 ]; then
+  set -- --strip
+fi
+cargo deb -p idalloc --no-build "$@"
