@@ -178,6 +178,23 @@ fn man_pages_and_completions_are_generated() {
         let title = format!(".TH {} 8", file.trim_end_matches(".8"));
         assert!(sub.contains(&title), "{file}: {sub}");
     }
+    // Its SEE ALSO names the config file's page, written beside it too, which
+    // carries the shipped example whole (each key with its default).
+    assert!(
+        page.contains(".SH \"SEE ALSO\"\nidallocd.toml(5), idallocctl(1)"),
+        "{page}"
+    );
+    let conf = std::fs::read_to_string(dir.path().join("idallocd.toml.5"))
+        .expect("idallocd.8 refers to idallocd.toml(5), not written");
+    assert!(conf.contains(".TH idallocd.toml 5"), "{conf}");
+    let example = include_str!("../config/idallocd.toml");
+    for key in [
+        "# lease_size = 1000000",
+        "# [access]",
+        "# writer_groups = []",
+    ] {
+        assert!(example.contains(key) && conf.contains(key), "{key}");
+    }
     let (ok, out, err) = run_to_end(&["completions", "bash"], dir.path());
     assert!(ok, "{err}");
     assert!(

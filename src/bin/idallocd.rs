@@ -81,9 +81,12 @@ enum Command {
     /// unchecked. Reads the same config (and flags) as the daemon; touches nothing
     /// else.
     StoreCheck(StoreCheckArgs),
-    /// Write the man pages idallocd.8 and idallocd-SUBCOMMAND.8 into a directory.
+    /// Write the man pages into a directory: idallocd.8, idallocd-SUBCOMMAND.8 and
+    /// idallocd.toml.5 (the config file, every key with its default). Install the
+    /// .8 pages in man8/ and the .5 page in man5/.
     Man {
-        /// Where to write it (for example /usr/local/share/man/man8).
+        /// Where to write them (for example a scratch directory, then install
+        /// *.8 into /usr/local/share/man/man8 and *.5 into /usr/local/share/man/man5).
         dir: PathBuf,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -244,11 +247,57 @@ fn store_check(args: &StoreCheckArgs, env: &Environment) -> anyhow::Result<()> {
     }
 }
 
+/// The documented config file, every key with its default: the body of
+/// idallocd.toml(5).
+const CONFIG_EXAMPLE: &str = include_str!("../../config/idallocd.toml");
+
+/// What idallocd.8 ends with: the pages it refers to besides its subcommands'
+/// (idallocctl(1) is written by `idallocctl man`, installed beside it).
+const SEE_ALSO_8: &str = ".SH \"SEE ALSO\"\nidallocd.toml(5), idallocctl(1)\n";
+
+/// idallocd.toml(5): what the file is and where it lives, then the shipped
+/// example verbatim (every key, commented out, with its default and meaning).
+fn config_page() -> String {
+    let mut page = format!(
+        ".TH idallocd.toml 5 \"\" \"idallocd {}\"\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    page.push_str(
+        ".SH NAME\nidallocd.toml \\- configuration file of idallocd\n\
+.SH SYNOPSIS\n/etc/idallocd/idallocd.toml (idallocd.service)\n.br\n\
+/etc/idallocd/INSTANCE.toml (idallocd@INSTANCE.service)\n\
+.SH DESCRIPTION\n\
+A TOML file read by \\fBidallocd \\-\\-config\\fR FILE. Every key is optional; a missing \
+key takes the default shown below. Command\\-line flags (\\-\\-data\\-dir, \\-\\-listen, \
+\\-\\-object\\-store) override the file. An unknown key or a bad value is refused, \
+naming the key, by start\\-up and by \\fBidallocd check\\-config\\fR FILE alike, which \
+runs the same validation and prints the effective configuration.\n\
+.PP\nSIGHUP (systemctl reload) reads the file again: [log] level and the [tls] files \
+apply at once, other changes are logged as needing a restart.\n\
+.SH FILE\nThe example shipped as /etc/idallocd/idallocd.toml, every key commented out \
+with its default:\n.PP\n.nf\n",
+    );
+    for line in CONFIG_EXAMPLE.lines() {
+        // Literal text: backslashes escaped, and a leading dot or quote is not a
+        // request.
+        let line = line.replace('\\', "\\e");
+        if line.starts_with('.') || line.starts_with('\'') {
+            page.push_str("\\&");
+        }
+        page.push_str(&line);
+        page.push('\n');
+    }
+    page.push_str(".fi\n.SH \"SEE ALSO\"\nidallocd(8), idallocd\\-check\\-config(8)\n");
+    page
+}
+
 /// idallocd.8 and one page per subcommand (idallocd-check-config.8, ...), which
-/// idallocd.8's SUBCOMMANDS section refers to. No page for `help`: clap's help
-/// subcommand is left out of the pages, as `--help` is documented in each.
+/// idallocd.8's SUBCOMMANDS section refers to, and idallocd.toml.5, which its SEE
+/// ALSO does. No page for `help`: clap's help subcommand is left out of the
+/// pages, as `--help` is documented in each.
 fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let top = Cli::command().disable_help_subcommand(true);
     let mut pages = vec![("idallocd".to_string(), top.clone())];
     for sub in top.get_subcommands() {
@@ -262,9 +311,15 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
             .title(name.clone())
             .section("8")
             .render(&mut page)?;
+        if name == "idallocd" {
+            page.extend_from_slice(SEE_ALSO_8.as_bytes());
+        }
         let path = dir.join(format!("{name}.8"));
         std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let path = dir.join("idallocd.toml.5");
+    std::fs::write(&path, config_page())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

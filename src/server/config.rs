@@ -411,6 +411,9 @@ pub struct Environment {
     pub state_directory: Option<PathBuf>,
     /// systemd's `$RUNTIME_DIRECTORY` (first entry).
     pub runtime_directory: Option<PathBuf>,
+    /// systemd's `$CREDENTIALS_DIRECTORY` (`LoadCredential=`): object-store options
+    /// named after their key (`super::credentials`).
+    pub credentials_directory: Option<PathBuf>,
 }
 
 impl Environment {
@@ -427,6 +430,9 @@ impl Environment {
         Environment {
             state_directory: first("STATE_DIRECTORY"),
             runtime_directory: first("RUNTIME_DIRECTORY"),
+            credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 }
@@ -606,6 +612,16 @@ impl Config {
             Some(u) => u.clone(),
             None => format!("file://{}", absolute(&data_dir.join("mirror")).display()),
         };
+        let mut store_options: Vec<(String, String)> = o
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        store_options.extend(super::credentials::store_options(
+            env.credentials_directory.as_deref(),
+            &store_url,
+            &store_options,
+        )?);
         let engine = EngineConfig {
             data_dir: data_dir.clone(),
             lease_size: a.lease_size,
@@ -687,11 +703,7 @@ impl Config {
             shutdown_timeout,
             engine,
             store_url,
-            store_options: o
-                .options
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            store_options,
             metrics_listen,
             log_level: self.log.level.clone(),
             log_format: self.log.format,
@@ -803,10 +815,40 @@ mod tests {
     }
 
     #[test]
+    fn store_options_come_from_systemd_credentials_too() {
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("aws_secret_access_key"), "s3cr3t\n").unwrap();
+        let e = Environment {
+            credentials_directory: Some(creds.path().into()),
+            ..Environment::default()
+        };
+        let c = Config::from_toml(
+            "[object_store]\nurl = \"s3://bucket/db1\"\n[object_store.options]\naws_region = \"eu-west-1\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let s = c.resolve(&e).unwrap();
+        assert_eq!(
+            s.store_options,
+            vec![
+                ("aws_region".to_string(), "eu-west-1".to_string()),
+                ("aws_secret_access_key".to_string(), "s3cr3t".to_string()),
+            ]
+        );
+        // The printed configuration never carries it.
+        assert!(!c
+            .effective(&e)
+            .unwrap()
+            .to_toml_redacted()
+            .contains("s3cr3t"));
+    }
+
+    #[test]
     fn systemd_directories_are_the_defaults() {
         let e = Environment {
             state_directory: Some("/var/lib/idallocd".into()),
             runtime_directory: Some("/run/idallocd".into()),
+            credentials_directory: None,
         };
         let s = Config::default().resolve(&e).unwrap();
         assert_eq!(s.data_dir, PathBuf::from("/var/lib/idallocd"));

@@ -16,6 +16,7 @@ pub mod access;
 pub mod admission;
 pub mod config;
 pub mod connection;
+pub mod credentials;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
