@@ -276,6 +276,16 @@ impl Mount {
         self.remount();
         r
     }
+
+    /// Clean unmount keeping the live data (no cut).
+    // Used by tools/powercut-fs/tests/semantics.rs, which includes this module
+    // too; the root's tests only cut.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        self.expect_line("STOPPED", Duration::from_secs(20));
+        self.wait_gone();
+    }
 }
 
 impl Drop for Mount {

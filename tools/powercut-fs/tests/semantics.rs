@@ -1,6 +1,9 @@
 //! Each semantic of the power-cut file system, shown on a real mount: what a cut
 //! keeps (names, synced data) and what it loses (everything else).
 
+// The root's power-cut support, shared with its tests; this file uses the mount
+// it builds on (`Mount::with_bin`, `stop`) and not the rest.
+#[allow(dead_code)]
 #[path = "../../../tests/powercut_support/mod.rs"]
 mod powercut_support;
 
