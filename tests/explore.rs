@@ -15,7 +15,9 @@
 //! to a copy taken after an earlier clean shutdown, the `unclean` mark file kept as
 //! it is, a new boot id), fork bootstrap under either spelling with or without a
 //! parent fork, concurrent bootstraps of one fork through two engines under two
-//! spellings, fork drop, fork merge into the parent, store faults queued on one engine's next gets, puts or
+//! spellings, fork drop, fork merge into the parent, a manifest truncated behind
+//! every engine's back and then repaired as the error advises (floors one above
+//! every id acknowledged in it), store faults queued on one engine's next gets, puts or
 //! lists (a put that lands and then reports an error, a failure, a stall shorter
 //! or longer than the store time-out). A case runs on a current-thread runtime (3
 //! in 4) or a two-worker multi-thread one.
@@ -47,7 +49,7 @@
 //! - `IDALLOC_EXPLORE_STEPS=N`: steps per case (default 40);
 //! - `IDALLOC_EXPLORE_WITHOUT=reboot,wipe,...`: step kinds not to generate, of
 //!   reserve, reserve-pair, wait, checkpoint, restart, crash, wipe, reboot,
-//!   bootstrap, bootstrap-pair, drop, fault, clear, merge;
+//!   bootstrap, bootstrap-pair, drop, fault, clear, merge, corrupt-repair;
 //! - `IDALLOC_EXPLORE_FORK_IDS=tree|namespace`: every case in that mode (default:
 //!   one case in three in tree mode, where `disjoint` spans all namespaces and a
 //!   fork's floor is everything any namespace granted before its bootstrap);
