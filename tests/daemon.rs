@@ -744,20 +744,7 @@ fn unix_peers_get_the_role_their_uid_maps_to() {
         },
     );
     let endpoint = format!("unix:{}", d.socket.display());
-    let ctl = |uid: Option<u32>, args: &[&str]| {
-        let mut cmd = Command::new(&ctl_bin);
-        cmd.args(["--endpoint", &endpoint, "--timeout", "3s"])
-            .args(args);
-        let out = match uid {
-            Some(uid) => output_as(uid, &mut cmd),
-            None => cmd.output().unwrap(),
-        };
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let ctl = |uid: Option<u32>, args: &[&str]| ctl_as(&ctl_bin, &endpoint, uid, args);
     let fork = "0190b6f2-7c1e-7a4b-9c3d-5e6f70819203";
     let (ok, _, err) = ctl(Some(1001), &["alloc", "vid", "--count", "5"]);
     assert!(ok, "a writer allocates: {err}");
@@ -988,20 +975,7 @@ fn a_writers_bootstrap_floor_cannot_exhaust_the_tree() {
         },
     );
     let endpoint = format!("unix:{}", d.socket.display());
-    let ctl = |uid: Option<u32>, args: &[&str]| {
-        let mut cmd = Command::new(&ctl_bin);
-        cmd.args(["--endpoint", &endpoint, "--timeout", "3s"])
-            .args(args);
-        let out = match uid {
-            Some(uid) => output_as(uid, &mut cmd),
-            None => cmd.output().unwrap(),
-        };
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let ctl = |uid: Option<u32>, args: &[&str]| ctl_as(&ctl_bin, &endpoint, uid, args);
     let (ok, _, err) = ctl(Some(1001), &["alloc", "vid", "--count", "5"]);
     assert!(ok, "{err}");
     let high = "18446744073708551615";
@@ -1055,4 +1029,26 @@ fn a_writers_bootstrap_floor_cannot_exhaust_the_tree() {
     assert!(ok, "{err}");
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(20).success());
+}
+
+/// Run `bin` (an idallocctl other uids can reach) against `endpoint`, as `uid`
+/// when given, else as the test's own user: (success, stdout, stderr).
+fn ctl_as(
+    bin: &std::path::Path,
+    endpoint: &str,
+    uid: Option<u32>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--endpoint", endpoint, "--timeout", "3s"])
+        .args(args);
+    let out = match uid {
+        Some(uid) => output_as(uid, &mut cmd),
+        None => cmd.output().unwrap(),
+    };
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
